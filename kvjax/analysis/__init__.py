@@ -8,5 +8,6 @@ Modules, one job each:
 * :mod:`kvjax.analysis.presets` — architectures typed in from public model cards.
 * :mod:`kvjax.analysis.sizing` — dtypes, KV-cache bytes, parameter counts, crossover.
 * :mod:`kvjax.analysis.roofline` — FLOPs, bytes moved and time floors per step.
+* :mod:`kvjax.analysis.bandwidth` — measured read/copy bandwidth and queued timing.
 * :mod:`kvjax.analysis.size_cli` — the ``size`` CLI subcommand.
 """
