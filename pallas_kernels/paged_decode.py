@@ -20,8 +20,9 @@ Design:
     multiplied on its own (``[group, S]`` tiles), so no gather or concatenate is
     needed and only generic ops are used (``pl.program_id``, ``pl.cdiv``, ref
     indexing, ``lax.dot_general``, ``lax.fori_loop``).
-  * Each split writes its partial ``(o, m, den)``; ``_combine`` (plain jnp, outside the
-    kernel) rescales the splits to a common max and normalises.
+  * Each split writes its partial ``(o, m, den)``; ``combine_splits`` (plain jnp,
+    outside the kernel; shared with ``pallas_kernels.triton_paged_decode``) rescales the
+    splits to a common max and normalises.
   * Masking uses a finite ``MASKED`` logit and zeroes masked probabilities
     explicitly, so empty splits, length-0 sequences and missing pages (table entries
     outside ``[0, P)``, treated as in ``paged_attention_reference``) give zeros, never
@@ -187,13 +188,27 @@ def _decode_partials(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     )(tables, lengths, q, k_pages, v_pages)
 
 
-def _combine(o: jax.Array, m: jax.Array, den: jax.Array) -> jax.Array:
-    """Merge split partials (split axis 2): o [B, K, n, G, D], m/den [B, K, n, G] -> [B, K, G, D]."""
+def combine_splits(o: jax.Array, m: jax.Array, den: jax.Array, group: int,
+                   dtype: jnp.dtype) -> jax.Array:
+    """Merge FlashDecoding split partials into the attention output.
+
+    o f32 [B, K, n, R, D] (unnormalised), m and den f32 [B, K, n, R] (running max and
+    softmax denominator of each split), R >= ``group`` rows of which the first ``group``
+    are real -> [B, K * group, D] in ``dtype``. Shared by the Pallas and Triton kernels.
+    """
+    batch, kv_heads, _, _, head_dim = o.shape
     m_all = m.max(axis=2, keepdims=True)
     w = jnp.exp(m - m_all)  # empty splits: m = MASKED -> weight 0 (or 1 if all empty)
     denom = (w * den).sum(axis=2)
-    out = (w[..., None] * o).sum(axis=2)
-    return out / jnp.where(denom > 0, denom, 1.0)[..., None]
+    out = (w[..., None] * o).sum(axis=2) / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return out[:, :, :group].reshape(batch, kv_heads * group, head_dim).astype(dtype)
+
+
+def auto_num_splits(batch: int, kv_heads: int, max_blocks: int) -> int:
+    """Splits for about 256 programs (``batch * kv_heads * splits``), at most 8 and at
+    most one per table column — the best setting in the H100 sweep recorded in
+    docs/paged-decode-kernel.md."""
+    return max(1, min(8, 256 // max(batch * kv_heads, 1), max_blocks))
 
 
 # ------------------------------------------------------------ (3) the public wrapper
@@ -283,8 +298,7 @@ def _paged_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                pages_per_split=pages_per_split,
                                pages_per_block=pages_per_block, num_warps=num_warps,
                                num_stages=num_stages, layer=layer, interpret=interpret)
-    out = _combine(o, m, den)[:, :, :group]
-    return out.reshape(batch, heads, head_dim).astype(q.dtype)
+    return combine_splits(o, m, den, group, q.dtype)
 
 
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -321,8 +335,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     check_paged_args(q, k_pages, v_pages, block_tables, lengths, pages_per_block,
                      1 if num_splits is None else num_splits, layer=layer)
     if num_splits is None:
-        programs = q.shape[0] * k_pages.shape[-2]
-        num_splits = max(1, min(8, 256 // max(programs, 1), block_tables.shape[1]))
+        num_splits = auto_num_splits(q.shape[0], k_pages.shape[-2], block_tables.shape[1])
     # Triton wants power-of-two tiles and >= 16 rows for tl.dot; the interpreter doesn't.
     rows = pl.next_power_of_2(q.shape[1] // k_pages.shape[-2])
     return _paged_decode(q, k_pages, v_pages, block_tables, lengths,
