@@ -1,20 +1,29 @@
 """A continuous-batching engine core over one persistent paged KV pool (vLLM/SGLang style).
 
 Requests arrive at any time (``add_request``) and join the running batch at the next
-``step``; each step runs ONE jitted forward over a fixed-shape slot array
-``[max_batch, W]`` in which every running request takes one row:
+``step``. Each step plans how many tokens every running request computes, under a
+per-step token budget (``max_tokens_per_step``, shared by all rows):
 
-* a request still prefilling contributes the next chunk (up to ``prefill_chunk``
-  tokens) of its prompt, at positions ``[n, n + c)``: ``PagedCache.update_and_attend``
-  writes the chunk into the request's pages and attends causally over all of them
-  (chunked prefill);
-* a decoding request contributes its last sampled token (one token).
+* a decoding request feeds back its last sampled token (one token); decodes are
+  planned first, so the budget (at least ``max_batch``) always covers every one;
+* a request still prefilling takes the next chunk of its prompt, at most
+  ``prefill_chunk`` tokens and at most what is left of the budget, oldest admission
+  first (chunked prefill); a request the budget does not reach sits this step out.
 
-Unused slots have position -1 (never stored, never attended). ``W`` is 1 when every
-row decodes, else ``min(prefill_chunk, next power of two >= max(16, longest chunk))``;
-the block-table width is a power of two >= 8 (capped by the model context), so a long
-run compiles a handful of programs. A row whose chunk reaches the end of its tokens
-samples the next token in the same jitted call (logits at the chunk's last slot).
+The planned rows then run as at most two jitted forwards over the pool (the cache is
+donated from one to the next, and both are dispatched before the host waits):
+
+* every one-token row in a ``[max_batch, 1]`` slot array (decode);
+* every longer chunk in a ``[R, W]`` slot array, ``R`` a power of two >= the rows and
+  ``W`` a power of two >= max(16, longest chunk), capped by the chunk limit and the
+  budget. ``PagedCache.update_and_attend`` writes each chunk into its request's pages
+  and attends causally over all of them.
+
+Unused slots have position -1 (never stored, never attended). The block-table width
+of each forward is a power of two >= 8 (capped by the model context), so a long run
+compiles a handful of programs and a decode step never pays for a prefill's width. A
+row whose chunk reaches the end of its tokens samples the next token in the same call
+(logits at the chunk's last slot).
 
 Scheduling (host side, per step):
 
@@ -25,16 +34,28 @@ Scheduling (host side, per step):
    left), so re-admitted it prefills them again and continues exactly where it was
    (greedy outputs are unchanged, up to float rounding order).
 2. If nothing was preempted this step, waiting requests are admitted FCFS (no
-   skipping) while a row is free and the free pool holds the request's whole prompt
-   plus one block per running request (a watermark against admit-then-preempt
-   thrashing); only its first chunk is reserved at once.
-3. The step runs; sampled tokens are appended; a request that hit a stop id or its
-   ``max_new_tokens`` retires at once and frees its blocks, so a waiting request can
-   take its row at the next step.
+   skipping) while a row and some budget are free and the pool holds the request's
+   whole prompt plus one block per running request (a watermark against
+   admit-then-preempt thrashing); the whole prompt is reserved at admission.
+3. The forwards run; sampled tokens are appended; a request that hit a stop id, a stop
+   string or its ``max_new_tokens`` retires at once and frees its blocks, so a waiting
+   request can take its row at the next step.
 
 A request whose prompt + ``max_new_tokens`` cannot fit in the empty pool is rejected by
 ``add_request``, so the oldest running request can always make progress (it may
 preempt every other one) and the engine never deadlocks.
+
+Prefix caching (``prefix_caching=True``): a ``kvjax.memory.prefix_cache.PrefixCache``
+(RadixAttention's radix tree over the same allocator) shares the longest cached
+block-aligned prefix of a request's tokens into its block table at admission, so only
+the rest is prefilled. A request's full blocks are committed to the tree when its
+prefill ends and when it leaves the batch (finished, cancelled or preempted: a
+preempted request usually finds its own blocks again). Cached blocks nobody uses stay
+in the pool until a reservation needs them (least recently used first).
+
+Stop strings need ``detokenize`` (token ids -> text): after each new token the whole
+output is detokenized and the request stops once the text contains a stop string;
+the token that completed it is kept, like a stop id.
 
 Sampling: request with seed ``s`` draws its ``i``-th new token (0-based) with key
 ``fold_in(sample_keys(s, [0])[0], i)``, independent of the batch and of preemption,
@@ -58,10 +79,12 @@ import numpy as np
 from kvjax.cache.paged import PagedCache, check_attention_backend
 from kvjax.engine.generate import GenerationOutput, kv_bytes_per_token, resolve_attention
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams, sample
-from kvjax.memory.allocator import AllocatorStats, BlockAllocator
+from kvjax.memory.allocator import AllocatorStats, BlockAllocator, OutOfBlocksError
+from kvjax.memory.prefix_cache import PrefixCache
 from kvjax.models.llama import Decoder
 
 Event = tuple[int, int]  # (request id, new token id)
+Detokenize = Callable[[Sequence[int]], str]
 
 
 def _pow2(n: int) -> int:
@@ -74,13 +97,18 @@ def _percentile(xs: Sequence[float], q: float) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """What a client asks for. ``stop_token_ids`` end the request (the stop id is kept)."""
+    """What a client asks for.
+
+    ``stop_token_ids`` and ``stop_strings`` end the request; the token that hit one is
+    kept. Stop strings need an engine built with ``detokenize``.
+    """
 
     prompt: tuple[int, ...]
     max_new_tokens: int
     sampling: SamplingParams = GREEDY
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
+    stop_strings: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +121,7 @@ class RequestMetrics:
     itl_s: tuple[float, ...]  # inter-token latencies
     e2e_s: float  # arrival -> retired
     preemptions: int
+    cached_tokens: int  # tokens taken from the prefix cache, over all its admissions
     finish_reason: str  # "stop", "length" or "cancelled"
 
     @property
@@ -108,16 +137,20 @@ class RequestMetrics:
         return self.output_tokens / self.e2e_s if self.e2e_s > 0 else 0.0
 
 
+Shape = tuple[int, int, int]  # (rows, width, table width) of one forward's slot array
+
+
 @dataclasses.dataclass(frozen=True)
 class StepMetrics:
-    """One ``step``: rows used, tokens computed, shape run, preemptions, wall time."""
+    """One ``step``: rows used, tokens computed, shapes run, preemptions, wall time."""
 
-    rows: int  # running requests in the batch
+    rows: int  # running requests (each holds a batch row)
     max_batch: int
+    waiting: int  # requests left in the queue after admission
     prefill_tokens: int  # prompt (or recompute) tokens computed
     decode_tokens: int  # rows that fed back one sampled token
-    width: int  # W of the [max_batch, W] slot array
-    table_width: int
+    cached_tokens: int  # tokens the requests admitted this step took from the prefix cache
+    shapes: tuple[Shape, ...]  # the forwards run (decode first)
     new_tokens: int  # tokens sampled
     preempted: int
     admitted: int
@@ -127,6 +160,11 @@ class StepMetrics:
     def occupancy(self) -> float:
         """Fraction of batch rows holding a request."""
         return self.rows / self.max_batch
+
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens this step computed: what the token budget bounds."""
+        return self.prefill_tokens + self.decode_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +181,13 @@ class EngineMetrics:
     ttft_p99_s: float
     itl_p50_s: float
     itl_p99_s: float
+    prefix_lookup_tokens: int  # tokens looked up in the prefix cache at admissions
+    prefix_hit_tokens: int  # of those, found cached (block aligned)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return (self.prefix_hit_tokens / self.prefix_lookup_tokens
+                if self.prefix_lookup_tokens else 0.0)
 
 
 @dataclasses.dataclass(eq=False)  # identity: states are found in the queues by `is`
@@ -157,7 +202,9 @@ class _State:
     computed: int = 0  # tokens of ``tokens`` whose K/V are in the pool
     token_times: list[float] = dataclasses.field(default_factory=list)
     preemptions: int = 0
+    cached: int = 0  # tokens taken from the prefix cache, all admissions
     admitted: bool = False
+    prefilling: bool = False  # admitted and not yet sampled since
 
     @property
     def tokens(self) -> list[int]:
@@ -168,6 +215,16 @@ class _State:
     def length(self) -> int:
         return len(self.request.prompt) + len(self.output)
 
+    def span(self, start: int, end: int) -> list[int]:
+        """``tokens[start:end]`` without building the whole list."""
+        prompt = self.request.prompt
+        n = len(prompt)
+        if end <= n:
+            return list(prompt[start:end])
+        if start >= n:
+            return self.output[start - n : end - n]
+        return [*prompt[start:], *self.output[: end - n]]
+
 
 @partial(jax.jit, static_argnames=("model", "all_greedy"), donate_argnames=("cache",))
 def _engine_step(model: Decoder, params: Any, tokens: jax.Array, positions: jax.Array,
@@ -176,7 +233,9 @@ def _engine_step(model: Decoder, params: Any, tokens: jax.Array, positions: jax.
                  ) -> tuple[jax.Array, PagedCache]:
     """Forward the slot array [B, W] and sample one token per row: (int32 [B], cache).
 
-    Row ``b`` draws with ``fold_in(fold_in(key(seeds[b]), 0), draws[b])``.
+    tokens, positions int32 [B, W] (position -1 = empty slot); logit_index int32 [B];
+    seeds uint32 [B]; draws int32 [B]. Row ``b`` draws with
+    ``fold_in(fold_in(key(seeds[b]), 0), draws[b])``.
     """
     out: Any = model.apply({"params": params}, tokens, positions, cache,
                            logit_index=logit_index)
@@ -196,18 +255,56 @@ def _engine_step(model: Decoder, params: Any, tokens: jax.Array, positions: jax.
 step_fn = _engine_step
 
 
+def _check_count(name: str, value: object, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _stop_strings(value: object) -> tuple[str, ...]:
+    """One stop string or a sequence of them, checked: non-empty ``str`` only."""
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Sequence):
+        raise ValueError(f"stop_strings must be a str or a sequence of str, got "
+                         f"{type(value).__name__}")
+    for s in value:
+        if not isinstance(s, str):
+            raise ValueError(f"stop string {s!r} has unsupported type {type(s).__name__} "
+                             "(stop strings must be str)")
+        if not s:
+            raise ValueError("stop string is empty")
+    return tuple(value)
+
+
 class Engine:
     """Continuous batching over one persistent paged KV pool; see the module docstring.
+
+    Args:
+      model, params: the decoder and its parameters.
+      num_blocks, block_size: the KV pool, in blocks of ``block_size`` tokens.
+      max_batch: most requests running at once (rows of the decode forward).
+      prefill_chunk: most prompt tokens one request computes in one step.
+      max_tokens_per_step: token budget of a step, shared by every row (decodes count
+        one each); at least ``max_batch``. Default ``max_batch * prefill_chunk`` (no
+        limit beyond ``prefill_chunk`` per row).
+      prefix_caching: reuse cached prompt prefixes across requests (radix tree).
+      detokenize: token ids -> text; needed for stop strings.
+      attention: paged attention backend ("auto", "xla", "pallas", "pallas-interpret").
 
     Not thread safe: call ``add_request``, ``cancel`` and ``step`` from one thread.
     """
 
     def __init__(self, model: Decoder, params: Any, *, num_blocks: int, block_size: int = 16,
-                 max_batch: int = 8, prefill_chunk: int = 64, attention: str = "auto") -> None:
+                 max_batch: int = 8, prefill_chunk: int = 64,
+                 max_tokens_per_step: int | None = None, prefix_caching: bool = False,
+                 detokenize: Detokenize | None = None, attention: str = "auto") -> None:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _check_count(name, value)
+        budget = max_batch * prefill_chunk if max_tokens_per_step is None else max_tokens_per_step
+        _check_count("max_tokens_per_step", budget, low=max_batch)
+        if detokenize is not None and not callable(detokenize):
+            raise ValueError(f"detokenize must be callable, got {detokenize!r}")
         cfg = model.cfg
         self.model = model
         self.params = params
@@ -215,9 +312,13 @@ class Engine:
         self.block_size = block_size
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.max_tokens_per_step = budget
+        self.detokenize = detokenize
         self.attention = resolve_attention(attention, block_size, cfg.head_dim)
         check_attention_backend(self.attention, block_size, cfg.head_dim)
         self.allocator = BlockAllocator(num_blocks, block_size, kv_bytes_per_token(model))
+        self.prefix_cache = (PrefixCache(self.allocator, vocab_size=cfg.vocab_size)
+                             if prefix_caching else None)
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self._k = jnp.zeros(shape, model.dtype)
         self._v = jnp.zeros(shape, model.dtype)
@@ -249,6 +350,9 @@ class Engine:
         if bad:
             raise ValueError(f"stop token id {bad[0]} is outside the vocabulary "
                              f"[0, {cfg.vocab_size})")
+        _stop_strings(req.stop_strings)
+        if req.stop_strings and self.detokenize is None:
+            raise ValueError("stop strings need an Engine built with detokenize=...")
         if not isinstance(req.sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {req.sampling!r}")
         need = -(-(len(req.prompt) + n) // self.block_size)
@@ -257,32 +361,44 @@ class Engine:
                              f"of {self.block_size} tokens, but the pool has "
                              f"{self.num_blocks}")
 
-    def add_request(self, prompt: Sequence[int] | Request, *, max_new_tokens: int | None = None,
-                    sampling: SamplingParams = GREEDY, stop_token_ids: Sequence[int] = (),
-                    seed: int = 0) -> int:
-        """Queue a request (a ``Request``, or its fields); return its id.
-
-        Raises ``ValueError`` (nothing queued) for an empty prompt, token or stop ids
-        outside the vocabulary, ``max_new_tokens < 0``, prompt + max_new_tokens beyond
-        the model's context or beyond the whole pool. ``max_new_tokens == 0`` finishes
-        at once with no tokens.
-        """
-        if isinstance(prompt, Request):
-            r = prompt
-            prompt, max_new_tokens, sampling, stop_token_ids, seed = (
-                r.prompt, r.max_new_tokens, r.sampling, r.stop_token_ids, r.seed)
+    @staticmethod
+    def _make_request(prompt: Sequence[int], max_new_tokens: int | None,
+                      sampling: SamplingParams, stop_token_ids: Sequence[int],
+                      stop_strings: str | Sequence[str], seed: int) -> Request:
         if max_new_tokens is None:
             raise ValueError("max_new_tokens is required")
         try:
-            req = Request(prompt=tuple(int(t) for t in prompt), max_new_tokens=max_new_tokens,
-                          sampling=sampling, stop_token_ids=tuple(int(t) for t in stop_token_ids),
-                          seed=int(seed))
+            return Request(prompt=tuple(int(t) for t in prompt), max_new_tokens=max_new_tokens,
+                           sampling=sampling, stop_token_ids=tuple(int(t) for t in stop_token_ids),
+                           seed=int(seed), stop_strings=_stop_strings(stop_strings))
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad request: {e}") from None
+
+    def add_request(self, prompt: Sequence[int] | Request, *, max_new_tokens: int | None = None,
+                    sampling: SamplingParams = GREEDY, stop_token_ids: Sequence[int] = (),
+                    stop_strings: str | Sequence[str] = (), seed: int = 0,
+                    arrival_time: float | None = None) -> int:
+        """Queue a request (a ``Request``, or its fields); return its id.
+
+        ``arrival_time`` (a ``time.perf_counter()`` value, default now) starts the
+        request's TTFT and end-to-end clocks. Raises ``ValueError`` (nothing queued) for
+        an empty prompt, token or stop ids outside the vocabulary, a stop string that is
+        not a non-empty ``str`` (or stop strings without ``detokenize``),
+        ``max_new_tokens < 0``, prompt + max_new_tokens beyond the model's context or
+        beyond the whole pool. ``max_new_tokens == 0`` finishes at once with no tokens.
+        """
+        if isinstance(prompt, Request):
+            r = prompt
+            prompt, max_new_tokens, sampling, stop_token_ids, stop_strings, seed = (
+                r.prompt, r.max_new_tokens, r.sampling, r.stop_token_ids, r.stop_strings,
+                r.seed)
+        req = self._make_request(prompt, max_new_tokens, sampling, stop_token_ids,
+                                 stop_strings, seed)
         self._validate(req)
         rid = self._next_id
         self._next_id += 1
-        state = _State(rid, req, frozenset(req.stop_token_ids), time.perf_counter())
+        arrival = time.perf_counter() if arrival_time is None else float(arrival_time)
+        state = _State(rid, req, frozenset(req.stop_token_ids), arrival)
         if req.max_new_tokens == 0:
             self._retire(state, "length")
         else:
@@ -313,10 +429,56 @@ class Engine:
     def num_running(self) -> int:
         return len(self._running)
 
-    def _retire(self, state: _State, reason: str) -> None:
-        if state.admitted:
+    # ------------------------------------------------------------------ blocks
+    def _available(self) -> int:
+        """Blocks a reservation can get: free ones plus unused cached ones."""
+        free = self.allocator.num_free
+        return free + self.prefix_cache.tree.evictable_blocks if self.prefix_cache else free
+
+    def _reserve(self, state: _State, n: int) -> None:
+        """Reserve ``n`` more slots for ``state`` (evicting unused cached blocks)."""
+        if self.prefix_cache is not None:
+            copies = self.prefix_cache.append_tokens(state.rid, n)
+        else:
+            copies = self.allocator.append_tokens(state.rid, n)
+        assert not copies, "only full blocks are ever shared"
+
+    def _admit(self, state: _State) -> bool:
+        """Reserve ``state``'s whole sequence, sharing its cached prefix; False if the
+        pool cannot hold it next to a block per running request."""
+        whole = -(-state.length // self.block_size)
+        if whole + len(self._running) > self._available():
+            return False
+        if self.prefix_cache is None:
+            self.allocator.allocate_sequence(state.rid, state.length)
+            state.computed = 0
+        else:
+            try:
+                reused, _ = self.prefix_cache.lookup(state.rid, state.tokens)
+            except OutOfBlocksError:
+                return False
+            state.computed = len(reused) * self.block_size
+            state.cached += state.computed
+        state.admitted = state.prefilling = True
+        return True
+
+    def _release(self, state: _State) -> None:
+        """Give back ``state``'s blocks, caching its computed full blocks first."""
+        if not state.admitted:
+            return
+        if self.prefix_cache is not None:
+            self._commit(state)
+            self.prefix_cache.release(state.rid)
+        else:
             self.allocator.free_sequence(state.rid)
-            state.admitted = False
+        state.admitted = False
+
+    def _commit(self, state: _State) -> None:
+        if self.prefix_cache is not None and state.computed >= self.block_size:
+            self.prefix_cache.commit(state.rid, state.span(0, state.computed))
+
+    def _retire(self, state: _State, reason: str) -> None:
+        self._release(state)
         self._states.pop(state.rid, None)
         now = time.perf_counter()
         times = state.token_times
@@ -325,119 +487,155 @@ class Engine:
             prompt_tokens=len(state.request.prompt), output_tokens=len(state.output),
             ttft_s=times[0] - state.arrival if times else None,
             itl_s=tuple(float(b - a) for a, b in itertools.pairwise(times)),
-            e2e_s=now - state.arrival, preemptions=state.preemptions, finish_reason=reason)
+            e2e_s=now - state.arrival, preemptions=state.preemptions,
+            cached_tokens=state.cached, finish_reason=reason)
 
     # ------------------------------------------------------------------ scheduling
-    def _chunk(self, state: _State) -> int:
-        return min(self.prefill_chunk, state.length - state.computed)
-
     def _preempt(self, state: _State) -> None:
         """Recompute preemption: free the blocks, back to the front of the queue."""
         self._running.remove(state)
-        self.allocator.free_sequence(state.rid)
-        state.admitted = False
+        self._release(state)
         state.computed = 0
         state.preemptions += 1
         self._waiting.appendleft(state)
 
-    def _schedule(self) -> tuple[list[_State], int, int]:
-        """Reserve this step's blocks; return (rows, preempted, admitted)."""
+    def _schedule(self) -> tuple[list[tuple[_State, int]], int, int, int]:
+        """Plan and reserve this step; return (rows with their token counts, preempted,
+        admitted, tokens the admitted requests took from the prefix cache)."""
+        # Decodes first: the budget (>= max_batch) covers all of them; then chunks.
+        left = self.max_tokens_per_step - sum(
+            1 for s in self._running if s.length - s.computed == 1)
+        plan: dict[_State, int] = {}
+        for s in self._running:
+            todo = s.length - s.computed
+            plan[s] = 1 if todo == 1 else min(self.prefill_chunk, todo, left)
+            left -= plan[s] if todo > 1 else 0
         preempted = 0
         i = 0
         while i < len(self._running):
             state = self._running[i]
-            need = state.computed + self._chunk(state) - self.allocator.num_tokens(state.rid)
-            while self.allocator.blocks_to_append(state.rid, need) > self.allocator.num_free:
+            need = max(0, state.computed + plan[state] - self.allocator.num_tokens(state.rid))
+            while self.allocator.blocks_to_append(state.rid, need) > self._available():
                 victim = self._running[-1]
                 self._preempt(victim)
+                del plan[victim]
                 preempted += 1
                 if victim is state:
                     break
             else:
-                self.allocator.append_tokens(state.rid, need)
+                self._reserve(state, need)
                 i += 1
-        admitted = 0
-        while not preempted and self._waiting and len(self._running) < self.max_batch:
+        admitted = cached = 0
+        while (not preempted and self._waiting and len(self._running) < self.max_batch
+               and left > 0):
             state = self._waiting[0]
-            # Room for its whole prompt plus one block per running request (each may
-            # need a new block next step): admitting into a nearly full pool would only
-            # preempt it (or a neighbour) again at once.  Its first chunk is reserved now,
-            # the rest step by step.
-            whole = -(-state.length // self.block_size)
-            if whole + len(self._running) > self.allocator.num_free:
+            before = state.cached
+            if not self._admit(state):
                 break
-            first = min(self.prefill_chunk, state.length)
-            self.allocator.allocate_sequence(state.rid, first)
-            state.admitted = True
             self._waiting.popleft()
             self._running.append(state)
+            plan[state] = min(self.prefill_chunk, state.length - state.computed, left)
+            left -= plan[state]
             admitted += 1
-        return list(self._running), preempted, admitted
+            cached += state.cached - before
+        rows = [(s, plan[s]) for s in self._running if plan[s] > 0]
+        return rows, preempted, admitted, cached
 
     # ------------------------------------------------------------------ stepping
-    def step(self) -> list[Event]:
-        """Schedule, run one forward over the batch, sample; return the new tokens."""
-        t0 = time.perf_counter()
-        rows, preempted, admitted = self._schedule()
-        if not rows:
-            return []
-        b = self.max_batch
-        chunks = [self._chunk(s) for s in rows]
-        longest = max(chunks)
-        width = 1 if longest == 1 else min(self.prefill_chunk, _pow2(max(16, longest)))
-        blocks = max(len(self.allocator.block_table(s.rid)) for s in rows)
-        table_width = min(self._max_table, _pow2(max(8, blocks)))
-        table_width = max(table_width, blocks)
-        tokens = np.zeros((b, width), np.int32)
-        positions = np.full((b, width), -1, np.int32)
-        logit_index = np.zeros((b,), np.int32)
-        lengths = np.zeros((b,), np.int32)
-        seeds = np.zeros((b,), np.uint32)
-        draws = np.zeros((b,), np.int32)
-        tables = np.full((b, table_width), -1, np.int32)
-        tables[: len(rows)] = self.allocator.block_tables_array([s.rid for s in rows],
+    def _forward(self, rows: list[tuple[_State, int]], num_rows: int,
+                 width: int) -> tuple[jax.Array, Shape]:
+        """Dispatch one forward over ``rows`` in a ``[num_rows, width]`` slot array;
+        return the sampled ids (int32 [num_rows], not waited for) and the shape."""
+        blocks = max(len(self.allocator.block_table(s.rid)) for s, _ in rows)
+        table_width = max(blocks, min(self._max_table, _pow2(max(8, blocks))))
+        tokens = np.zeros((num_rows, width), np.int32)
+        positions = np.full((num_rows, width), -1, np.int32)
+        logit_index = np.zeros((num_rows,), np.int32)
+        lengths = np.zeros((num_rows,), np.int32)
+        seeds = np.zeros((num_rows,), np.uint32)
+        draws = np.zeros((num_rows,), np.int32)
+        tables = np.full((num_rows, table_width), -1, np.int32)
+        tables[: len(rows)] = self.allocator.block_tables_array([s.rid for s, _ in rows],
                                                                 table_width, pad=-1)
-        params = [GREEDY] * b
-        prefill = decode = 0
-        for row, (s, c) in enumerate(zip(rows, chunks, strict=True)):
-            seq = s.tokens
-            tokens[row, :c] = seq[s.computed : s.computed + c]
+        params = [GREEDY] * num_rows
+        for row, (s, c) in enumerate(rows):
+            tokens[row, :c] = s.span(s.computed, s.computed + c)
             positions[row, :c] = np.arange(s.computed, s.computed + c)
             logit_index[row] = c - 1
             lengths[row] = s.computed
             seeds[row] = s.request.seed
             draws[row] = len(s.output)
             params[row] = s.request.sampling
-            if s.computed >= len(s.request.prompt) and c == 1 and s.output:
-                decode += 1
-            else:
-                prefill += c
         kv = PagedCache(k_pages=self._k, v_pages=self._v, block_tables=jnp.asarray(tables),
                         lengths=jnp.asarray(lengths), attention=self.attention)
         nxt, kv = _engine_step(self.model, self.params, jnp.asarray(tokens),
                                jnp.asarray(positions), kv, jnp.asarray(logit_index),
                                SamplingArrays.from_params(params), jnp.asarray(seeds),
-                               jnp.asarray(draws),
-                               all_greedy=all(p.greedy for p in params))
+                               jnp.asarray(draws), all_greedy=all(p.greedy for p in params))
         self._k, self._v = kv.k_pages, kv.v_pages
-        sampled = np.asarray(nxt)
-        now = time.perf_counter()
+        return nxt, (num_rows, width, table_width)
+
+    def _stopped(self, state: _State, token: int) -> bool:
+        if token in state.stops:
+            return True
+        if state.request.stop_strings and self.detokenize is not None:
+            text = self.detokenize(state.output)
+            return any(s in text for s in state.request.stop_strings)
+        return False
+
+    def step(self) -> list[Event]:
+        """Schedule, run the forwards, sample; return the new tokens."""
+        t0 = time.perf_counter()
+        rows, preempted, admitted, cached = self._schedule()
+        if not rows:
+            return []
+        running = len(self._running)
+        decode_rows = [(s, c) for s, c in rows if c == 1]
+        chunk_rows = [(s, c) for s, c in rows if c > 1]
+        calls: list[tuple[list[tuple[_State, int]], jax.Array]] = []
+        shapes: list[Shape] = []
+        if decode_rows:
+            nxt, shape = self._forward(decode_rows, self.max_batch, 1)
+            calls.append((decode_rows, nxt))
+            shapes.append(shape)
+        if chunk_rows:
+            longest = max(c for _, c in chunk_rows)
+            cap = min(self.prefill_chunk, self.max_tokens_per_step)
+            width = max(longest, min(cap, _pow2(max(16, longest))))
+            nxt, shape = self._forward(chunk_rows, min(self.max_batch, _pow2(len(chunk_rows))),
+                                       width)
+            calls.append((chunk_rows, nxt))
+            shapes.append(shape)
+        prefill = decode = 0
         events: list[Event] = []
-        for row, (s, c) in enumerate(zip(rows, chunks, strict=True)):
-            s.computed += c
-            if s.computed < s.length:
-                continue  # still prefilling
-            token = int(sampled[row])
-            s.output.append(token)
-            s.token_times.append(now)
-            events.append((s.rid, token))
-            if token in s.stops or len(s.output) >= s.request.max_new_tokens:
-                self._running.remove(s)
-                self._retire(s, "stop" if token in s.stops else "length")
+        for group, nxt in calls:
+            sampled = np.asarray(nxt)
+            now = time.perf_counter()
+            for row, (s, c) in enumerate(group):
+                if c == 1 and s.output and s.computed == s.length - 1:
+                    decode += 1
+                else:
+                    prefill += c
+                s.computed += c
+                if s.computed < s.length:
+                    continue  # still prefilling
+                if s.prefilling:
+                    s.prefilling = False
+                    self._commit(s)  # its prompt's full blocks, for later requests
+                token = int(sampled[row])
+                s.output.append(token)
+                s.token_times.append(now)
+                events.append((s.rid, token))
+                stop = self._stopped(s, token)
+                if stop or len(s.output) >= s.request.max_new_tokens:
+                    self._running.remove(s)
+                    self._retire(s, "stop" if stop else "length")
         self.step_metrics.append(StepMetrics(
-            rows=len(rows), max_batch=b, prefill_tokens=prefill, decode_tokens=decode,
-            width=width, table_width=table_width, new_tokens=len(events), preempted=preempted,
-            admitted=admitted, duration_s=time.perf_counter() - t0))
+            rows=running,
+            max_batch=self.max_batch, waiting=len(self._waiting), prefill_tokens=prefill,
+            decode_tokens=decode, cached_tokens=cached, shapes=tuple(shapes),
+            new_tokens=len(events), preempted=preempted, admitted=admitted,
+            duration_s=time.perf_counter() - t0))
         return events
 
     def stream(self, on_token: Callable[[int, int], None] | None = None) -> Iterator[Event]:
@@ -454,8 +652,9 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int | Sequence[int],
                  sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
-                 stop_token_ids: Sequence[int] = (), seed: int = 0,
-                 on_token: Callable[[int, int], None] | None = None) -> GenerationOutput:
+                 stop_token_ids: Sequence[int] = (), stop_strings: str | Sequence[str] = (),
+                 seed: int = 0, on_token: Callable[[int, int], None] | None = None
+                 ) -> GenerationOutput:
         """Add every prompt (validated first: nothing is queued if one is bad), run to the
         end, return their outputs in order. Request ``i`` uses seed ``seed + i``."""
         n = len(prompts)
@@ -463,15 +662,15 @@ class Engine:
         samp = [sampling] * n if isinstance(sampling, SamplingParams) else list(sampling)
         if len(limits) != n or len(samp) != n:
             raise ValueError("per-prompt max_new_tokens and sampling need one entry per prompt")
+        requests = []
         for i, (p, m, s) in enumerate(zip(prompts, limits, samp, strict=True)):
             try:
-                self._validate(Request(tuple(int(t) for t in p), m, s,
-                                       tuple(int(t) for t in stop_token_ids)))
+                req = self._make_request(p, m, s, stop_token_ids, stop_strings, seed + i)
+                self._validate(req)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        rids = [self.add_request(p, max_new_tokens=m, sampling=s,
-                                 stop_token_ids=stop_token_ids, seed=seed + i)
-                for i, (p, m, s) in enumerate(zip(prompts, limits, samp, strict=True))]
+            requests.append(req)
+        rids = [self.add_request(r) for r in requests]
         for _ in self.stream(on_token):
             pass
         outs = [self.finished[r] for r in rids]
@@ -489,10 +688,13 @@ class Engine:
         reqs = list(self.request_metrics.values())
         ttfts = [r.ttft_s for r in reqs if r.ttft_s is not None]
         itls = [x for r in reqs for x in r.itl_s]
+        stats = self.prefix_cache.stats() if self.prefix_cache is not None else None
         return EngineMetrics(
             steps=len(steps), generated_tokens=gen, busy_s=busy,
             tokens_per_s=gen / busy if busy > 0 else 0.0,
             mean_occupancy=float(np.mean([s.occupancy for s in steps])) if steps else 0.0,
             preemptions=sum(s.preempted for s in steps),
             ttft_p50_s=_percentile(ttfts, 50), ttft_p99_s=_percentile(ttfts, 99),
-            itl_p50_s=_percentile(itls, 50), itl_p99_s=_percentile(itls, 99))
+            itl_p50_s=_percentile(itls, 50), itl_p99_s=_percentile(itls, 99),
+            prefix_lookup_tokens=stats.lookup_tokens if stats else 0,
+            prefix_hit_tokens=stats.hit_tokens if stats else 0)
