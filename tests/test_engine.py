@@ -3,9 +3,13 @@
 Every greedy output is compared with ``generate([prompt], cache="dense")`` run alone.
 Shapes are kept few (block size 4, chunk 8, batch 4; prompts <= 32 tokens and
 max_new_tokens <= 32 so the references compile twice) because compiles dominate.
+Pools are checked for leaks after every run: no sequence left, and with prefix caching
+every used block is a cached one, which evicting the cache returns to the pool.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,17 +42,28 @@ def cases(llama: LoadedModel) -> list[tuple[list[int], int, list[int]]]:
     return out
 
 
-def _engine(lm: LoadedModel, num_blocks: int) -> Engine:
+def _engine(lm: LoadedModel, num_blocks: int, **kwargs: Any) -> Engine:
     return Engine(lm.model, lm.params, num_blocks=num_blocks, block_size=BS, max_batch=BATCH,
-                  prefill_chunk=CHUNK)
+                  prefill_chunk=CHUNK, **kwargs)
+
+
+def _check_pool(engine: Engine) -> None:
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.check_invariants()
+    engine.allocator.check_invariants()
 
 
 def _assert_pool_empty(engine: Engine) -> None:
-    engine.allocator.check_invariants()
-    stats = engine.pool_stats()
-    assert stats.used_blocks == 0 and stats.num_sequences == 0
-    assert stats.free_blocks == engine.num_blocks
+    _check_pool(engine)
     assert not engine.has_unfinished() and engine.num_running == engine.num_waiting == 0
+    stats = engine.pool_stats()
+    assert stats.num_sequences == 0
+    if engine.prefix_cache is not None:  # only cached blocks, all evictable
+        assert stats.used_blocks == engine.prefix_cache.tree.total_blocks == stats.held_blocks
+        assert engine.prefix_cache.tree.locked_blocks == 0
+        engine.prefix_cache.evict(engine.num_blocks)
+        stats = engine.pool_stats()
+    assert stats.used_blocks == 0 and stats.free_blocks == engine.num_blocks
 
 
 def _run_staggered(engine: Engine, cases: list[tuple[list[int], int, list[int]]],
@@ -68,6 +83,7 @@ def _run_staggered(engine: Engine, cases: list[tuple[list[int], int, list[int]]]
                                          stop_token_ids=[stop[i]] if i in stop else ())
         for rid, tok in engine.step():
             streamed.setdefault(rid, []).append(tok)
+        _check_pool(engine)
         steps += 1
     return rids, streamed
 
@@ -159,6 +175,11 @@ def test_bad_requests_rejected(llama: LoadedModel,
         (dict(prompt=[1] * 10, max_new_tokens=ctx), "context"),
         (dict(prompt=[1, 2], max_new_tokens=4, stop_token_ids=[vocab + 3]), "stop token"),
         (dict(prompt=[1] * 40, max_new_tokens=20), "pool has 12"),
+        (dict(prompt=[1, 2], max_new_tokens=4, stop_strings=[b"x"]), "unsupported type bytes"),
+        (dict(prompt=[1, 2], max_new_tokens=4, stop_strings=["ab", 7]), "unsupported type int"),
+        (dict(prompt=[1, 2], max_new_tokens=4, stop_strings=5), "str or a sequence of str"),
+        (dict(prompt=[1, 2], max_new_tokens=4, stop_strings=[""]), "stop string is empty"),
+        (dict(prompt=[1, 2], max_new_tokens=4, stop_strings="ab"), "detokenize"),
     ]
     good = cases[0]
     rid = engine.add_request(good[0], max_new_tokens=good[1])
@@ -205,11 +226,14 @@ def test_sampled_matches_generate_with_keys(llama: LoadedModel) -> None:
     _assert_pool_empty(engine)
 
 
-def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Random arrivals, cancels and a tiny pool, with the model replaced by a stub
-    (token = 7 + position of the row's last slot, so no compile): the pool invariants
-    hold after every step, the oldest running request is never preempted, every
-    request that is not cancelled gets exactly its tokens, and nothing leaks."""
+@pytest.mark.parametrize(("budget", "prefix_caching"), [(None, False), (5, True)])
+def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyPatch,
+                                 budget: int | None, prefix_caching: bool) -> None:
+    """Random arrivals (prompts often starting alike), cancels and a tiny pool, with the
+    model replaced by a stub (token = 7 + position of the row's last slot, so no
+    compile): the pool invariants hold after every step, no step exceeds the token
+    budget, the oldest running request is never preempted, every request that is not
+    cancelled gets exactly its tokens, and nothing leaks."""
     import jax.numpy as jnp
 
     import kvjax.engine.engine as eng
@@ -222,7 +246,9 @@ def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(eng, "_engine_step", fake_step)
     rng = np.random.default_rng(1)
     engine = Engine(llama.model, llama.params, num_blocks=10, block_size=BS, max_batch=3,
-                    prefill_chunk=CHUNK)
+                    prefill_chunk=CHUNK, max_tokens_per_step=budget,
+                    prefix_caching=prefix_caching)
+    heads = [rng.integers(0, 50, 12).tolist() for _ in range(3)]
     want: dict[int, int] = {}
     prompt_len: dict[int, int] = {}
     cancelled: set[int] = set()
@@ -230,7 +256,9 @@ def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyP
         if rng.random() < 0.3:
             n_p = int(rng.integers(1, 25))
             n_new = int(rng.integers(0, 40 - n_p))
-            rid = engine.add_request(rng.integers(0, 50, n_p).tolist(), max_new_tokens=n_new)
+            head = heads[int(rng.integers(0, 3))][: int(rng.integers(0, n_p))]
+            prompt = head + rng.integers(0, 50, n_p - len(head)).tolist()
+            rid = engine.add_request(prompt, max_new_tokens=n_new)
             want[rid], prompt_len[rid] = n_new, n_p
         if rng.random() < 0.05 and engine._states:
             rid = int(rng.choice(sorted(engine._states)))
@@ -239,16 +267,105 @@ def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyP
         oldest = engine._running[0] if engine._running else None
         before = oldest.preemptions if oldest else 0
         engine.step()
-        engine.allocator.check_invariants()
+        _check_pool(engine)
+        if engine.step_metrics:
+            assert engine.step_metrics[-1].computed_tokens <= engine.max_tokens_per_step
         if oldest is not None:
             assert oldest.preemptions == before
     for _ in engine.stream():
         pass
     _assert_pool_empty(engine)
     assert engine.metrics().preemptions > 0
+    assert (engine.metrics().prefix_hit_tokens > 0) == prefix_caching
     for rid, n in want.items():
         out = engine.finished[rid].tokens[0]
         if rid in cancelled:
             assert engine.finished[rid].finish_reasons[0] == "cancelled"
         else:  # token i was sampled at position prompt_len + i - 1
             assert out == [(7 + prompt_len[rid] + i - 1) % 50 for i in range(n)], rid
+
+
+def _detok(ids: Any) -> str:
+    """A stand-in detokenizer: one letter per token id."""
+    return "".join(chr(ord("a") + t % 26) for t in ids)
+
+
+def test_stop_strings(llama: LoadedModel, cases: list[tuple[list[int], int, list[int]]]) -> None:
+    """A request ends at the first token whose output text contains a stop string (the
+    token is kept), whether the string spans tokens or not; the reference is the dense
+    output cut where its own text first contains the string."""
+    engine = _engine(llama, num_blocks=96, detokenize=_detok)
+    want, rids = [], []
+    for i, (p, n, ref) in enumerate(cases[:4]):
+        text = _detok(ref)
+        stops = [text[5:7], "~"] if i % 2 == 0 else text[-1]  # "~" never appears
+        cut = next(k for k in range(1, n + 1)
+                   if any(st in _detok(ref[:k]) for st in ([stops] if isinstance(stops, str)
+                                                           else stops)))
+        want.append((ref[:cut], "stop"))
+        rids.append(engine.add_request(p, max_new_tokens=n, stop_strings=stops))
+    p, n, ref = cases[4]
+    want.append((ref, "length"))
+    rids.append(engine.add_request(p, max_new_tokens=n, stop_strings=["~"]))
+    for _ in engine.stream():
+        pass
+    for rid, (tokens, reason) in zip(rids, want, strict=True):
+        assert engine.finished[rid].tokens[0] == tokens
+        assert engine.finished[rid].finish_reasons[0] == reason
+    assert any(len(t) < n for (t, _), (_, n, _) in zip(want, cases, strict=False))
+    _assert_pool_empty(engine)
+
+
+def test_token_budget_bounds_every_step(llama: LoadedModel,
+                                        cases: list[tuple[list[int], int, list[int]]]) -> None:
+    """With ``max_tokens_per_step=10`` no step computes more than 10 tokens (unbounded,
+    four prompts admitted together would take 4 x 8 in the first step), decodes never
+    wait, and outputs are unchanged."""
+    with pytest.raises(ValueError, match="max_tokens_per_step"):
+        _engine(llama, num_blocks=96, max_tokens_per_step=BATCH - 1)
+    engine = _engine(llama, num_blocks=96, max_tokens_per_step=10)
+    out = engine.generate([c[0] for c in cases], max_new_tokens=[c[1] for c in cases])
+    assert out.tokens == [c[2] for c in cases]
+    steps = engine.step_metrics
+    assert max(s.computed_tokens for s in steps) == 10
+    assert any(s.prefill_tokens and s.decode_tokens for s in steps)
+    # Admission stops when the budget is spent: 5 + 5 of the first two prompts.
+    assert steps[0].admitted == 2 and steps[0].prefill_tokens == 10
+    assert max(s.rows for s in steps) == BATCH
+    _assert_pool_empty(engine)
+
+
+@pytest.fixture(scope="module")
+def shared_cases(llama: LoadedModel) -> list[tuple[list[int], int, list[int]]]:
+    """Prompts that share a 13-token prefix (three full blocks) two by two."""
+    rng = np.random.default_rng(2)
+    vocab = llama.config.vocab_size
+    heads = [rng.integers(3, vocab, 13).tolist() for _ in range(2)]
+    out = []
+    for i, (tail, n) in enumerate([(4, 9), (9, 12), (2, 7), (14, 10), (6, 11), (11, 8)]):
+        p = heads[i % 2] + rng.integers(3, vocab, tail).tolist()
+        ref = generate(llama.model, llama.params, [p], max_new_tokens=n, cache="dense")
+        out.append((p, n, ref.tokens[0]))
+    return out
+
+
+@pytest.mark.parametrize("num_blocks", [96, 12])
+def test_prefix_caching_matches_dense(llama: LoadedModel, num_blocks: int,
+                                      shared_cases: list[tuple[list[int], int, list[int]]]
+                                      ) -> None:
+    """Shared prefixes are computed once and reused; with a 12-block pool requests are
+    also preempted and find their own committed blocks again. Outputs never change."""
+    engine = _engine(llama, num_blocks=num_blocks, prefix_caching=True)
+    rids, streamed = _run_staggered(engine, shared_cases, {})
+    for i, (_, _, ref) in enumerate(shared_cases):
+        assert engine.finished[rids[i]].tokens[0] == ref, i
+        assert streamed[rids[i]] == ref
+    m = engine.metrics()
+    per_request = [engine.request_metrics[r] for r in rids.values()]
+    assert m.prefix_hit_tokens >= 12 and 0 < m.prefix_hit_rate < 1
+    assert sum(r.cached_tokens for r in per_request) == sum(
+        s.cached_tokens for s in engine.step_metrics) > 0
+    if num_blocks == 12:
+        assert m.preemptions > 0
+        assert any(r.preemptions and r.cached_tokens for r in per_request)
+    _assert_pool_empty(engine)
