@@ -19,7 +19,7 @@ KV_BYTES_PER_TOKEN = 2 * 1 * 2 * 64 * 4
 def test_kv_cost_memory_matches_formula_for_both_layouts(tmp_path: Path) -> None:
     cfg = {"experiment": "kv-cost",
            "params": {"model": "qwen2.5-0.5b", "num_layers": 1, "batch": 3,
-                      "contexts": [32, 64], "repeats": 1, "bandwidth_mib": 8,
+                      "contexts": [32, 64, 96], "repeats": 2, "fit_min_context": 64, "bandwidth_mib": 8,
                       "caches": ["dense", "paged"], "block_size": 16}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -29,19 +29,21 @@ def test_kv_cost_memory_matches_formula_for_both_layouts(tmp_path: Path) -> None
     with (out / "kv_cost.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["cache"], int(r["context"])) for r in rows] == [
-        (c, t) for c in ("dense", "paged") for t in (32, 64)]
+        (c, t) for c in ("dense", "paged") for t in (32, 64, 96)]
     for r in rows:
         assert int(r["kv_bytes_measured"]) == 3 * int(r["context"]) * KV_BYTES_PER_TOKEN
         assert float(r["step_seconds"]) > 0
     assert res["memory_matches_theory"] is True
     assert set(res["fits"]) == {"dense", "paged"}
+    assert all(f["contexts_fitted"] == [64, 96] for f in res["fits"].values())
     assert res["attention"]["paged"] == "xla"  # CPU: the XLA gather
     assert (out / "kv_cost.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize(("params", "match"), [
     ({"caches": ["dense", "ring"]}, "caches must be"),
-    ({"caches": ["paged"], "contexts": [100]}, "multiple of block_size"),
+    ({"caches": ["paged"], "contexts": [96, 100]}, "multiple of block_size"),
+    ({"contexts": [512, 1024], "fit_min_context": 1024}, "at least two contexts"),
 ])
 def test_kv_cost_bad_params_fail_before_work(tmp_path: Path, params: dict, match: str) -> None:
     path = tmp_path / "cfg.yaml"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class Params:
     caches: tuple[str, ...] = ("dense",)  # layouts measured: dense and/or paged
     block_size: int = 16  # paged layout: tokens per page
     attention: str = "auto"  # paged layout: decode attention backend ("auto" resolves)
+    fit_min_context: int = 0  # fit lines only through contexts >= this (memory-bound range)
     seed: int = 0  # weight and cache contents
 
     def __post_init__(self) -> None:
@@ -60,6 +62,9 @@ class Params:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.batch < 1 or self.repeats < 1 or not self.contexts or min(self.contexts) < 2:
             raise ValueError("batch, repeats must be >= 1 and contexts >= 2")
+        if sum(t >= self.fit_min_context for t in self.contexts) < 2:
+            raise ValueError(f"at least two contexts must be >= fit_min_context="
+                             f"{self.fit_min_context} to fit a line")
         if not self.caches or any(c not in CACHES for c in self.caches):
             raise ValueError(f"caches must be a non-empty list from {CACHES}, got {self.caches}")
         if "paged" in self.caches and any(t % self.block_size for t in self.contexts):
@@ -104,35 +109,53 @@ def make_cache(layout: str, model: Decoder, p: Params, dtype: jnp.dtype, context
                       attention=resolve_attention(p.attention, p.block_size, cfg.head_dim))
 
 
+@partial(jax.jit, static_argnames=("model", "steps"), donate_argnames=("cache",))
+def _decode_steps(model: Decoder, params: Any, tokens: jax.Array, positions: jax.Array,
+                  cache: DenseCache | PagedCache, *, steps: int
+                  ) -> tuple[jax.Array, DenseCache | PagedCache]:
+    """``steps`` decode steps in one device loop, each rewriting the same last slot (so
+    the context stays fixed); returns the last logits [B, V] and the cache."""
+    index = jnp.zeros((tokens.shape[0],), jnp.int32)
+
+    def body(_: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+        _, c = carry
+        return forward_step(model, params, tokens, positions, c, index)
+
+    logits0 = jnp.zeros((tokens.shape[0], model.cfg.vocab_size), model.dtype)
+    return jax.lax.fori_loop(0, steps, body, (logits0, cache))
+
+
 def _decode_time(model: Decoder, params: Any, p: Params, dtype: jnp.dtype, layout: str,
                  context: int) -> tuple[float, int]:
-    """(median seconds per decode step at ``context`` slots, bytes of the K/V buffers)."""
+    """(median seconds per decode step at ``context`` slots, bytes of the K/V buffers).
+
+    Steps run ``repeats`` at a time in one device loop, as generation runs them, so host
+    dispatch is not counted.
+    """
     cache = make_cache(layout, model, p, dtype, context)
     bufs = (cache.k, cache.v) if isinstance(cache, DenseCache) else (cache.k_pages,
                                                                       cache.v_pages)
     measured_bytes = int(sum(b.nbytes for b in bufs))
     tokens = jnp.ones((p.batch, 1), jnp.int32)
     positions = jnp.full((p.batch, 1), context - 1, jnp.int32)
-    index = jnp.zeros((p.batch,), jnp.int32)
     state = {"cache": cache}
 
-    def step() -> jax.Array:
-        # Rewriting the same last slot keeps the context fixed across repeats.
-        logits, state["cache"] = forward_step(model, params, tokens, positions, state["cache"],
-                                              index)
+    def run_steps() -> jax.Array:
+        logits, state["cache"] = _decode_steps(model, params, tokens, positions,
+                                               state["cache"], steps=p.repeats)
         return logits
 
-    seconds = time_queued(step, [()], iters=p.repeats, reps=3)
+    seconds = time_queued(run_steps, [()], iters=1, reps=5) / p.repeats
     return seconds, measured_bytes
 
 
 def _fit(rows: list[dict[str, Any]], slope_theory: float, intercept_theory: float
-         ) -> dict[str, float]:
+         ) -> dict[str, Any]:
     """Least-squares line through (context, step seconds) against the theory's line."""
     ctx = np.asarray([r["context"] for r in rows], float)
     sec = np.asarray([r["step_seconds"] for r in rows], float)
-    slope, intercept = (np.polyfit(ctx, sec, 1) if len(rows) > 1 else (float("nan"), sec[0]))
-    return {"slope_s_per_token": float(slope), "intercept_s": float(intercept),
+    slope, intercept = np.polyfit(ctx, sec, 1)
+    return {"contexts_fitted": [int(c) for c in ctx],"slope_s_per_token": float(slope), "intercept_s": float(intercept),
             "slope_theory_s_per_token": slope_theory,
             "slope_ratio": float(slope) / slope_theory,
             "intercept_theory_s": intercept_theory,
@@ -172,7 +195,8 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
         "bandwidth": bw, "attention": {c: attention[c] for c in p.caches},
         "memory_matches_theory": all(r["kv_bytes_measured"] == r["kv_bytes_theory"]
                                      for r in rows),
-        "fits": {c: _fit([r for r in rows if r["cache"] == c], slope_theory, w_bytes / read_bw)
+        "fits": {c: _fit([r for r in rows if r["cache"] == c and r["context"] >= p.fit_min_context],
+                         slope_theory, w_bytes / read_bw)
                  for c in p.caches},
         "rows": rows,
     }
