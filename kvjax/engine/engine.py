@@ -14,16 +14,16 @@ The planned rows then run as at most two jitted forwards over the pool (the cach
 donated from one to the next, and both are dispatched before the host waits):
 
 * every one-token row in a ``[max_batch, 1]`` slot array (decode);
-* every longer chunk in a ``[R, W]`` slot array, ``R`` a power of two >= the rows and
-  ``W`` a power of two >= max(16, longest chunk), capped by the chunk limit and the
-  budget. ``PagedCache.update_and_attend`` writes each chunk into its request's pages
-  and attends causally over all of them.
+* every longer chunk in a ``[R, W]`` slot array, ``R`` a power of two >= the rows
+  (at most ``max_batch``) and ``W = min(prefill_chunk, max_tokens_per_step)``.
+  ``PagedCache.update_and_attend`` writes each chunk into its request's pages and
+  attends causally over all of them.
 
 Unused slots have position -1 (never stored, never attended). The block-table width
 of each forward is a power of two >= 8 (capped by the model context), so a long run
-compiles a handful of programs and a decode step never pays for a prefill's width. A
-row whose chunk reaches the end of its tokens samples the next token in the same call
-(logits at the chunk's last slot).
+compiles a handful of programs (``precompile`` builds them all up front) and a decode
+step never pays for a prefill's width. A row whose chunk reaches the end of its tokens
+samples the next token in the same call (logits at the chunk's last slot).
 
 Scheduling (host side, per step):
 
@@ -542,12 +542,35 @@ class Engine:
         return rows, preempted, admitted, cached
 
     # ------------------------------------------------------------------ stepping
+    def _table_width(self, blocks: int) -> int:
+        return max(blocks, min(self._max_table, _pow2(max(8, blocks))))
+
+    @property
+    def chunk_width(self) -> int:
+        """``W`` of the chunk forward's ``[R, W]`` slot array."""
+        return min(self.prefill_chunk, self.max_tokens_per_step)
+
+    def _run(self, tokens: np.ndarray, positions: np.ndarray, tables: np.ndarray,
+             logit_index: np.ndarray, lengths: np.ndarray, seeds: np.ndarray,
+             draws: np.ndarray, params: list[SamplingParams]) -> jax.Array:
+        """Dispatch one forward (the pool donated and replaced); return the sampled ids
+        int32 [rows], not waited for. Arrays as in ``_engine_step``; tables int32
+        [rows, table width], lengths int32 [rows]."""
+        kv = PagedCache(k_pages=self._k, v_pages=self._v, block_tables=jnp.asarray(tables),
+                        lengths=jnp.asarray(lengths), attention=self.attention)
+        nxt, kv = _engine_step(self.model, self.params, jnp.asarray(tokens),
+                               jnp.asarray(positions), kv, jnp.asarray(logit_index),
+                               SamplingArrays.from_params(params), jnp.asarray(seeds),
+                               jnp.asarray(draws), all_greedy=all(p.greedy for p in params))
+        self._k, self._v = kv.k_pages, kv.v_pages
+        return nxt
+
     def _forward(self, rows: list[tuple[_State, int]], num_rows: int,
                  width: int) -> tuple[jax.Array, Shape]:
         """Dispatch one forward over ``rows`` in a ``[num_rows, width]`` slot array;
         return the sampled ids (int32 [num_rows], not waited for) and the shape."""
         blocks = max(len(self.allocator.block_table(s.rid)) for s, _ in rows)
-        table_width = max(blocks, min(self._max_table, _pow2(max(8, blocks))))
+        table_width = self._table_width(blocks)
         tokens = np.zeros((num_rows, width), np.int32)
         positions = np.full((num_rows, width), -1, np.int32)
         logit_index = np.zeros((num_rows,), np.int32)
@@ -566,14 +589,36 @@ class Engine:
             seeds[row] = s.request.seed
             draws[row] = len(s.output)
             params[row] = s.request.sampling
-        kv = PagedCache(k_pages=self._k, v_pages=self._v, block_tables=jnp.asarray(tables),
-                        lengths=jnp.asarray(lengths), attention=self.attention)
-        nxt, kv = _engine_step(self.model, self.params, jnp.asarray(tokens),
-                               jnp.asarray(positions), kv, jnp.asarray(logit_index),
-                               SamplingArrays.from_params(params), jnp.asarray(seeds),
-                               jnp.asarray(draws), all_greedy=all(p.greedy for p in params))
-        self._k, self._v = kv.k_pages, kv.v_pages
+        nxt = self._run(tokens, positions, tables, logit_index, lengths, seeds, draws, params)
         return nxt, (num_rows, width, table_width)
+
+    def step_shapes(self, max_tokens: int | None = None) -> list[Shape]:
+        """Every ``(rows, width, table width)`` a step can run for requests of at most
+        ``max_tokens`` tokens (prompt + new; default the model's context)."""
+        limit = self.model.cfg.max_position_embeddings if max_tokens is None else max_tokens
+        _check_count("max_tokens", limit)
+        tables = sorted({self._table_width(b)
+                         for b in range(1, -(-limit // self.block_size) + 1)})
+        most = min(self.max_batch, self.max_tokens_per_step // 2)  # chunks have >= 2 tokens
+        rows = sorted({min(self.max_batch, _pow2(n)) for n in range(1, most + 1)})
+        return [(self.max_batch, 1, t) for t in tables] + [
+            (r, self.chunk_width, t) for r in rows for t in tables]
+
+    def precompile(self, max_tokens: int | None = None, *, sampled: bool = False) -> int:
+        """Compile every step shape (``step_shapes``) before serving, greedy and, with
+        ``sampled``, sampling variants, by running each over empty slots (position -1:
+        nothing is written or read). Returns the number of shapes; waits for them."""
+        variants = [GREEDY, SamplingParams(temperature=1.0)] if sampled else [GREEDY]
+        shapes = self.step_shapes(max_tokens)
+        for rows, width, table_width in shapes:
+            for sp in variants:
+                zeros = np.zeros((rows,), np.int32)
+                self._run(np.zeros((rows, width), np.int32),
+                          np.full((rows, width), -1, np.int32),
+                          np.full((rows, table_width), -1, np.int32), zeros, zeros,
+                          zeros.astype(np.uint32), zeros, [sp] * rows)
+        jax.block_until_ready(self._k)
+        return len(shapes)
 
     def _stopped(self, state: _State, token: int) -> bool:
         if token in state.stops:
@@ -599,11 +644,8 @@ class Engine:
             calls.append((decode_rows, nxt))
             shapes.append(shape)
         if chunk_rows:
-            longest = max(c for _, c in chunk_rows)
-            cap = min(self.prefill_chunk, self.max_tokens_per_step)
-            width = max(longest, min(cap, _pow2(max(16, longest))))
             nxt, shape = self._forward(chunk_rows, min(self.max_batch, _pow2(len(chunk_rows))),
-                                       width)
+                                       self.chunk_width)
             calls.append((chunk_rows, nxt))
             shapes.append(shape)
         prefill = decode = 0
