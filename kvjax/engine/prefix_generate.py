@@ -40,6 +40,16 @@ With ``prefix_caching=False`` the same generator never looks up or commits, so i
 is the paged baseline: same pool, same kernels, every prompt prefilled in full,
 no wave splits.
 
+Tiers.  With ``tiers`` (a :class:`~kvjax.memory.tiered_requests.TierConfig`) the
+pool is L1 of a :class:`~kvjax.memory.hicache.TieredPrefixCache`, driven through
+:class:`~kvjax.memory.tiered_requests.TieredRequests`: evicted blocks move down to
+host slots (L2) and disk (L3) instead of being dropped, and a lookup promotes the
+prompt's blocks found there into fresh device pages.  When a call starts, and after
+every wave, the disk reads of the next ``prefetch_depth`` queued requests start in
+a background thread, overlapping the current wave's work; each lookup then waits
+for its reads as the prefetch policy says.  L3 keys are namespaced by
+``TierConfig.namespace`` and the model's configuration and dtype.
+
 Outputs.  Greedy outputs equal ``generate(..., cache="dense")``: the cached K/V of a
 prefix is what a full prefill would compute (up to float rounding order).  Request
 ``i`` of a call draws from ``sample_keys(seed, [i])[0]``, so sampled outputs equal
@@ -57,6 +67,7 @@ call with new shapes includes compilation.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -81,6 +92,7 @@ from kvjax.engine.generate import (
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams
 from kvjax.memory.allocator import BlockAllocator, OutOfBlocksError
 from kvjax.memory.prefix_cache import PrefixCache, PrefixCacheStats
+from kvjax.memory.tiered_requests import TierConfig, TieredRequests
 from kvjax.models.llama import Decoder
 
 
@@ -98,6 +110,10 @@ class RequestStats:
     group: int  # decode group of the call (0-based)
     ttft_s: float  # call start -> first-token logits ready on device
     prefill_s: float  # the request's wave prefill step alone (device-synchronised)
+    l2_hit_tokens: int = 0  # of hit_tokens, promoted from host slots (tiers only)
+    l3_hit_tokens: int = 0  # of hit_tokens, promoted from disk (tiers only)
+    promote_s: float = 0.0  # lookup's host -> device copies and disk reads (tiers only)
+    prefetch_wait_s: float = 0.0  # lookup blocked on prefetch reads (tiers only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +159,10 @@ class _Live:
     group: int = 0
     ttft_s: float = 0.0
     prefill_s: float = 0.0
+    l2_hit: int = 0
+    l3_hit: int = 0
+    promote_s: float = 0.0
+    prefetch_wait_s: float = 0.0
 
 
 def _pow2(n: int) -> int:
@@ -162,16 +182,22 @@ def _common_full_blocks(a: Sequence[int], b: Sequence[int], block_size: int) -> 
     return common - common % block_size
 
 
+def model_namespace(model: Decoder, name: str) -> str:
+    """L3 key namespace: ``name`` (naming the weights) + the model's configuration and dtype."""
+    digest = hashlib.sha256(repr((model.cfg, str(jnp.dtype(model.dtype)))).encode())
+    return f"{name}/{digest.hexdigest()[:16]}"
+
+
 class PrefixCachedGenerator:
     """Batched generation with a prefix cache over one persistent paged KV pool.
 
-    See the module docstring for the request life cycle, the wave/group schedule and
-    the timing definitions.  Not thread safe.
+    See the module docstring for the request life cycle, the wave/group schedule,
+    the tiers and the timing definitions.  Not thread safe.
     """
 
     def __init__(self, model: Decoder, params: Any, *, num_blocks: int, block_size: int = 16,
                  capacity_blocks: int | None = None, prefix_caching: bool = True,
-                 device_blocks: int | None = None) -> None:
+                 device_blocks: int | None = None, tiers: TierConfig | None = None) -> None:
         """Allocate the device pool of ``num_blocks`` pages of ``block_size`` tokens.
 
         ``capacity_blocks`` caps how many blocks the tree may keep (default: as many
@@ -181,6 +207,8 @@ class PrefixCachedGenerator:
         generators of different ``num_blocks`` with one ``device_blocks`` share every
         compiled step (a pool-size sweep compiles once). Step cost does not depend on
         the pool size: attention reads only the pages in the block tables.
+        ``tiers`` puts host and disk tiers under the pool (not with ``capacity_blocks``
+        or ``prefix_caching=False``).
         """
         device_blocks = num_blocks if device_blocks is None else device_blocks
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
@@ -189,18 +217,29 @@ class PrefixCachedGenerator:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if device_blocks < num_blocks:
             raise ValueError(f"device_blocks={device_blocks} < num_blocks={num_blocks}")
+        if tiers is not None and (capacity_blocks is not None or not prefix_caching):
+            raise ValueError("tiers need prefix_caching and no capacity_blocks")
         cfg = model.cfg
         self.model = model
         self.params = params
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.prefix_caching = bool(prefix_caching)
-        self.allocator = BlockAllocator(num_blocks, block_size, kv_bytes_per_token(model))
-        self.cache = PrefixCache(self.allocator, capacity_blocks=capacity_blocks,
-                                 vocab_size=cfg.vocab_size)
         shape = (cfg.num_layers, device_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self._k = jnp.zeros(shape, model.dtype)
         self._v = jnp.zeros(shape, model.dtype)
+        self.cache: PrefixCache | TieredRequests
+        self.allocator: BlockAllocator | None = None  # the L1-only cache's (and baseline's)
+        if tiers is None:
+            self.allocator = BlockAllocator(num_blocks, block_size, kv_bytes_per_token(model))
+            self.cache = PrefixCache(self.allocator, capacity_blocks=capacity_blocks,
+                                     vocab_size=cfg.vocab_size)
+        else:
+            self.cache = TieredRequests.build(
+                self._pool(np.zeros((1, 1), np.int32), np.zeros((1,), np.int32)), tiers,
+                num_pages=num_blocks, namespace=model_namespace(model, tiers.namespace),
+                vocab_size=cfg.vocab_size)
+        self.tiers = tiers
         self._next_id = 0
 
     # ------------------------------------------------------------------ queries
@@ -214,8 +253,14 @@ class PrefixCachedGenerator:
         return self._k, self._v
 
     def stats(self) -> PrefixCacheStats:
-        """The prefix cache's counters since creation."""
+        """The prefix cache's counters since creation (hits in any tier with tiers)."""
         return self.cache.stats()
+
+    def tier_stats(self) -> dict[str, Any]:
+        """With tiers: every tier counter since creation (``TieredRequests.stats_dict``)."""
+        if not isinstance(self.cache, TieredRequests):
+            raise ValueError("this generator has no tiers")
+        return self.cache.stats_dict()
 
     def evict(self, num_blocks: int | None = None) -> list[int]:
         """Drop up to ``num_blocks`` (default: all) unlocked cached blocks to the pool."""
@@ -223,9 +268,13 @@ class PrefixCachedGenerator:
 
     # ------------------------------------------------------------------ steps
     def _tables(self, rids: list[int], rows: int) -> np.ndarray:
-        width = bucket(max(len(self.allocator.block_table(r)) for r in rids), 8)
-        tables = np.full((rows, width), -1, np.int32)
-        tables[: len(rids)] = self.allocator.block_tables_array(rids, width, pad=-1)
+        if isinstance(self.cache, TieredRequests):
+            table = [self.cache.block_table(r) for r in rids]
+        else:
+            table = [self.cache.allocator.block_table(r) for r in rids]
+        tables = np.full((rows, bucket(max(map(len, table)), 8)), -1, np.int32)
+        for row, t in enumerate(table):
+            tables[row, : len(t)] = t
         return tables
 
     def _pool(self, tables: np.ndarray, lengths: np.ndarray) -> PagedCache:
@@ -233,26 +282,47 @@ class PrefixCachedGenerator:
                           lengths=jnp.asarray(lengths, jnp.int32))
 
     def _keep(self, kv: PagedCache) -> None:
+        """Adopt the pool a step returned (the tiers copy pages from and into it)."""
         self._k, self._v = kv.k_pages, kv.v_pages
+        if isinstance(self.cache, TieredRequests):
+            self.cache.tiers.cache = kv
 
     def _admit(self, rid: int, prompt: list[int], reserve: int) -> _Live | None:
         """Reserve the request's blocks (sharing its cached prefix); None if no room."""
         try:
-            if self.prefix_caching:
-                reused, suffix = self.cache.lookup(rid, prompt, reserve_tokens=reserve)
-                start, hit = len(prompt) - len(suffix), self.cache.hit_tokens(rid)
-            else:
+            if not self.prefix_caching:
+                assert self.allocator is not None  # the baseline never has tiers
                 self.allocator.allocate_sequence(rid, len(prompt) + reserve)
-                reused, start, hit = [], 0, 0
+                return _Live(-1, rid, prompt, 0, 0, ())
+            reused, suffix = self.cache.lookup(rid, prompt, reserve_tokens=reserve)
         except OutOfBlocksError:
             return None
-        return _Live(-1, rid, prompt, start, hit, tuple(reused))
+        live = _Live(-1, rid, prompt, len(prompt) - len(suffix), self.cache.hit_tokens(rid),
+                     tuple(reused))
+        if isinstance(self.cache, TieredRequests):
+            pool = self.cache.tiers.cache  # promotion wrote (and donated) the pool
+            self._k, self._v = pool.k_pages, pool.v_pages
+            t = self.cache.request_tiers(rid)
+            live.l2_hit, live.l3_hit = t.l2_tokens, t.l3_tokens
+            live.promote_s, live.prefetch_wait_s = t.promote_s, t.prefetch_wait_s
+        return live
 
     def _release(self, live: _Live) -> None:
         if self.prefix_caching:
             self.cache.release(live.rid)
         else:
+            assert self.allocator is not None
             self.allocator.free_sequence(live.rid)
+
+    def _prefetch(self, pending: deque[int], prompts: list[list[int]], started: set[int]
+                  ) -> None:
+        """With tiers: start the disk reads of the next ``prefetch_depth`` queued requests."""
+        if not isinstance(self.cache, TieredRequests) or self.tiers is None:
+            return
+        for i in list(pending)[: self.tiers.prefetch_depth]:
+            if i not in started:
+                started.add(i)
+                self.cache.prefetch(prompts[i])
 
     def _prefill(self, wave: list[_Live]) -> jax.Array:
         """One jitted step over the wave's suffixes; first-token logits [len(wave), V]."""
@@ -330,49 +400,56 @@ class PrefixCachedGenerator:
         reasons = ["length"] * b
         done: list[_Live] = []
         pending = deque(range(b))
+        prefetched: set[int] = set()
         wave_no = group_no = 0
-        while pending:
-            group: list[_Live] = []
-            logits: list[jax.Array] = []
-            try:
-                while pending:
-                    wave = self._next_wave(pending, plist, limits, first=not group)
-                    if not wave:
-                        break
-                    group += wave  # admitted: released below whatever happens
-                    for r in wave:
-                        r.wave, r.group = wave_no, group_no
-                    step_start = time.perf_counter()
-                    wave_logits = self._prefill(wave)
-                    jax.block_until_ready(wave_logits)
-                    now = time.perf_counter()
-                    for r in wave:
-                        r.ttft_s, r.prefill_s = now - t0, now - step_start
-                        if self.prefix_caching:
-                            self.cache.commit(r.rid, r.prompt)
-                    logits.append(wave_logits)
-                    wave_no += 1
-                if max(limits[r.index] for r in group) > 0:
-                    out = self._decode(group, logits, limits, samp, stops, seed)
-                    result = to_output(out, [per_seq_stops[r.index] for r in group])
-                    for row, r in enumerate(group):
-                        tokens[r.index] = result.tokens[row]
-                        reasons[r.index] = result.finish_reasons[row]
-                        if self.prefix_caching and len(result.tokens[row]) > 1:
-                            self.cache.commit(r.rid, r.prompt + result.tokens[row][:-1])
-            finally:
-                for r in group:
-                    self._release(r)
-            done += group
-            group_no += 1
+        try:
+            while pending:
+                group: list[_Live] = []
+                logits: list[jax.Array] = []
+                try:
+                    while pending:
+                        self._prefetch(pending, plist, prefetched)
+                        wave = self._next_wave(pending, plist, limits, first=not group)
+                        if not wave:
+                            break
+                        group += wave  # admitted: released below whatever happens
+                        for r in wave:
+                            r.wave, r.group = wave_no, group_no
+                        step_start = time.perf_counter()
+                        wave_logits = self._prefill(wave)
+                        jax.block_until_ready(wave_logits)
+                        now = time.perf_counter()
+                        for r in wave:
+                            r.ttft_s, r.prefill_s = now - t0, now - step_start
+                            if self.prefix_caching:
+                                self.cache.commit(r.rid, r.prompt)
+                        logits.append(wave_logits)
+                        wave_no += 1
+                    if max(limits[r.index] for r in group) > 0:
+                        out = self._decode(group, logits, limits, samp, stops, seed)
+                        result = to_output(out, [per_seq_stops[r.index] for r in group])
+                        for row, r in enumerate(group):
+                            tokens[r.index] = result.tokens[row]
+                            reasons[r.index] = result.finish_reasons[row]
+                            if self.prefix_caching and len(result.tokens[row]) > 1:
+                                self.cache.commit(r.rid, r.prompt + result.tokens[row][:-1])
+                finally:
+                    for r in group:
+                        self._release(r)
+                done += group
+                group_no += 1
+        finally:
+            if isinstance(self.cache, TieredRequests):
+                self.cache.drain()  # no read outlives the call
         after = self.cache.stats()
         total = time.perf_counter() - t0
         done.sort(key=lambda r: r.index)
         rows = [RequestStats(
             prompt_tokens=len(r.prompt), hit_tokens=r.hit, prefill_tokens_saved=r.start,
             prefill_tokens_computed=len(r.prompt) - r.start, reused_blocks=r.reused,
-            wave=r.wave, group=r.group, ttft_s=r.ttft_s,
-            prefill_s=r.prefill_s) for r in done]
+            wave=r.wave, group=r.group, ttft_s=r.ttft_s, prefill_s=r.prefill_s,
+            l2_hit_tokens=r.l2_hit, l3_hit_tokens=r.l3_hit, promote_s=r.promote_s,
+            prefetch_wait_s=r.prefetch_wait_s) for r in done]
         stats = PrefixGenerationStats(
             requests=rows, prompt_tokens=sum(len(p) for p in plist),
             hit_tokens=sum(r.hit_tokens for r in rows),

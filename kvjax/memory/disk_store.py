@@ -35,6 +35,7 @@ import re
 import struct
 import tempfile
 import threading
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ class DiskStoreStats:
     miss_reasons: Counter[str] = field(default_factory=Counter)
     bytes_written: int = 0
     bytes_read: int = 0
+    seconds_written: float = 0.0  # time in puts that wrote a file
+    seconds_read: float = 0.0  # time in gets that hit (read + verify)
 
 
 class DiskStore:
@@ -125,6 +128,7 @@ class DiskStore:
             if not overwrite and path.is_file():
                 self.stats.put_skipped += 1
                 return False
+            t0 = time.perf_counter()
             payload = k.tobytes() + v.tobytes()
             header = json.dumps({"key": key, "dtype": k.dtype.name, "shape": list(k.shape),
                                  "nbytes": len(payload),
@@ -149,6 +153,7 @@ class DiskStore:
                         os.unlink(tmp)
             self.stats.puts += 1
             self.stats.bytes_written += len(payload)
+            self.stats.seconds_written += time.perf_counter() - t0
             return True
 
     # ------------------------------------------------------------------ read
@@ -159,6 +164,7 @@ class DiskStore:
             if not self.enabled:
                 self._miss("disabled")
                 return None
+            t0 = time.perf_counter()
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
@@ -173,6 +179,7 @@ class DiskStore:
                 return None
             self.stats.hits += 1
             self.stats.bytes_read += out[0].nbytes + out[1].nbytes
+            self.stats.seconds_read += time.perf_counter() - t0
             return out
 
     @staticmethod

@@ -21,6 +21,12 @@ persistent backing store that may also hold blocks of L1/L2.  Data moves:
   private host arrays *before* any device page is allocated, so evictions
   triggered by that allocation cannot reclaim it mid-copy.
 
+The tree manages device pages ``0 .. num_pages - 1`` (default: all of them); a
+larger device array may hold pages the cache never touches.
+
+Copy timing: every device <-> host copy is timed (blocking until it is done)
+into ``host.stats``; disk reads and writes are timed by the store.
+
 Threads: the cache's methods must be called from one thread.  The only
 background work is ``prefetch``: a ``threading.Thread`` reads L3 entries into
 host slots reserved up front.  Reserved slots are not L2 entries until
@@ -34,11 +40,13 @@ keeping those the tree adopts and freeing the others.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
 import numpy as np
 
 from kvjax.cache.paged import PagedCache
@@ -75,12 +83,16 @@ class TierMatch:
 @dataclass
 class TierStats:
     lookups: int = 0
+    evictions: int = 0  # L1 eviction rounds
+    evicted_blocks: int = 0  # blocks that left L1 (to L2, to L3 or dropped)
     hit_tokens: dict[str, int] = field(default_factory=lambda: {L1: 0, L2: 0, L3: 0})
     demoted_to_l2: int = 0  # blocks L1 -> L2
     spilled_to_l3: int = 0  # blocks written to L3 on leaving L2 (or L1 when L2 had no room)
     dropped: int = 0  # blocks that left L1/L2 with no lower tier to take them
     promoted: dict[str, int] = field(default_factory=lambda: {L2: 0, L3: 0})
     promote_misses: int = 0  # L3 entries that failed to read at promote time
+    prefetched: int = 0  # blocks read L3 -> L2 by finished prefetches
+    prefetch_read_s: float = 0.0  # seconds those reads took (in the background thread)
 
 
 class Prefetch:
@@ -89,6 +101,7 @@ class Prefetch:
     def __init__(self, entries: list[tuple[str, int]]) -> None:
         self.entries = entries  # (key, reserved host slot), in prefix order
         self.loaded: dict[str, bool] = {}  # written by the worker thread only
+        self.read_s = 0.0  # the worker's reading time (written by the worker thread only)
         self.thread: threading.Thread | None = None
         self.finished = False
 
@@ -100,7 +113,11 @@ class TieredPrefixCache:
     """Prefix cache over device pages with host and disk tiers below it."""
 
     def __init__(self, cache: PagedCache, host: HostPool, disk: DiskStore | None = None, *,
-                 namespace: str, vocab_size: int | None = None) -> None:
+                 namespace: str, vocab_size: int | None = None,
+                 num_pages: int | None = None) -> None:
+        num_pages = cache.num_pages if num_pages is None else num_pages
+        if isinstance(num_pages, bool) or not 1 <= num_pages <= cache.num_pages:
+            raise ValueError(f"num_pages must be in [1, {cache.num_pages}], got {num_pages!r}")
         if host.slot_shape != (cache.k_pages.shape[0], *cache.k_pages.shape[2:]):
             raise ValueError(f"host slots {host.slot_shape} do not match the device pages")
         if host.dtype != cache.k_pages.dtype:
@@ -110,8 +127,9 @@ class TieredPrefixCache:
         self.disk = disk
         self.namespace = namespace
         self.block_size = cache.page_size
+        self.num_pages = int(num_pages)
         self.tree = RadixTree(self.block_size, vocab_size=vocab_size, on_evict=self._on_evict)
-        self._free: deque[int] = deque(range(cache.num_pages))
+        self._free: deque[int] = deque(range(self.num_pages))
         self._page_key: dict[int, str] = {}  # tree-owned page -> key
         self._l2: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recent first
         self._inflight: dict[str, int] = {}  # key -> slot reserved by a running prefetch
@@ -149,6 +167,23 @@ class TieredPrefixCache:
     def num_free_pages(self) -> int:
         return len(self._free)
 
+    # ------------------------------------------------------------------ copies
+    def _to_host(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Timed device -> host copy of ``pages``: ``(k, v)`` ``[n, L, S, K, D]``."""
+        t0 = time.perf_counter()
+        k, v = demote(self.cache, pages)
+        self.host.stats.seconds_to_host += time.perf_counter() - t0
+        self.host.stats.bytes_to_host += k.nbytes + v.nbytes
+        return k, v
+
+    def _to_device(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
+        """Timed host -> device copy into ``pages`` (blocks until written; donates the pool)."""
+        t0 = time.perf_counter()
+        self.cache = promote(self.cache, pages, k, v)
+        jax.block_until_ready((self.cache.k_pages, self.cache.v_pages))
+        self.host.stats.seconds_to_device += time.perf_counter() - t0
+        self.host.stats.bytes_to_device += k.nbytes + v.nbytes
+
     # ------------------------------------------------------------------ eviction
     def _to_l3(self, keys: Sequence[str], k: np.ndarray, v: np.ndarray) -> None:
         for i, key in enumerate(keys):
@@ -174,7 +209,9 @@ class TieredPrefixCache:
     def _on_evict(self, pages: list[int]) -> None:
         """Tree eviction: write the pages' data back to L2 (spilling L2 to L3), free them."""
         keys = [self._page_key.pop(p) for p in pages]
-        k, v = demote(self.cache, pages)
+        self.stats.evictions += 1
+        self.stats.evicted_blocks += len(pages)
+        k, v = self._to_host(pages)
         # Pages come tail first.  If L2 cannot take them all it keeps the last ones
         # (nearest the root: a tail block is unreachable without its prefix), and
         # they enter L2's LRU order after the tails, which therefore spill first.
@@ -208,7 +245,7 @@ class TieredPrefixCache:
         """Return pages from ``allocate_pages`` that were not handed to ``insert``."""
         ids = [int(p) for p in pages]
         if len(set(ids)) != len(ids) or any(
-                p in self._page_key or p in self._free or not 0 <= p < self.cache.num_pages
+                p in self._page_key or p in self._free or not 0 <= p < self.num_pages
                 for p in ids):
             raise ValueError(f"pages {ids} are not all allocated and outside the tree")
         self._free.extend(ids)
@@ -247,8 +284,11 @@ class TieredPrefixCache:
         self._free.extend(leftover)
         return new
 
-    def match(self, token_ids: Any) -> TierMatch:
-        """Longest block-aligned prefix held in any tier: L1 tree, then L2, then L3."""
+    def find(self, token_ids: Any) -> TierMatch:
+        """Longest block-aligned prefix held in any tier: L1 tree, then L2, then L3.
+
+        Touches the LRU order of the L1 path and of the L2 entries found; counts nothing.
+        """
         q = as_token_array(token_ids, self.tree.vocab_size)
         bs = self.block_size
         l1, node, pages = self.tree.match_prefix(q)
@@ -262,11 +302,16 @@ class TieredPrefixCache:
                 lower.append((key, L3))
             else:
                 break
-        self.stats.lookups += 1
-        self.stats.hit_tokens[L1] += l1
-        for _, tier in lower:
-            self.stats.hit_tokens[tier] += bs
         return TierMatch(q, node, l1, pages, lower, bs)
+
+    def match(self, token_ids: Any) -> TierMatch:
+        """``find``, counted in ``stats`` as a lookup with its per-tier hits."""
+        m = self.find(token_ids)
+        self.stats.lookups += 1
+        self.stats.hit_tokens[L1] += m.l1_tokens
+        for _, tier in m.lower:
+            self.stats.hit_tokens[tier] += self.block_size
+        return m
 
     def promote(self, match: TierMatch) -> tuple[int, RadixNode, list[int]]:
         """Bring ``match``'s L2/L3 blocks into L1; ``(length, node, pages)`` like ``match_prefix``.
@@ -300,7 +345,7 @@ class TieredPrefixCache:
                 return match.l1_tokens, node, list(match.l1_pages)
             # Data is in private arrays now: evictions below cannot take it away.
             new_pages = self.allocate_pages(n)
-            self.cache = promote(self.cache, new_pages, np.stack(ks[:n]), np.stack(vs[:n]))
+            self._to_device(new_pages, np.stack(ks[:n]), np.stack(vs[:n]))
             end = match.l1_tokens + n * self.block_size
             self.insert(match.tokens[:end], self.tree.path_blocks(node) + new_pages)
         finally:
@@ -319,7 +364,7 @@ class TieredPrefixCache:
         ``num_slots`` blocks, prefix first.  The read runs in a thread (or
         inline without ``background``); call ``finish_prefetch`` to publish it.
         """
-        m = self.match(token_ids)
+        m = self.find(token_ids)
         want: list[str] = []
         for key, tier in m.lower:
             if tier == L3 and key not in self._inflight:
@@ -330,7 +375,7 @@ class TieredPrefixCache:
         slots = self.host.allocate(len(want))
         job = Prefetch(list(zip(want, slots, strict=True)))
         self._inflight.update(job.entries)
-        if background:
+        if background and job.entries:
             job.thread = threading.Thread(target=self._prefetch_worker, args=(job,),
                                           daemon=True, name="kvjax-l3-prefetch")
             job.thread.start()
@@ -340,11 +385,13 @@ class TieredPrefixCache:
 
     def _prefetch_worker(self, job: Prefetch) -> None:
         """Runs off the caller's thread: touches only the job and its reserved slots."""
+        t0 = time.perf_counter()
         for key, slot in job.entries:
             got = self.disk.get(key) if self.disk is not None else None
             if got is not None:
                 self.host.store([slot], got[0][None], got[1][None])
             job.loaded[key] = got is not None
+        job.read_s = time.perf_counter() - t0
 
     def finish_prefetch(self, job: Prefetch, timeout: float | None = None) -> int:
         """Wait for ``job`` and publish its blocks as L2 entries; return how many.
@@ -369,6 +416,8 @@ class TieredPrefixCache:
             else:
                 self.host.free([slot])
         job.finished = True
+        self.stats.prefetched += published
+        self.stats.prefetch_read_s += job.read_s
         return published
 
     # ------------------------------------------------------------------ checks

@@ -5,7 +5,9 @@ A slot holds one device page of every layer, K and V: arrays
 ``ml_dtypes``).  ``demote``/``promote`` move pages between a
 :class:`~kvjax.cache.paged.PagedCache` (``[L, P, S, K, D]``) and host arrays
 ``[n, L, S, K, D]``; ``HostPool.save_pages``/``restore_pages`` do the same
-through the pool's slots and time every copy for the bandwidth stats.
+through the pool's slots and time every copy for the bandwidth stats.  Page counts
+are padded to a power of two inside the copies (repeating the first page), so a run
+that moves many different numbers of pages compiles a handful of copy programs.
 """
 
 from __future__ import annotations
@@ -59,13 +61,23 @@ def _ids(page_ids: Iterable[Any]) -> np.ndarray:
     return np.asarray(list(page_ids), dtype=np.int32).reshape(-1)
 
 
+def _padded(x: np.ndarray) -> np.ndarray:
+    """``x`` (non-empty) with its first entry repeated up to a power-of-two length."""
+    n = 1 << (len(x) - 1).bit_length()
+    return np.concatenate([x, np.repeat(x[:1], n - len(x), axis=0)]) if n > len(x) else x
+
+
 def demote(pages: PagedCache, page_ids: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Host copies ``(k, v)`` ``[n, L, S, K, D]`` of device pages ``page_ids`` (blocking)."""
     ids = _ids(page_ids)
     if ids.size and (ids.min() < 0 or ids.max() >= pages.num_pages):
         raise ValueError(f"page ids {ids.tolist()} out of range [0, {pages.num_pages})")
-    k, v = jax.device_get((_gather(pages.k_pages, ids), _gather(pages.v_pages, ids)))
-    return np.asarray(k), np.asarray(v)
+    if not ids.size:
+        shape = (0, *pages.k_pages.shape[:1], *pages.k_pages.shape[2:])
+        return np.zeros(shape, pages.k_pages.dtype), np.zeros(shape, pages.v_pages.dtype)
+    padded = jnp.asarray(_padded(ids))
+    k, v = jax.device_get((_gather(pages.k_pages, padded), _gather(pages.v_pages, padded)))
+    return np.asarray(k)[: len(ids)], np.asarray(v)[: len(ids)]
 
 
 @jax.jit
@@ -99,7 +111,9 @@ def promote(pages: PagedCache, page_ids: Iterable[Any], k: np.ndarray,
         raise ValueError(f"page ids {ids.tolist()} out of range [0, {pages.num_pages})")
     if not len(ids):
         return pages
-    new_k, new_v = _scatter(pages.k_pages, pages.v_pages, jnp.asarray(ids), k, v)
+    # Padding repeats the first (page, data) pair: a duplicate write of equal values.
+    new_k, new_v = _scatter(pages.k_pages, pages.v_pages, jnp.asarray(_padded(ids)),
+                            _padded(k), _padded(v))
     return dataclasses.replace(pages, k_pages=new_k, v_pages=new_v)
 
 
