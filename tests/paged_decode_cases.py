@@ -47,7 +47,7 @@ def random_case(seed: int) -> tuple[Any, ...]:
     group = int(rng.choice([1, 2, 3, 4, 5, 8, 16]))
     head_dim = int(rng.choice([64, 128]))
     page_size = int(rng.choice([8, 16, 32, 64, 128]))
-    max_blocks = int(rng.integers(1, max(2, 512 // page_size) + 1))
+    max_blocks = int(rng.integers(1, max(2, 256 // page_size) + 1))
     dtype = (F32, BF16, F16)[int(rng.integers(3))]
     capacity = max_blocks * page_size
     lengths = [int(x) for x in rng.integers(0, capacity + 1, batch)]
@@ -55,7 +55,7 @@ def random_case(seed: int) -> tuple[Any, ...]:
     lengths[special[0]] = int(rng.choice([0, 1, capacity]))
     if batch > 1:
         lengths[special[1]] = int(min(capacity, 2 * int(rng.integers(0, capacity // 2 + 1)) + 1))
-    num_splits = int(rng.integers(1, max_blocks + 2))
+    num_splits = int(rng.integers(1, min(max_blocks, 4) + 2))  # may exceed the columns
     pages_per_block = int(rng.choice([1, 2, 4, 8]))
     return (batch, kv_heads, group, head_dim, page_size, max_blocks, dtype, num_splits,
             pages_per_block, lengths)
@@ -114,18 +114,24 @@ def close(got: jax.Array | np.ndarray, want: jax.Array | np.ndarray, tol: float)
                                atol=tol, rtol=tol)
 
 
-def check_against_references(args: tuple[jax.Array, ...], out: jax.Array, tol: float) -> None:
-    """``out`` = the decode attention of ``args`` by all three references, no NaN, zero
-    rows for empty sequences."""
-    q, k, v, tables, lengths = args
+def check_output(args: tuple[jax.Array, ...], out: jax.Array, tol: float) -> None:
+    """``out`` = the float64 NumPy decode attention of ``args``; shape and dtype of q,
+    no NaN, zero rows for empty sequences."""
+    q, _, _, _, lengths = args
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not np.isnan(np.asarray(out, np.float32)).any()
     close(out, numpy_reference(*args), tol)
+    empty = np.asarray(lengths) == 0
+    assert not np.asarray(out, np.float32)[empty].any()
+
+
+def check_against_references(args: tuple[jax.Array, ...], out: jax.Array, tol: float) -> None:
+    """``check_output`` and agreement with both jnp references."""
+    q, k, v, tables, lengths = args
+    check_output(args, out, tol)
     close(out, paged_decode_attention_reference(*args), tol)
     kvjax_ref = _kvjax_reference(q[:, None], k, v, tables, (lengths - 1)[:, None])
     close(out, kvjax_ref[:, 0], tol)
-    empty = np.asarray(lengths) == 0
-    assert not np.asarray(out, np.float32)[empty].any()
 
 
 def good_arguments() -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""The Triton program of the paged decode kernel (imports ``triton``: load it lazily).
+
+One program per ``(sequence, kv_head, split)``, the same decomposition as the Pallas
+kernel in ``pallas_kernels.paged_decode``: the program holds the KV group's query heads
+as ``ROWS`` rows (zero-padded to a power of two >= 16 for ``tl.dot``), walks table
+columns ``[split * PAGES_PER_SPLIT, ...)`` of its sequence up to the sequence's last
+page, ``PAGES_PER_BLOCK`` pages (``PAGES_PER_BLOCK * PAGE_SIZE`` tokens, one gathered
+``[tokens, HEAD_DIM]`` tile) per online-softmax step, and writes its unnormalised
+partial ``(o, m, den)`` for ``pallas_kernels.paged_decode.combine_splits``.
+
+Launched by ``pallas_kernels.triton_paged_decode`` through jax-triton, whose calling
+convention this follows: array and scalar arguments in order, then the outputs, then
+the ``tl.constexpr`` meta-parameters by name. All arrays are dense row-major, so the
+strides follow from the constexpr shapes; ``layer_offset`` (elements) selects the layer
+of a layer-stacked pool without copying it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from pallas_kernels.paged_decode import MASKED as _MASKED_VALUE
+
+MASKED = tl.constexpr(_MASKED_VALUE)
+# Triton's interpreter multiplies bfloat16 tiles as their raw 16-bit integers, so under
+# the interpreter (CPU tests) 16-bit dot operands are upcast to float32 first.
+UPCAST_DOTS = tl.constexpr(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def paged_decode_kernel(
+    q_ptr: tl.tensor,  # [B, H, D], H = KV_HEADS * GROUP
+    k_ptr: tl.tensor,  # [(L,) P, PAGE_SIZE, KV_HEADS, HEAD_DIM]
+    v_ptr: tl.tensor,  # same as k_ptr
+    table_ptr: tl.tensor,  # int32 [B, MAX_BLOCKS]; entries outside [0, num_pages) are missing pages
+    length_ptr: tl.tensor,  # int32 [B]
+    layer_offset: tl.tensor,  # int: elements from the pool's start to the layer read
+    num_pages: tl.tensor,  # int: P
+    o_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP, HEAD_DIM]
+    m_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP]
+    den_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP]
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PAGES_PER_SPLIT: tl.constexpr,
+    PAGES_PER_BLOCK: tl.constexpr,
+    SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+) -> None:
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    BLOCK_N: tl.constexpr = PAGES_PER_BLOCK * PAGE_SIZE
+    rows = tl.arange(0, ROWS)
+    dims = tl.arange(0, HEAD_DIM)
+    tok = tl.arange(0, BLOCK_N)
+    real_row = rows < GROUP
+
+    q_rows = (seq.to(tl.int64) * KV_HEADS + head) * GROUP + rows  # [ROWS]
+    q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=real_row[:, None],
+                other=0.0)
+    if UPCAST_DOTS:
+        q = q.to(tl.float32)
+
+    length = tl.load(length_ptr + seq)
+    length = tl.minimum(tl.maximum(length, 0), MAX_BLOCKS * PAGE_SIZE)
+    first = split * PAGES_PER_SPLIT
+    stop = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(length, PAGE_SIZE))
+    slot = tok % PAGE_SIZE
+    in_page = slot * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM  # [BLOCK_N]
+
+    o = tl.zeros((ROWS, HEAD_DIM), tl.float32)
+    m = tl.full((ROWS,), MASKED, tl.float32)
+    den = tl.zeros((ROWS,), tl.float32)
+    for start in range(first, stop, PAGES_PER_BLOCK):
+        col = start + tok // PAGE_SIZE  # [BLOCK_N] table column of each token
+        entry = tl.load(table_ptr + seq * MAX_BLOCKS + col, mask=col < stop, other=-1)
+        valid = (col * PAGE_SIZE + slot < length) & (entry >= 0) & (entry < num_pages)
+        token_off = layer_offset + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
+        kv_off = (token_off + in_page)[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        if UPCAST_DOTS:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * SCALE  # [ROWS, BLOCK_N]
+        s = tl.where(valid[None, :], s, MASKED)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)  # m, m_new finite
+        p = tl.where(valid[None, :], tl.exp(s - m_new[:, None]), 0.0)
+        den = den * alpha + tl.sum(p, 1)
+        o = o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    out_rows = ((seq.to(tl.int64) * KV_HEADS + head) * NUM_SPLITS + split) * GROUP + rows
+    tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=real_row[:, None])
+    tl.store(m_ptr + out_rows, m, mask=real_row)
+    tl.store(den_ptr + out_rows, den, mask=real_row)

@@ -1,0 +1,180 @@
+"""PagedAttention decode as a Triton kernel, called from JAX through jax-triton.
+
+The same algorithm and contract as ``pallas_kernels.paged_decode`` (token-major pages
+``[P, S, K, D]``, one query token per sequence, all query heads of a KV group per
+program, FlashDecoding split-K merged by the shared ``combine_splits``, lengths masking,
+missing pages and empty sequences give zeros, the same ``check_paged_args``), written
+directly in Triton (``pallas_kernels.triton_decode_kernel``) instead of through Pallas's
+Triton lowering, which is deprecated as of JAX 0.11. Differences in the program: each
+online-softmax step gathers ``pages_per_block`` pages into one ``[tokens, D]`` tile and
+scores it with one ``tl.dot`` (so ``pages_per_block`` is a power of two and a step
+holds >= 16 tokens), and a layer-stacked pool is read in place through an element
+offset passed as a scalar.
+
+``decode_launch`` is a pure function from shapes and tunables to the launch (grid,
+scalar arguments, constexpr meta-parameters, warps, stages, output shapes); the
+jax-triton call here and the Triton-interpreter tests both launch from it. ``triton``
+and ``jax_triton`` are imported only when the kernel runs, so this module imports
+anywhere; ``triton_unavailable_reason`` tells whether the kernel can run here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.paged_decode import auto_num_splits, check_paged_args, combine_splits
+
+MIN_BLOCK_TOKENS = 16  # tl.dot needs >= 16 along each dimension of its tiles
+MAX_TILE_BYTES = 32 * 1024  # default step: one K (and one V) tile of at most this size
+WARPS = (1, 2, 4, 8, 16)
+
+
+def _is_power_of_two(x: object) -> bool:
+    return isinstance(x, int) and x >= 1 and x & (x - 1) == 0
+
+
+def default_pages_per_block(page_size: int, head_dim: int, itemsize: int) -> int:
+    """Pages per step for a K tile of at most 128 tokens and ``MAX_TILE_BYTES`` (so K and
+    V tiles of 3 pipeline stages fit in an H100's shared memory), and >= 16 tokens."""
+    tokens = min(128, MAX_TILE_BYTES // (head_dim * itemsize))
+    return max(tokens, MIN_BLOCK_TOKENS) // page_size or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunch:
+    """One launch of ``paged_decode_kernel``, everything but the arrays.
+
+    The kernel takes (q, k_pages, v_pages, block_tables, lengths, *scalars) then the
+    outputs (o, m, den: float32 arrays of ``partial_shapes``), then ``meta`` by name.
+    """
+
+    grid: tuple[int, int, int]  # (batch, kv_heads, num_splits)
+    scalars: tuple[int, int]  # (layer_offset in elements, num_pages)
+    meta: tuple[tuple[str, int | float | str], ...]  # the tl.constexpr parameters
+    num_warps: int
+    num_stages: int
+    partial_shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+    @property
+    def group(self) -> int:
+        return int(dict(self.meta)["GROUP"])
+
+
+def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
+                  dtype: jnp.dtype, *, layer: int | None, pages_per_block: int | None,
+                  num_splits: int | None, num_warps: int, num_stages: int) -> DecodeLaunch:
+    """The launch for q ``[B, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K, D]``
+    read at ``layer``) with ``max_blocks`` table columns; arguments already passed
+    ``check_paged_args``. ``pages_per_block`` None: ``default_pages_per_block``;
+    ``num_splits`` None: ``auto_num_splits``.
+
+    Raises:
+      ValueError: on a ``pages_per_block`` that is not a power of two, ``num_warps`` not
+        in ``WARPS`` or ``num_stages`` < 1.
+    """
+    batch, heads, head_dim = q_shape
+    num_pages, page_size, kv_heads, _ = pool_shape[-4:]
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(page_size, head_dim,
+                                                  jnp.dtype(dtype).itemsize)
+    if not _is_power_of_two(pages_per_block):
+        raise ValueError(f"pages_per_block must be a power of two for the Triton kernel, "
+                         f"got {pages_per_block!r}")
+    if num_warps not in WARPS:
+        raise ValueError(f"num_warps must be one of {WARPS}, got {num_warps!r}")
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    if num_splits is None:
+        num_splits = auto_num_splits(batch, kv_heads, max_blocks)
+    pages_per_split = -(-max_blocks // num_splits)
+    # A step spans no more than a split (rounded up to a power of two) and >= 16 tokens.
+    pages_per_block = max(min(pages_per_block, 1 << (pages_per_split - 1).bit_length()),
+                          -(-MIN_BLOCK_TOKENS // page_size))
+    pages_per_split = -(-pages_per_split // pages_per_block) * pages_per_block
+    group = heads // kv_heads
+    layer_offset = 0 if layer is None else layer * math.prod(pool_shape[1:])
+    meta = (("GROUP", group), ("ROWS", max(MIN_BLOCK_TOKENS, 1 << (group - 1).bit_length())),
+            ("HEAD_DIM", head_dim), ("PAGE_SIZE", page_size), ("KV_HEADS", kv_heads),
+            ("MAX_BLOCKS", max_blocks), ("NUM_SPLITS", num_splits),
+            ("PAGES_PER_SPLIT", pages_per_split), ("PAGES_PER_BLOCK", pages_per_block),
+            ("SCALE", head_dim ** -0.5),
+            # fp32 pages: exact fp32 products (tl.dot would use TF32); 16-bit: ignored.
+            ("DOT_PRECISION", "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"))
+    stats = (batch, kv_heads, num_splits, group)
+    return DecodeLaunch(grid=(batch, kv_heads, num_splits), scalars=(layer_offset, num_pages),
+                        meta=meta, num_warps=num_warps, num_stages=num_stages,
+                        partial_shapes=((*stats, head_dim), stats, stats))
+
+
+def triton_unavailable_reason() -> str | None:
+    """Why the Triton kernel cannot run in this process, or None when it can: it needs
+    a GPU as JAX's default backend and the ``triton`` and ``jax_triton`` packages."""
+    if jax.default_backend() != "gpu":
+        return f"JAX's default backend is {jax.default_backend()}, not gpu"
+    for package in ("triton", "jax_triton"):
+        try:
+            importlib.import_module(package)
+        except ImportError as err:
+            return f"cannot import {package}: {err}"
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("launch",))
+def _decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+            lengths: jax.Array, *, launch: DecodeLaunch) -> jax.Array:
+    """The kernel through ``jax_triton.triton_call``, then the split combine."""
+    from jax_triton import triton_call
+
+    from pallas_kernels.triton_decode_kernel import paged_decode_kernel
+
+    o, m, den = triton_call(
+        q, k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
+        *launch.scalars, kernel=paged_decode_kernel,
+        out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in launch.partial_shapes],
+        grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        name="kvjax_paged_decode", **dict(launch.meta))
+    return combine_splits(o, m, den, launch.group, q.dtype)
+
+
+def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                                  block_tables: jax.Array, lengths: jax.Array, *,
+                                  pages_per_block: int | None = None,
+                                  num_splits: int | None = None, num_warps: int = 4,
+                                  num_stages: int = 3, layer: int | None = None) -> jax.Array:
+    """Decode attention of one new token per sequence over paged K/V (Triton kernel, GPU).
+
+    Args:
+      q: [B, H, D] queries, bf16/fp16/fp32; head ``h`` uses KV head ``h // (H // K)``.
+      k_pages, v_pages: [P, S, K, D] one layer of the pool, same dtype as ``q``;
+        S in {8, ..., 128}, D in {64, 128, 256}.
+      block_tables: int [B, M]; entries outside [0, P) are missing pages (not attended).
+      lengths: int [B] tokens per sequence, in [0, M * S]; the query attends positions
+        ``[0, length)``; length 0 gives a zero row.
+      pages_per_block: pages per online-softmax step, a power of two (clamped to the
+        split and raised to >= 16 tokens); None: ``default_pages_per_block``.
+      num_splits: FlashDecoding split-K factor over the M table columns; None:
+        ``auto_num_splits`` (about 256 programs, at most 8), as the Pallas kernel.
+      num_warps, num_stages: Triton launch settings.
+      layer: if given, ``k_pages``/``v_pages`` are a layer-stacked ``[L, P, S, K, D]``
+        pool and layer ``layer`` is read in place.
+
+    Returns:
+      [B, H, D] in the dtype of ``q``.
+
+    Raises:
+      ValueError: as ``paged_decode_attention`` (``check_paged_args``) and on Triton
+        launch settings ``decode_launch`` rejects, before launching.
+    """
+    check_paged_args(q, k_pages, v_pages, block_tables, lengths,
+                     1 if pages_per_block is None else pages_per_block,
+                     1 if num_splits is None else num_splits, layer=layer)
+    launch = decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
+                           pages_per_block=pages_per_block, num_splits=num_splits,
+                           num_warps=num_warps, num_stages=num_stages)
+    return _decode(q, k_pages, v_pages, block_tables, lengths, launch=launch)

@@ -1,0 +1,196 @@
+"""Triton paged decode kernel, run by Triton's interpreter on CPU against the references.
+
+jax-triton needs a GPU build of jaxlib, so here ``jax_triton`` is replaced by a module
+whose ``triton_call`` keeps jax-triton's calling convention (arrays and Python scalars
+in order, then the outputs, then the meta-parameters as keywords) and runs the same
+``@triton.jit`` kernel on torch CPU tensors under ``TRITON_INTERPRET=1`` through
+``jax.pure_callback``. Everything else — argument checks, ``decode_launch``, the combine
+— is the code that runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit interprets
+
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from paged_decode_cases import (
+    BAD_ARGUMENTS,
+    BF16,
+    CASES,
+    F32,
+    TOL,
+    check_output,
+    good_arguments,
+    make_inputs,
+    random_case,
+)
+
+triton = pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+
+from pallas_kernels import triton_paged_decode as tpd  # noqa: E402
+from pallas_kernels.triton_decode_kernel import UPCAST_DOTS  # noqa: E402
+
+
+def _to_torch(x: np.ndarray | jax.Array) -> Any:
+    x = np.asarray(x)
+    if x.dtype == jnp.bfloat16:
+        return torch.from_numpy(x.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(x))
+
+
+def _interpreted_triton_call(*args: Any, kernel: Any, out_shape: list[jax.ShapeDtypeStruct],
+                             grid: tuple[int, ...], num_warps: int, num_stages: int,
+                             name: str, **meta: Any) -> list[jax.Array]:
+    """``jax_triton.triton_call`` on the Triton interpreter (host callback)."""
+    del name
+    is_scalar = [isinstance(a, bool | int | float) for a in args]
+    arrays = [a for a, s in zip(args, is_scalar, strict=True) if not s]
+
+    def run(*host: jax.Array) -> tuple[np.ndarray, ...]:
+        it = iter(host)
+        launch_args = [a if s else _to_torch(next(it)) for a, s in zip(args, is_scalar,
+                                                                         strict=True)]
+        outs = [torch.empty(o.shape, dtype=torch.float32) for o in out_shape]
+        kernel[grid](*launch_args, *outs, num_warps=num_warps, num_stages=num_stages, **meta)
+        return tuple(o.numpy() for o in outs)
+
+    return list(jax.pure_callback(run, tuple(out_shape), *arrays))
+
+
+@pytest.fixture(autouse=True)
+def interpreted_jax_triton(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``jax_triton`` -> the interpreter stand-in; numpy >= 2.4 fix for triton 3.6's
+    interpreter (it calls int() on 1-element arrays; triton-lang/triton#9171)."""
+    from triton.runtime import interpreter
+
+    monkeypatch.setitem(sys.modules, "jax_triton",
+                        types.SimpleNamespace(triton_call=_interpreted_triton_call))
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)
+    yield
+
+
+def test_kernel_is_interpreted() -> None:
+    assert UPCAST_DOTS, "TRITON_INTERPRET=1 must be set before triton is imported"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_kernel_matches_references(case: tuple[Any, ...]) -> None:
+    *shape, dtype, num_splits, pages_per_block, lengths = case
+    args = make_inputs(len(lengths) * 1000 + sum(lengths) + 1, *shape, dtype, lengths)
+    out = tpd.triton_paged_decode_attention(*args, pages_per_block=pages_per_block,
+                                            num_splits=num_splits)
+    check_output(args, out, TOL[dtype])
+
+
+def _random(seed: int) -> None:
+    *shape, dtype, num_splits, pages_per_block, lengths = random_case(seed)
+    args = make_inputs(seed, *shape, dtype, lengths)
+    out = tpd.triton_paged_decode_attention(*args, pages_per_block=pages_per_block,
+                                            num_splits=num_splits)
+    check_output(args, out, TOL[dtype])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes(seed: int) -> None:
+    _random(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6, 106))
+def test_random_shapes_sweep(seed: int) -> None:
+    _random(seed)
+
+
+def test_defaults_missing_pages_and_traced_lengths() -> None:
+    """Default tunables; missing pages inside the length; lengths traced by an outer jit."""
+    args = make_inputs(7, 2, 2, 2, 64, 8, 4, F32, [30, 27], holes=True)
+    check_output(args, tpd.triton_paged_decode_attention(*args), 1e-5)
+    run = jax.jit(lambda *a: tpd.triton_paged_decode_attention(*a, num_splits=2))
+    check_output(args, run(*args), 1e-5)
+
+
+def test_layer_of_stacked_pool_read_in_place() -> None:
+    """``layer=l`` on a stacked [L, P, S, K, D] pool equals the kernel on pool[l]."""
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.standard_normal((2, 4, 64)), BF16)
+    pools = jnp.asarray(rng.standard_normal((2, 3, 5, 16, 2, 64)), BF16)  # k/v, L=3
+    tables = jnp.asarray(rng.permutation(5)[:4].reshape(2, 2), jnp.int32)
+    lengths = jnp.asarray([9, 32], jnp.int32)
+    for layer in range(3):
+        stacked = tpd.triton_paged_decode_attention(q, pools[0], pools[1], tables, lengths,
+                                                    layer=layer)
+        single = tpd.triton_paged_decode_attention(q, pools[0, layer], pools[1, layer],
+                                                   tables, lengths)
+        np.testing.assert_array_equal(np.asarray(stacked, np.float32),
+                                      np.asarray(single, np.float32))
+        check_output((q, pools[0, layer], pools[1, layer], tables, lengths),
+                     stacked, 1e-2)
+    with pytest.raises(ValueError, match="layer must be an int in"):
+        tpd.triton_paged_decode_attention(q, pools[0], pools[1], tables, lengths, layer=3)
+
+
+@pytest.mark.parametrize(("mutate", "message"), [b[1:] for b in BAD_ARGUMENTS],
+                         ids=[b[0] for b in BAD_ARGUMENTS])
+def test_shared_argument_checks(mutate: Callable[[dict[str, Any]], None], message: str) -> None:
+    kwargs = good_arguments()
+    mutate(kwargs)
+    with pytest.raises(ValueError, match=message):
+        tpd.triton_paged_decode_attention(**kwargs)
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"pages_per_block": 3}, "power of two"),
+    ({"num_warps": 3}, "num_warps must be one of"),
+    ({"num_stages": 0}, "num_stages must be"),
+])
+def test_triton_launch_settings_checked(option: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tpd.triton_paged_decode_attention(**good_arguments(), **option)
+
+
+def test_decode_launch() -> None:
+    """Grid, constexprs and scalars of one launch; steps of >= 16 tokens, within a split."""
+    launch = tpd.decode_launch((4, 32, 128), (3, 100, 16, 8, 128), 64, jnp.bfloat16, layer=2,
+                               pages_per_block=None, num_splits=None, num_warps=4,
+                               num_stages=3)
+    meta = dict(launch.meta)
+    assert launch.grid == (4, 8, 8)  # 32 programs -> 8 splits (auto, at most 8)
+    assert launch.scalars == (2 * 100 * 16 * 8 * 128, 100)
+    assert (meta["GROUP"], meta["ROWS"], meta["PAGES_PER_BLOCK"], meta["PAGES_PER_SPLIT"]) == (
+        4, 16, 8, 8)
+    assert meta["DOT_PRECISION"] == "tf32" and meta["SCALE"] == 128 ** -0.5
+    assert launch.partial_shapes == ((4, 8, 8, 4, 128), (4, 8, 8, 4), (4, 8, 8, 4))
+    small = dict(tpd.decode_launch((1, 2, 64), (9, 8, 1, 64), 5, jnp.float32, layer=None,
+                                   pages_per_block=1, num_splits=2, num_warps=4,
+                                   num_stages=2).meta)
+    # 3 columns per split; 1 page of 8 tokens raised to 2 pages; splits rounded to steps
+    assert (small["PAGES_PER_BLOCK"], small["PAGES_PER_SPLIT"], small["ROWS"]) == (2, 4, 16)
+    assert small["DOT_PRECISION"] == "ieee"
+
+
+def test_default_pages_per_block_bounds_the_tile() -> None:
+    for page in (8, 16, 32, 64, 128):
+        for head_dim in (64, 128, 256):
+            for itemsize in (2, 4):
+                ppb = tpd.default_pages_per_block(page, head_dim, itemsize)
+                tokens = ppb * page
+                assert ppb & (ppb - 1) == 0 and 16 <= tokens <= max(128, page)
+                assert tokens * head_dim * itemsize <= max(tpd.MAX_TILE_BYTES,
+                                                           page * head_dim * itemsize)
