@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kvjax.cache.paged import PagedCache
 from kvjax.memory.allocator import OutOfBlocksError
 from kvjax.memory.disk_store import DiskStore
-from kvjax.memory.hicache import L1, L2, L3, Prefetch, TieredPrefixCache
+from kvjax.memory.hicache import L1, L2, L3, WRITE_POLICIES, Prefetch, TieredPrefixCache
 from kvjax.memory.host_pool import HostPool, demote, promote
 from kvjax.memory.radix import RadixNode
 
@@ -31,13 +31,15 @@ def block_data(key: str, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
             rng.standard_normal((L, S, K, D)).astype(DTYPE))
 
 
-def make(tmp_path: Path | None, pages: int, slots: int, ns: str = "m") -> TieredPrefixCache:
+def make(tmp_path: Path | None, pages: int, slots: int, ns: str = "m",
+         policy: str = "write_back") -> TieredPrefixCache:
     cache = PagedCache.init(L, pages, S, K, D, jnp.bfloat16, jnp.zeros((1, 1), jnp.int32))
     rng = np.random.default_rng(99)  # garbage in every page: unwritten data is never zeros
     cache = promote(cache, range(pages), rng.standard_normal((pages, L, S, K, D)).astype(DTYPE),
                     rng.standard_normal((pages, L, S, K, D)).astype(DTYPE))
     disk = DiskStore(tmp_path) if tmp_path is not None else None
-    return TieredPrefixCache(cache, HostPool.like(cache, slots), disk, namespace=ns)
+    return TieredPrefixCache(cache, HostPool.like(cache, slots), disk, namespace=ns,
+                             write_policy=policy)
 
 
 def write(tc: TieredPrefixCache, tokens: list[int]) -> tuple[int, RadixNode]:
@@ -72,7 +74,9 @@ def verify(tc: TieredPrefixCache) -> None:
         k, v = tc.host.load([slot])
         want = block_data(key)
         assert k[0].tobytes() == want[0].tobytes() and v[0].tobytes() == want[1].tobytes()
-        assert tc.residency(key)[0] == L2
+        # write-back: L1 and L2 exclusive; write-through: L2 may back up an L1 block
+        assert tc.residency(key)[0] == L2 or tc.write_policy == "write_through"
+        assert L2 in tc.residency(key)
     if tc.disk is not None:
         for key in tc.disk.stored_keys():
             got = tc.disk.get(key)
@@ -170,21 +174,25 @@ def test_restart_reads_blocks_written_by_another_instance(tmp_path: Path) -> Non
     assert other_model.match(a).length == 0  # namespaces never share blocks
 
 
-@given(st.integers(0, 2**32 - 1), st.booleans())
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.sampled_from(WRITE_POLICIES))
 @settings(max_examples=25, deadline=None)
 def test_random_operations_never_lose_or_garble_blocks(tmp_path_factory: pytest.TempPathFactory,
-                                                       seed: int, with_disk: bool) -> None:
+                                                       seed: int, with_disk: bool,
+                                                       policy: str) -> None:
     rng = np.random.default_rng(seed)
     tc = make(tmp_path_factory.mktemp("l3") if with_disk else None,
-              pages=int(rng.integers(2, 7)), slots=int(rng.integers(0, 4)))
+              pages=int(rng.integers(2, 7)), slots=int(rng.integers(0, 4)), policy=policy)
     locked: list[tuple[RadixNode, list[int], list[str]]] = []
     jobs: list[Prefetch] = []
+    known: set[str] = set()  # every block ever cached
+    damaged: set[str] = set()
     for _ in range(30):
         op = rng.integers(0, 12)
         if op < 5:  # a request: tokens from a tiny vocabulary so prefixes are shared
             tokens = rng.integers(0, 3, int(rng.integers(1, 5)) * S).tolist()
             with contextlib.suppress(OutOfBlocksError):  # everything is locked
                 write(tc, tokens)
+                known.update(tc.keys(tokens))
         elif op < 7:  # lock what a match finds (a running request)
             tokens = rng.integers(0, 3, int(rng.integers(1, 5)) * S).tolist()
             length, node, pages = tc.fetch(tokens)
@@ -203,9 +211,13 @@ def test_random_operations_never_lose_or_garble_blocks(tmp_path_factory: pytest.
             tc.finish_prefetch(jobs.pop(int(rng.integers(0, len(jobs)))))
         elif tc.disk is not None and tc.disk.stored_keys():  # damage a disk entry
             keys = tc.disk.stored_keys()
-            path = tc.disk.path(keys[int(rng.integers(0, len(keys)))])
+            key = keys[int(rng.integers(0, len(keys)))]
+            damaged.add(key)
+            path = tc.disk.path(key)
             path.write_bytes(path.read_bytes()[:-1])
         verify(tc)
+        if with_disk:  # with a disk nothing is ever lost, except behind a damaged file
+            assert all(tc.residency(key) for key in known - damaged)
         for node, pages, keys in locked:  # locked blocks stay in L1, in place, untouched
             assert node.alive and tc.tree.path_blocks(node) == pages
             assert [tc.l1_pages[p] for p in pages] == keys
@@ -302,4 +314,26 @@ def test_prefetch_of_block_that_reached_l1_meanwhile_frees_its_slot(tmp_path: Pa
     path.write_bytes(path.read_bytes()[:-4])
     assert tc.finish_prefetch(tc.prefetch(a, background=False)) == 0
     assert tc.host.num_free == 2 and tc.residency(key) == [L3]
+    verify(tc)
+
+
+def test_write_through_copies_at_insert_and_evicts_without_copying(tmp_path: Path) -> None:
+    tc = make(tmp_path, pages=3, slots=4, policy="write_through")
+    a = [1, 2, 3, 4, 5, 6]
+    write(tc, a)
+    keys = tc.keys(a)
+    assert [tc.residency(k) for k in keys] == [[L1, L2]] * 3  # backed up at insert
+    copied = tc.host.stats.bytes_to_host
+    assert copied == 3 * tc.host.slot_bytes and tc.stats.demoted_to_l2 == 3
+    verify(tc)
+    tc.evict(3)  # the L2 copies become the only ones: nothing moves
+    assert tc.host.stats.bytes_to_host == copied and tc.stats.demoted_to_l2 == 3
+    assert [tc.residency(k) for k in keys] == [[L2]] * 3
+    write(tc, [7, 7, 8, 8])  # 2 more backups: L2 (4 slots) spills A's LRU block to disk
+    assert tc.stats.spilled_to_l3 == 1 and sum(L3 in tc.residency(k) for k in keys) == 1
+    verify(tc)
+    length, _, pages = tc.fetch(a)
+    assert length == 6
+    k, _ = demote(tc.cache, pages)
+    assert [k[i].tobytes() for i in range(3)] == [block_data(x)[0].tobytes() for x in keys]
     verify(tc)

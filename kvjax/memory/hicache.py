@@ -9,11 +9,20 @@ prefix, and lives in:
 * L2: a :class:`~kvjax.memory.host_pool.HostPool` slot (``key -> slot``, LRU);
 * L3: a :class:`~kvjax.memory.disk_store.DiskStore` entry (file per key).
 
-L1 and L2 are exclusive (a block is in at most one of them); L3 is a
-persistent backing store that may also hold blocks of L1/L2.  Data moves:
+L3 is a persistent backing store that may also hold blocks of L1/L2.  Whether L2
+may hold copies of L1 blocks is the write policy (``WRITE_POLICIES``):
 
-* L1 -> L2 (write-back): when the tree evicts blocks, their pages are copied
-  to host slots *before* the pages return to the free list;
+* ``write_back``: L1 and L2 are exclusive (a block is in at most one of them);
+  a block is copied down only when the tree evicts it;
+* ``write_through``: a block entering L1 is copied to an L2 slot at once (as L2
+  room allows, spilling LRU entries), so evicting it later copies nothing; L2
+  keeps that copy while the block is in L1, and an L2 copy of an L1 block that
+  L2 spills is simply freed.
+
+Data moves:
+
+* L1 -> L2: when the tree evicts blocks, the pages without an L2 copy are
+  copied to host slots *before* the pages return to the free list;
 * L2 -> L3: when L2 needs slots, its least recently used entries are written to
   disk (or dropped when there is no enabled disk store);
 * L3/L2 -> L1: ``promote`` copies the blocks a ``match`` found below L1 up into
@@ -57,6 +66,7 @@ from kvjax.memory.host_pool import HostPool, demote, promote
 from kvjax.memory.radix import RadixNode, RadixTree, as_token_array
 
 L1, L2, L3 = "L1", "L2", "L3"
+WRITE_POLICIES = ("write_back", "write_through")
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ class TierStats:
     evictions: int = 0  # L1 eviction rounds
     evicted_blocks: int = 0  # blocks that left L1 (to L2, to L3 or dropped)
     hit_tokens: dict[str, int] = field(default_factory=lambda: {L1: 0, L2: 0, L3: 0})
-    demoted_to_l2: int = 0  # blocks L1 -> L2
+    demoted_to_l2: int = 0  # blocks copied L1 -> L2 (on eviction, or at insert: write-through)
     spilled_to_l3: int = 0  # blocks written to L3 on leaving L2 (or L1 when L2 had no room)
     dropped: int = 0  # blocks that left L1/L2 with no lower tier to take them
     promoted: dict[str, int] = field(default_factory=lambda: {L2: 0, L3: 0})
@@ -114,7 +124,10 @@ class TieredPrefixCache:
 
     def __init__(self, cache: PagedCache, host: HostPool, disk: DiskStore | None = None, *,
                  namespace: str, vocab_size: int | None = None,
-                 num_pages: int | None = None) -> None:
+                 num_pages: int | None = None, write_policy: str = "write_back") -> None:
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got "
+                             f"{write_policy!r}")
         num_pages = cache.num_pages if num_pages is None else num_pages
         if isinstance(num_pages, bool) or not 1 <= num_pages <= cache.num_pages:
             raise ValueError(f"num_pages must be in [1, {cache.num_pages}], got {num_pages!r}")
@@ -128,6 +141,7 @@ class TieredPrefixCache:
         self.namespace = namespace
         self.block_size = cache.page_size
         self.num_pages = int(num_pages)
+        self.write_policy = write_policy
         self.tree = RadixTree(self.block_size, vocab_size=vocab_size, on_evict=self._on_evict)
         self._free: deque[int] = deque(range(self.num_pages))
         self._page_key: dict[int, str] = {}  # tree-owned page -> key
@@ -201,29 +215,45 @@ class TieredPrefixCache:
             victims.append(self._l2.popitem(last=False))
         if not victims:
             return
+        in_l1 = set(self._page_key.values())  # write-through copies: nothing is lost
+        self.host.free([slot for key, slot in victims if key in in_l1])
+        victims = [(key, slot) for key, slot in victims if key not in in_l1]
         keys, slots = [key for key, _ in victims], [slot for _, slot in victims]
         k, v = self.host.load(slots)
         self.host.free(slots)
         self._to_l3(keys, k, v)
+
+    def _into_l2(self, keys: list[str], k: np.ndarray, v: np.ndarray) -> None:
+        """Store blocks as L2 entries (most recent last), spilling LRU entries to make room.
+
+        At most ``num_slots`` minus the slots reserved by prefetches.
+        """
+        self._spill_l2(len(keys) - self.host.num_free)
+        slots = self.host.allocate(len(keys))
+        self.host.store(slots, k, v)
+        for key, slot in zip(keys, slots, strict=True):
+            self._l2[key] = slot
+        self.stats.demoted_to_l2 += len(keys)
 
     def _on_evict(self, pages: list[int]) -> None:
         """Tree eviction: write the pages' data back to L2 (spilling L2 to L3), free them."""
         keys = [self._page_key.pop(p) for p in pages]
         self.stats.evictions += 1
         self.stats.evicted_blocks += len(pages)
-        k, v = self._to_host(pages)
-        # Pages come tail first.  If L2 cannot take them all it keeps the last ones
-        # (nearest the root: a tail block is unreachable without its prefix), and
-        # they enter L2's LRU order after the tails, which therefore spill first.
-        fit = min(len(pages), self.host.num_slots - len(self._inflight))  # not reserved ones
-        cut = len(pages) - fit
-        self._to_l3(keys[:cut], k[:cut], v[:cut])
-        self._spill_l2(fit - self.host.num_free)
-        slots = self.host.allocate(fit)
-        self.host.store(slots, k[cut:], v[cut:])
-        for key, slot in zip(keys[cut:], slots, strict=True):
-            self._l2[key] = slot
-        self.stats.demoted_to_l2 += fit
+        for key in keys:  # L2 copies made at insert (write-through): now the only copy
+            if key in self._l2:
+                self._l2.move_to_end(key)
+        copy = [i for i, key in enumerate(keys) if key not in self._l2]
+        if copy:
+            keys = [keys[i] for i in copy]
+            k, v = self._to_host([pages[i] for i in copy])
+            # Pages come tail first.  If L2 cannot take them all it keeps the last ones
+            # (nearest the root: a tail block is unreachable without its prefix), and
+            # they enter L2's LRU order after the tails, which therefore spill first.
+            fit = min(len(keys), self.host.num_slots - len(self._inflight))  # not reserved
+            cut = len(keys) - fit
+            self._to_l3(keys[:cut], k[:cut], v[:cut])
+            self._into_l2(keys[cut:], k[cut:], v[cut:])
         self._free.extend(pages)
 
     def allocate_pages(self, n: int) -> list[int]:
@@ -276,12 +306,19 @@ class TieredPrefixCache:
         lo, hi = cached // bs, (cached + new) // bs
         for i in range(lo, hi):
             self._page_key[pages[i]] = keys[i]
-            slot = self._l2.pop(keys[i], None)  # keep L1 and L2 exclusive
-            if slot is not None:
-                self.host.free([slot])
+            if self.write_policy == "write_back":  # keep L1 and L2 exclusive
+                slot = self._l2.pop(keys[i], None)
+                if slot is not None:
+                    self.host.free([slot])
         leftover = [p for i, p in enumerate(pages) if not lo <= i < hi
                     and p not in self._page_key and p not in self._free]
         self._free.extend(leftover)
+        if self.write_policy == "write_through":
+            copy = [i for i in range(lo, hi) if keys[i] not in self._l2]
+            copy = copy[: self.host.num_slots - len(self._inflight)]  # prefix first
+            if copy:
+                k, v = self._to_host([pages[i] for i in copy])
+                self._into_l2([keys[i] for i in copy], k, v)
         return new
 
     def find(self, token_ids: Any) -> TierMatch:
@@ -437,7 +474,7 @@ class TieredPrefixCache:
         if len(set(self._page_key.values())) != len(self._page_key):
             fail("a key is in two device pages")
         l1_keys = set(self._page_key.values())
-        if l1_keys & set(self._l2):
+        if self.write_policy == "write_back" and l1_keys & set(self._l2):
             fail("a block is in both L1 and L2")
         for node in self.tree.nodes():
             keys = self.keys(self.tree.path_tokens(node))

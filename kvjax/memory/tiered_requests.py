@@ -48,7 +48,15 @@ import numpy as np
 from kvjax.cache.paged import PagedCache
 from kvjax.memory.allocator import DuplicateSequenceError, OutOfBlocksError, UnknownSequenceError
 from kvjax.memory.disk_store import DiskStore
-from kvjax.memory.hicache import L1, L2, L3, Prefetch, TieredPrefixCache, TierMatch
+from kvjax.memory.hicache import (
+    L1,
+    L2,
+    L3,
+    WRITE_POLICIES,
+    Prefetch,
+    TieredPrefixCache,
+    TierMatch,
+)
 from kvjax.memory.host_pool import HostPool
 from kvjax.memory.prefix_cache import PrefixCacheStats
 from kvjax.memory.radix import RadixNode, as_token_array
@@ -63,6 +71,7 @@ class TierConfig:
     host_blocks: int = 0  # L2: host slots of one block (all layers, K and V); 0 = no L2
     disk_dir: str | None = None  # L3: directory of block files; None = no L3
     namespace: str = "kvjax"  # names the model weights in L3 keys (never share across models)
+    write_policy: str = "write_back"  # L1 -> L2: one of hicache.WRITE_POLICIES
     prefetch: str = "wait_complete"  # one of PREFETCH_POLICIES
     prefetch_timeout_s: float = 0.05  # the ``timeout`` policy's wait per lookup
     prefetch_depth: int = 4  # queued requests whose L3 blocks are read ahead of their lookup
@@ -71,6 +80,9 @@ class TierConfig:
         if isinstance(self.host_blocks, bool) or not isinstance(self.host_blocks, int) or (
                 self.host_blocks < 0):
             raise ValueError(f"host_blocks must be an int >= 0, got {self.host_blocks!r}")
+        if self.write_policy not in WRITE_POLICIES:
+            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got "
+                             f"{self.write_policy!r}")
         if self.prefetch not in PREFETCH_POLICIES:
             raise ValueError(f"prefetch must be one of {PREFETCH_POLICIES}, got "
                              f"{self.prefetch!r}")
@@ -140,7 +152,8 @@ class TieredRequests:
         host = HostPool.like(pool, config.host_blocks)
         disk = DiskStore(config.disk_dir) if config.disk_dir is not None else None
         return cls(TieredPrefixCache(pool, host, disk, namespace=namespace,
-                                     vocab_size=vocab_size, num_pages=num_pages), config)
+                                     vocab_size=vocab_size, num_pages=num_pages,
+                                     write_policy=config.write_policy), config)
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, token_ids: Any) -> int:
