@@ -1,4 +1,4 @@
-"""The ``kvjax`` command line: ``demo``, ``generate``, ``run`` and ``size``."""
+"""The ``kvjax`` command line: ``demo``, ``generate``, ``run``, ``size`` and ``serve-bench``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 from kvjax.analysis.size_cli import register as register_size
 from kvjax.cache.paged import ATTENTION_BACKENDS
 from kvjax.engine.generate import CACHE_KINDS
+from kvjax.engine.serve_bench import register as register_serve_bench
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_run(sub)
     register_size(sub)
+    register_serve_bench(sub)
     return parser
 
 

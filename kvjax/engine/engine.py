@@ -70,7 +70,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +154,7 @@ class StepMetrics:
     new_tokens: int  # tokens sampled
     preempted: int
     admitted: int
+    start: float  # time.perf_counter() when the step began
     duration_s: float
 
     @property
@@ -253,6 +254,11 @@ def _engine_step(model: Decoder, params: Any, tokens: jax.Array, positions: jax.
 
 # The jitted step, for compile-count checks (``step_fn._cache_size()``).
 step_fn = _engine_step
+
+
+def compiled_programs() -> int:
+    """Programs the jitted step has compiled so far (all engines and shapes together)."""
+    return int(cast(Any, _engine_step)._cache_size())
 
 
 def _check_count(name: str, value: object, low: int = 1) -> None:
@@ -676,7 +682,7 @@ class Engine:
             rows=running,
             max_batch=self.max_batch, waiting=len(self._waiting), prefill_tokens=prefill,
             decode_tokens=decode, cached_tokens=cached, shapes=tuple(shapes),
-            new_tokens=len(events), preempted=preempted, admitted=admitted,
+            new_tokens=len(events), preempted=preempted, admitted=admitted, start=t0,
             duration_s=time.perf_counter() - t0))
         return events
 
