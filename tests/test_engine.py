@@ -324,8 +324,8 @@ def test_stop_strings(llama: LoadedModel, cases: list[tuple[list[int], int, list
 def test_token_budget_bounds_every_step(llama: LoadedModel,
                                         cases: list[tuple[list[int], int, list[int]]]) -> None:
     """With ``max_tokens_per_step=10`` no step computes more than 10 tokens (unbounded,
-    four prompts admitted together would take 4 x 8 in the first step), decodes never
-    wait, and outputs are unchanged."""
+    four prompts admitted together would take 4 x 8 in the first step) and at most one
+    chunk row runs a step (its forward is [1, 8]); outputs are unchanged."""
     with pytest.raises(ValueError, match="max_tokens_per_step"):
         _engine(llama, num_blocks=96, max_tokens_per_step=BATCH - 1)
     engine = _engine(llama, num_blocks=96, max_tokens_per_step=10)
@@ -334,8 +334,10 @@ def test_token_budget_bounds_every_step(llama: LoadedModel,
     steps = engine.step_metrics
     assert max(s.computed_tokens for s in steps) == 10
     assert any(s.prefill_tokens and s.decode_tokens for s in steps)
-    # Admission stops when the budget is spent: 5 + 5 of the first two prompts.
-    assert steps[0].admitted == 2 and steps[0].prefill_tokens == 10
+    # One chunk row a step (10 // 8): the first prompt alone, then decodes + a chunk.
+    assert engine.max_chunk_rows == 1
+    assert steps[0].admitted == 1 and steps[0].prefill_tokens == 5
+    assert all(sum(1 for shape in s.shapes if shape[1] > 1) <= 1 for s in steps)
     assert max(s.rows for s in steps) == BATCH
     _assert_pool_empty(engine)
 

@@ -19,7 +19,7 @@ from kvjax.engine.workload import LengthDist, WorkloadConfig, make_workload
 SMALL: dict[str, Any] = {
     "model": {"preset": "tiny", "dtype": "float32", "seed": 3},
     "engine": {"num_blocks": 64, "block_size": 16, "max_batch": 2, "prefill_chunk": 16,
-               "max_tokens_per_step": 16, "prefix_caching": True},
+               "max_tokens_per_step": 32, "prefix_caching": True},
     "workload": {"num_requests": 10, "arrival_rate": 40.0,
                  "prompt_len": {"dist": "uniform", "min": 4, "max": 40},
                  "output_len": {"dist": "fixed", "value": 6},
@@ -134,8 +134,8 @@ def test_serve_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert s["output_tokens_per_s"] == pytest.approx(s["output_tokens"] / s["duration_s"])
     assert 0 < s["ttft_p50_ms"] <= s["ttft_p99_ms"] and 0 < s["itl_p50_ms"] <= s["itl_p99_ms"]
     assert 0 < s["batch_occupancy"] <= 1 and s["steps"] == len(steps)
-    # The budget of 16 tokens and the batch of 2 hold in every step.
-    assert max(int(x["prefill_tokens"]) + int(x["decode_tokens"]) for x in steps) <= 16
+    # The budget of 32 tokens and the batch of 2 hold in every step.
+    assert max(int(x["prefill_tokens"]) + int(x["decode_tokens"]) for x in steps) <= 32
     assert max(int(x["rows"]) for x in steps) == 2
     # Later shared-prefix requests hit the cached prefix (two full blocks of 16).
     hits = [int(r["cached_tokens"]) for r, it in zip(rows, items, strict=True)

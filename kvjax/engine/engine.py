@@ -8,16 +8,18 @@ per-step token budget (``max_tokens_per_step``, shared by all rows):
   planned first, so the budget (at least ``max_batch``) always covers every one;
 * a request still prefilling takes the next chunk of its prompt, at most
   ``prefill_chunk`` tokens and at most what is left of the budget, oldest admission
-  first (chunked prefill); a request the budget does not reach sits this step out.
+  first (chunked prefill), in at most ``max_chunk_rows = max_tokens_per_step // W``
+  rows; a request the budget does not reach sits this step out.
 
 The planned rows then run as at most two jitted forwards over the pool (the cache is
 donated from one to the next, and both are dispatched before the host waits):
 
 * every one-token row in a ``[max_batch, 1]`` slot array (decode);
 * every longer chunk in a ``[R, W]`` slot array, ``R`` a power of two >= the rows
-  (at most ``max_batch``) and ``W = min(prefill_chunk, max_tokens_per_step)``.
-  ``PagedCache.update_and_attend`` writes each chunk into its request's pages and
-  attends causally over all of them.
+  (at most ``max_chunk_rows``) and ``W = min(prefill_chunk, max_tokens_per_step)``,
+  so the chunk forward computes at most the budget's worth of slots, padding
+  included. ``PagedCache.update_and_attend`` writes each chunk into its request's
+  pages and attends causally over all of them.
 
 Unused slots have position -1 (never stored, never attended). The block-table width
 of each forward is a power of two >= 8 (capped by the model context), so a long run
@@ -505,17 +507,29 @@ class Engine:
         state.preemptions += 1
         self._waiting.appendleft(state)
 
+    def _chunk(self, todo: int, left: int, chunk_rows: int) -> int:
+        """Tokens a request with ``todo`` tokens to compute gets this step, ``left`` of
+        the budget and ``chunk_rows`` multi-token rows being planned already."""
+        if todo == 1:
+            return 1
+        if chunk_rows >= self.max_chunk_rows:
+            return 0
+        return min(self.prefill_chunk, todo, left)
+
     def _schedule(self) -> tuple[list[tuple[_State, int]], int, int, int]:
         """Plan and reserve this step; return (rows with their token counts, preempted,
         admitted, tokens the admitted requests took from the prefix cache)."""
         # Decodes first: the budget (>= max_batch) covers all of them; then chunks.
         left = self.max_tokens_per_step - sum(
             1 for s in self._running if s.length - s.computed == 1)
+        chunk_rows = 0
         plan: dict[_State, int] = {}
         for s in self._running:
             todo = s.length - s.computed
-            plan[s] = 1 if todo == 1 else min(self.prefill_chunk, todo, left)
-            left -= plan[s] if todo > 1 else 0
+            plan[s] = self._chunk(todo, left, chunk_rows)
+            if todo > 1:
+                left -= plan[s]
+                chunk_rows += plan[s] > 1
         preempted = 0
         i = 0
         while i < len(self._running):
@@ -533,15 +547,16 @@ class Engine:
                 i += 1
         admitted = cached = 0
         while (not preempted and self._waiting and len(self._running) < self.max_batch
-               and left > 0):
+               and left > 0 and chunk_rows < self.max_chunk_rows):
             state = self._waiting[0]
             before = state.cached
             if not self._admit(state):
                 break
             self._waiting.popleft()
             self._running.append(state)
-            plan[state] = min(self.prefill_chunk, state.length - state.computed, left)
+            plan[state] = self._chunk(state.length - state.computed, left, chunk_rows)
             left -= plan[state]
+            chunk_rows += plan[state] > 1
             admitted += 1
             cached += state.cached - before
         rows = [(s, plan[s]) for s in self._running if plan[s] > 0]
@@ -555,6 +570,12 @@ class Engine:
     def chunk_width(self) -> int:
         """``W`` of the chunk forward's ``[R, W]`` slot array."""
         return min(self.prefill_chunk, self.max_tokens_per_step)
+
+    @property
+    def max_chunk_rows(self) -> int:
+        """Most multi-token rows in one step: their ``[R, W]`` forward computes at most
+        ``max_tokens_per_step`` slots, padding included."""
+        return min(self.max_batch, self.max_tokens_per_step // self.chunk_width)
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, tables: np.ndarray,
              logit_index: np.ndarray, lengths: np.ndarray, seeds: np.ndarray,
@@ -605,8 +626,8 @@ class Engine:
         _check_count("max_tokens", limit)
         tables = sorted({self._table_width(b)
                          for b in range(1, -(-limit // self.block_size) + 1)})
-        most = min(self.max_batch, self.max_tokens_per_step // 2)  # chunks have >= 2 tokens
-        rows = sorted({min(self.max_batch, _pow2(n)) for n in range(1, most + 1)})
+        rows = sorted({min(self.max_batch, _pow2(n))
+                       for n in range(1, self.max_chunk_rows + 1)})
         return [(self.max_batch, 1, t) for t in tables] + [
             (r, self.chunk_width, t) for r in rows for t in tables]
 
