@@ -1,7 +1,7 @@
 """Measured device memory bandwidth and back-to-back timing, shared by experiments and
 benchmarks so every "share of bandwidth" figure uses the same yardstick.
 
-Read bandwidth streams a large bf16 array through a column reduction (each byte read
+Read bandwidth streams a large float32 array through a column reduction (each byte read
 once, almost nothing written); copy bandwidth counts the bytes read plus written by an
 elementwise scale. Calls are queued back to back (no host sync between them) and the
 median over repeats is reported, so host dispatch overlaps device work.
@@ -41,14 +41,14 @@ def time_queued(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
 
 
 def read_bandwidth(mib: int = 4096, *, iters: int = 10, reps: int = 5) -> float:
-    """Bytes per second read by a column sum over a ``mib`` MiB bf16 array."""
-    x = jnp.ones((mib * 2**20 // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a.reshape(-1, 4096).astype(jnp.float32), axis=0))
+    """Bytes per second read by a column sum over a ``mib`` MiB float32 array."""
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    f = jax.jit(lambda a: jnp.sum(a.reshape(-1, 4096), axis=0))
     return x.nbytes / time_queued(f, [(x,)], iters=iters, reps=reps)
 
 
 def copy_bandwidth(mib: int = 4096, *, iters: int = 10, reps: int = 5) -> float:
-    """Bytes per second read plus written by ``a * c`` over a ``mib`` MiB bf16 array."""
-    x = jnp.ones((mib * 2**20 // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * jnp.bfloat16(1.5))
+    """Bytes per second read plus written by ``a * c`` over a ``mib`` MiB float32 array."""
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.5)
     return 2 * x.nbytes / time_queued(f, [(x,)], iters=iters, reps=reps)
