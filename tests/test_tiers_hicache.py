@@ -19,6 +19,7 @@ from kvjax.memory.disk_store import DiskStore
 from kvjax.memory.hicache import L1, L2, L3, WRITE_POLICIES, Prefetch, TieredPrefixCache
 from kvjax.memory.host_pool import HostPool, demote, promote
 from kvjax.memory.radix import RadixNode
+from kvjax.memory.tiered_requests import PREFETCH_POLICIES, TierConfig, TieredRequests
 
 L, S, K, D = 2, 2, 1, 4
 DTYPE = ml_dtypes.bfloat16
@@ -337,3 +338,81 @@ def test_write_through_copies_at_insert_and_evicts_without_copying(tmp_path: Pat
     k, _ = demote(tc.cache, pages)
     assert [k[i].tobytes() for i in range(3)] == [block_data(x)[0].tobytes() for x in keys]
     verify(tc)
+
+
+def _compute(tc: TieredPrefixCache, tokens: list[int], pages: list[int], start: int) -> None:
+    """Write the K/V of ``tokens``' full blocks ``start ..`` into ``pages`` (a request's work)."""
+    keys = tc.keys(tokens)[start:]
+    if keys:
+        data = [block_data(key) for key in keys]
+        tc.cache = promote(tc.cache, pages[start : start + len(keys)],
+                           np.stack([d[0] for d in data]), np.stack([d[1] for d in data]))
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from(PREFETCH_POLICIES),
+       st.sampled_from(WRITE_POLICIES), st.booleans())
+@settings(max_examples=20, deadline=None)
+def test_random_requests_keep_tables_and_tiers_consistent(
+        tmp_path_factory: pytest.TempPathFactory, seed: int, prefetch: str, write: str,
+        with_disk: bool) -> None:
+    """Requests (lookup, decode + commit, release) interleaved with evictions and prefetches
+    over a small pool: every live request's table keeps the right data in place (its
+    locked blocks are never evicted), all pages are accounted for, and with a disk no
+    cached block is ever lost."""
+    rng = np.random.default_rng(seed)
+    tc = make(tmp_path_factory.mktemp("l3") if with_disk else None,
+              pages=int(rng.integers(4, 9)), slots=int(rng.integers(0, 4)), policy=write)
+    reqs = TieredRequests(tc, TierConfig(prefetch=prefetch, prefetch_timeout_s=0.001,
+                                         write_policy=write))
+    live: dict[int, list[int]] = {}  # request -> tokens committed so far
+    known: set[str] = set()
+    next_id = 0
+    for _ in range(40):
+        op = rng.integers(0, 10)
+        if op < 4:  # a new request, its prompt's reads maybe prefetched first
+            tokens = rng.integers(0, 3, int(rng.integers(1, 5)) * S + int(rng.integers(0, S)))
+            if rng.integers(0, 2):
+                reqs.prefetch(tokens)
+            try:
+                reused, suffix = reqs.lookup(next_id, tokens, int(rng.integers(0, 2 * S)))
+            except OutOfBlocksError:
+                continue
+            assert len(reused) * S + len(suffix) == len(tokens) and len(suffix) > 0
+            table = reqs.block_table(next_id)
+            assert table[: len(reused)] == reused
+            _compute(tc, tokens.tolist(), table, len(reused))
+            reqs.commit(next_id, tokens)
+            live[next_id] = tokens.tolist()
+            next_id += 1
+        elif op < 6 and live:  # decode: new tokens up to the reserved slots, committed
+            rid = list(live)[int(rng.integers(0, len(live)))]
+            room = len(reqs.block_table(rid)) * S - len(live[rid])
+            grown = live[rid] + rng.integers(0, 3, int(rng.integers(0, room + 1))).tolist()
+            _compute(tc, grown, reqs.block_table(rid), len(live[rid]) // S)
+            reqs.commit(rid, grown)
+            live[rid] = grown
+        elif op < 8 and live:
+            rid = list(live)[int(rng.integers(0, len(live)))]
+            known.update(tc.keys(live.pop(rid)))
+            reqs.release(rid)
+        elif op < 9:
+            reqs.evict(int(rng.integers(0, 4)))
+        else:
+            reqs.prefetch(rng.integers(0, 3, int(rng.integers(1, 5)) * S))
+        reqs.check_invariants()
+        verify(tc)
+        for rid, tokens in live.items():  # committed blocks: locked, in place, intact
+            keys = tc.keys(tokens)
+            pages = reqs.block_table(rid)[: len(keys)]
+            assert [tc.l1_pages.get(p) for p in pages] == keys
+            if keys:
+                k, _ = demote(tc.cache, pages)
+                assert [k[i].tobytes() for i in range(len(keys))] == [
+                    block_data(key)[0].tobytes() for key in keys]
+        if with_disk:
+            assert all(tc.residency(key) for key in known)
+    reqs.drain()
+    for rid in list(live):
+        reqs.release(rid)
+    reqs.check_invariants()
+    assert tc.num_free_pages + tc.tree.total_blocks == tc.num_pages

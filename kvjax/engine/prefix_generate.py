@@ -314,15 +314,16 @@ class PrefixCachedGenerator:
             assert self.allocator is not None
             self.allocator.free_sequence(live.rid)
 
-    def _prefetch(self, pending: deque[int], prompts: list[list[int]], started: set[int]
-                  ) -> None:
-        """With tiers: start the disk reads of the next ``prefetch_depth`` queued requests."""
+    def _prefetch(self, pending: deque[int], prompts: list[list[int]]) -> None:
+        """With tiers: start the disk reads of the next ``prefetch_depth`` queued requests.
+
+        Blocks already in L2 or being read are skipped, so a request seen again (its
+        reads did not all fit in L2 last time) only reads what is still missing.
+        """
         if not isinstance(self.cache, TieredRequests) or self.tiers is None:
             return
         for i in list(pending)[: self.tiers.prefetch_depth]:
-            if i not in started:
-                started.add(i)
-                self.cache.prefetch(prompts[i])
+            self.cache.prefetch(prompts[i])
 
     def _prefill(self, wave: list[_Live]) -> jax.Array:
         """One jitted step over the wave's suffixes; first-token logits [len(wave), V]."""
@@ -400,7 +401,6 @@ class PrefixCachedGenerator:
         reasons = ["length"] * b
         done: list[_Live] = []
         pending = deque(range(b))
-        prefetched: set[int] = set()
         wave_no = group_no = 0
         try:
             while pending:
@@ -408,7 +408,7 @@ class PrefixCachedGenerator:
                 logits: list[jax.Array] = []
                 try:
                     while pending:
-                        self._prefetch(pending, plist, prefetched)
+                        self._prefetch(pending, plist)
                         wave = self._next_wave(pending, plist, limits, first=not group)
                         if not wave:
                             break

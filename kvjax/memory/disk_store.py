@@ -8,7 +8,8 @@ block key (:mod:`kvjax.memory.block_hash`).  File format, one file per entry::
 The header records the key, dtype, shape and the SHA-256 of ``K bytes + V
 bytes``; a read whose key, sizes or checksum disagree is a *miss* with a
 reason (``missing``, ``truncated``, ``corrupt``, ``checksum``, ``key``,
-``shape``, ``io``), never wrong data.  Files are written to a temp file in the
+``shape``, ``io``), never wrong data; a damaged file is removed, so a later
+``put`` of the block stores it afresh.  Files are written to a temp file in the
 same directory, fsync'ed and ``os.replace``'d into place, so a reader (in this
 or another process) sees either no entry or a complete one.
 
@@ -176,6 +177,8 @@ class DiskStore:
             out = self._decode(key, data)
             if isinstance(out, str):
                 self._miss(out)
+                with contextlib.suppress(OSError):  # a later put may store it afresh
+                    path.unlink()
                 return None
             self.stats.hits += 1
             self.stats.bytes_read += out[0].nbytes + out[1].nbytes
