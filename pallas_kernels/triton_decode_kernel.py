@@ -3,16 +3,17 @@
 One program per ``(sequence, kv_head, split)``, the same decomposition as the Pallas
 kernel in ``pallas_kernels.paged_decode``: the program holds the KV group's query heads
 as ``ROWS`` rows (zero-padded to a power of two >= 16 for ``tl.dot``), walks table
-columns ``[split * PAGES_PER_SPLIT, ...)`` of its sequence up to the sequence's last
-page, ``PAGES_PER_BLOCK`` pages (``PAGES_PER_BLOCK * PAGE_SIZE`` tokens, one gathered
-``[tokens, HEAD_DIM]`` tile) per online-softmax step, and writes its unnormalised
+columns ``[split * PAGES_PER_SPLIT, ...)`` of its sequence up to the sequence's length,
+``BLOCK_TOKENS`` tokens per online-softmax step (one ``[BLOCK_TOKENS, HEAD_DIM]`` tile
+gathered from their pages: several pages, or part of one), and writes its unnormalised
 partial ``(o, m, den)`` for ``pallas_kernels.paged_decode.combine_splits``.
 
 Launched by ``pallas_kernels.triton_paged_decode`` through jax-triton, whose calling
 convention this follows: array and scalar arguments in order, then the outputs, then
 the ``tl.constexpr`` meta-parameters by name. All arrays are dense row-major, so the
-strides follow from the constexpr shapes; ``layer_offset`` (elements) selects the layer
-of a layer-stacked pool without copying it.
+strides follow from the constexpr shapes; the scalar ``layer`` times the constexpr
+``LAYER_STRIDE`` selects the layer of a layer-stacked pool without copying it (a
+constexpr stride keeps the K/V addresses provably aligned, so loads are vectorised).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def paged_decode_kernel(
     v_ptr: tl.tensor,  # same as k_ptr
     table_ptr: tl.tensor,  # int32 [B, MAX_BLOCKS]; entries outside [0, num_pages) are missing pages
     length_ptr: tl.tensor,  # int32 [B]
-    layer_offset: tl.tensor,  # int: elements from the pool's start to the layer read
+    layer: tl.tensor,  # int: layer read (0 for a single-layer pool)
     num_pages: tl.tensor,  # int: P
     o_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP, HEAD_DIM]
     m_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP]
@@ -45,20 +46,20 @@ def paged_decode_kernel(
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     KV_HEADS: tl.constexpr,
+    LAYER_STRIDE: tl.constexpr,  # elements per layer: P * PAGE_SIZE * KV_HEADS * HEAD_DIM
     MAX_BLOCKS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     PAGES_PER_SPLIT: tl.constexpr,
-    PAGES_PER_BLOCK: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> None:
     seq = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
-    BLOCK_N: tl.constexpr = PAGES_PER_BLOCK * PAGE_SIZE
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM)
-    tok = tl.arange(0, BLOCK_N)
+    tok = tl.arange(0, BLOCK_TOKENS)
     real_row = rows < GROUP
 
     q_rows = (seq.to(tl.int64) * KV_HEADS + head) * GROUP + rows  # [ROWS]
@@ -69,26 +70,28 @@ def paged_decode_kernel(
 
     length = tl.load(length_ptr + seq)
     length = tl.minimum(tl.maximum(length, 0), MAX_BLOCKS * PAGE_SIZE)
-    first = split * PAGES_PER_SPLIT
-    stop = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(length, PAGE_SIZE))
-    slot = tok % PAGE_SIZE
-    in_page = slot * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM  # [BLOCK_N]
+    first = split * (PAGES_PER_SPLIT * PAGE_SIZE)  # this split's tokens: [first, stop)
+    stop = tl.minimum(first + PAGES_PER_SPLIT * PAGE_SIZE, length)
+    # layer may arrive as a constexpr (launchers specialise integer arguments equal to 1)
+    layer_off = tl.cast(layer, tl.int64) * LAYER_STRIDE  # constexpr stride: aligned loads
 
     o = tl.zeros((ROWS, HEAD_DIM), tl.float32)
     m = tl.full((ROWS,), MASKED, tl.float32)
     den = tl.zeros((ROWS,), tl.float32)
-    for start in range(first, stop, PAGES_PER_BLOCK):
-        col = start + tok // PAGE_SIZE  # [BLOCK_N] table column of each token
-        entry = tl.load(table_ptr + seq * MAX_BLOCKS + col, mask=col < stop, other=-1)
-        valid = (col * PAGE_SIZE + slot < length) & (entry >= 0) & (entry < num_pages)
-        token_off = layer_offset + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
-        kv_off = (token_off + in_page)[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
+    for start in range(first, stop, BLOCK_TOKENS):
+        pos = start + tok  # [BLOCK_TOKENS] token positions
+        entry = tl.load(table_ptr + seq * MAX_BLOCKS + pos // PAGE_SIZE, mask=pos < stop,
+                        other=-1)
+        valid = (pos < stop) & (entry >= 0) & (entry < num_pages)
+        token_off = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
+                     + (pos % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
+        kv_off = token_off[:, None] + dims[None, :]  # [BLOCK_TOKENS, HEAD_DIM]
         k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
         if UPCAST_DOTS:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * SCALE  # [ROWS, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * SCALE  # [ROWS, tokens]
         s = tl.where(valid[None, :], s, MASKED)
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)  # m, m_new finite

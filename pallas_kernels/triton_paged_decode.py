@@ -5,11 +5,12 @@ The same algorithm and contract as ``pallas_kernels.paged_decode`` (token-major 
 program, FlashDecoding split-K merged by the shared ``combine_splits``, lengths masking,
 missing pages and empty sequences give zeros, the same ``check_paged_args``), written
 directly in Triton (``pallas_kernels.triton_decode_kernel``) instead of through Pallas's
-Triton lowering, which is deprecated as of JAX 0.11. Differences in the program: each
-online-softmax step gathers ``pages_per_block`` pages into one ``[tokens, D]`` tile and
-scores it with one ``tl.dot`` (so ``pages_per_block`` is a power of two and a step
-holds >= 16 tokens), and a layer-stacked pool is read in place through an element
-offset passed as a scalar.
+Triton lowering, which is deprecated as of JAX 0.11. Differences in the program: an
+online-softmax step is ``block_tokens`` tokens (a power of two >= 16, as ``tl.dot``
+needs) gathered from their pages into one ``[block_tokens, D]`` tile and scored with one
+``tl.dot`` — several pages, or part of a page when pages are large — instead of a
+number of whole pages; and a layer-stacked pool is read in place through a layer index
+passed as a scalar.
 
 ``decode_launch`` is a pure function from shapes and tunables to the launch (grid,
 scalar arguments, constexpr meta-parameters, warps, stages, output shapes); the
@@ -32,6 +33,7 @@ from pallas_kernels.paged_decode import auto_num_splits, check_paged_args, combi
 
 MIN_BLOCK_TOKENS = 16  # tl.dot needs >= 16 along each dimension of its tiles
 MAX_TILE_BYTES = 32 * 1024  # default step: one K (and one V) tile of at most this size
+H100_SHARED_BYTES = 232448  # shared memory one program may use on an H100 (227 KiB)
 WARPS = (1, 2, 4, 8, 16)
 
 
@@ -39,11 +41,11 @@ def _is_power_of_two(x: object) -> bool:
     return isinstance(x, int) and x >= 1 and x & (x - 1) == 0
 
 
-def default_pages_per_block(page_size: int, head_dim: int, itemsize: int) -> int:
-    """Pages per step for a K tile of at most 128 tokens and ``MAX_TILE_BYTES`` (so K and
-    V tiles of 3 pipeline stages fit in an H100's shared memory), and >= 16 tokens."""
-    tokens = min(128, MAX_TILE_BYTES // (head_dim * itemsize))
-    return max(tokens, MIN_BLOCK_TOKENS) // page_size or 1
+def default_block_tokens(head_dim: int, itemsize: int) -> int:
+    """Tokens per step: 128, fewer when a ``[tokens, head_dim]`` tile would exceed
+    ``MAX_TILE_BYTES`` (so the K/V tiles of 3 pipeline stages fit an H100's shared
+    memory; checked by compiling for sm_90 in the tests)."""
+    return max(MIN_BLOCK_TOKENS, min(128, MAX_TILE_BYTES // (head_dim * itemsize)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,7 @@ class DecodeLaunch:
     """
 
     grid: tuple[int, int, int]  # (batch, kv_heads, num_splits)
-    scalars: tuple[int, int]  # (layer_offset in elements, num_pages)
+    scalars: tuple[int, int]  # (layer, num_pages)
     meta: tuple[tuple[str, int | float | str], ...]  # the tl.constexpr parameters
     num_warps: int
     num_stages: int
@@ -67,25 +69,24 @@ class DecodeLaunch:
 
 
 def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
-                  dtype: jnp.dtype, *, layer: int | None, pages_per_block: int | None,
+                  dtype: jnp.dtype, *, layer: int | None, block_tokens: int | None,
                   num_splits: int | None, num_warps: int, num_stages: int) -> DecodeLaunch:
     """The launch for q ``[B, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K, D]``
     read at ``layer``) with ``max_blocks`` table columns; arguments already passed
-    ``check_paged_args``. ``pages_per_block`` None: ``default_pages_per_block``;
-    ``num_splits`` None: ``auto_num_splits``.
+    ``check_paged_args``. None picks the default: ``default_block_tokens``,
+    ``auto_num_splits``.
 
     Raises:
-      ValueError: on a ``pages_per_block`` that is not a power of two, ``num_warps`` not
-        in ``WARPS`` or ``num_stages`` < 1.
+      ValueError: on ``block_tokens`` not a power of two >= 16, ``num_warps`` not in
+        ``WARPS`` or ``num_stages`` < 1.
     """
     batch, heads, head_dim = q_shape
     num_pages, page_size, kv_heads, _ = pool_shape[-4:]
-    if pages_per_block is None:
-        pages_per_block = default_pages_per_block(page_size, head_dim,
-                                                  jnp.dtype(dtype).itemsize)
-    if not _is_power_of_two(pages_per_block):
-        raise ValueError(f"pages_per_block must be a power of two for the Triton kernel, "
-                         f"got {pages_per_block!r}")
+    if block_tokens is None:
+        block_tokens = default_block_tokens(head_dim, jnp.dtype(dtype).itemsize)
+    if not _is_power_of_two(block_tokens) or block_tokens < MIN_BLOCK_TOKENS:
+        raise ValueError(f"block_tokens must be a power of two >= {MIN_BLOCK_TOKENS}, "
+                         f"got {block_tokens!r}")
     if num_warps not in WARPS:
         raise ValueError(f"num_warps must be one of {WARPS}, got {num_warps!r}")
     if not isinstance(num_stages, int) or num_stages < 1:
@@ -93,21 +94,20 @@ def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blo
     if num_splits is None:
         num_splits = auto_num_splits(batch, kv_heads, max_blocks)
     pages_per_split = -(-max_blocks // num_splits)
-    # A step spans no more than a split (rounded up to a power of two) and >= 16 tokens.
-    pages_per_block = max(min(pages_per_block, 1 << (pages_per_split - 1).bit_length()),
-                          -(-MIN_BLOCK_TOKENS // page_size))
-    pages_per_split = -(-pages_per_split // pages_per_block) * pages_per_block
+    # A step spans no more than a split's tokens (rounded up to a power of two).
+    split_tokens = 1 << (pages_per_split * page_size - 1).bit_length()
+    block_tokens = max(MIN_BLOCK_TOKENS, min(block_tokens, split_tokens))
     group = heads // kv_heads
-    layer_offset = 0 if layer is None else layer * math.prod(pool_shape[1:])
     meta = (("GROUP", group), ("ROWS", max(MIN_BLOCK_TOKENS, 1 << (group - 1).bit_length())),
             ("HEAD_DIM", head_dim), ("PAGE_SIZE", page_size), ("KV_HEADS", kv_heads),
+            ("LAYER_STRIDE", math.prod(pool_shape[-4:])),
             ("MAX_BLOCKS", max_blocks), ("NUM_SPLITS", num_splits),
-            ("PAGES_PER_SPLIT", pages_per_split), ("PAGES_PER_BLOCK", pages_per_block),
+            ("PAGES_PER_SPLIT", pages_per_split), ("BLOCK_TOKENS", block_tokens),
             ("SCALE", head_dim ** -0.5),
             # fp32 pages: exact fp32 products (tl.dot would use TF32); 16-bit: ignored.
             ("DOT_PRECISION", "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"))
     stats = (batch, kv_heads, num_splits, group)
-    return DecodeLaunch(grid=(batch, kv_heads, num_splits), scalars=(layer_offset, num_pages),
+    return DecodeLaunch(grid=(batch, kv_heads, num_splits), scalars=(layer or 0, num_pages),
                         meta=meta, num_warps=num_warps, num_stages=num_stages,
                         partial_shapes=((*stats, head_dim), stats, stats))
 
@@ -144,7 +144,7 @@ def _decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: 
 
 def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                   block_tables: jax.Array, lengths: jax.Array, *,
-                                  pages_per_block: int | None = None,
+                                  block_tokens: int | None = None,
                                   num_splits: int | None = None, num_warps: int = 4,
                                   num_stages: int = 3, layer: int | None = None) -> jax.Array:
     """Decode attention of one new token per sequence over paged K/V (Triton kernel, GPU).
@@ -156,8 +156,8 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
       block_tables: int [B, M]; entries outside [0, P) are missing pages (not attended).
       lengths: int [B] tokens per sequence, in [0, M * S]; the query attends positions
         ``[0, length)``; length 0 gives a zero row.
-      pages_per_block: pages per online-softmax step, a power of two (clamped to the
-        split and raised to >= 16 tokens); None: ``default_pages_per_block``.
+      block_tokens: tokens per online-softmax step, a power of two >= 16 (clamped to
+        the split); None: ``default_block_tokens`` (128 for 16-bit head_dim <= 128).
       num_splits: FlashDecoding split-K factor over the M table columns; None:
         ``auto_num_splits`` (about 256 programs, at most 8), as the Pallas kernel.
       num_warps, num_stages: Triton launch settings.
@@ -171,10 +171,9 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
       ValueError: as ``paged_decode_attention`` (``check_paged_args``) and on Triton
         launch settings ``decode_launch`` rejects, before launching.
     """
-    check_paged_args(q, k_pages, v_pages, block_tables, lengths,
-                     1 if pages_per_block is None else pages_per_block,
+    check_paged_args(q, k_pages, v_pages, block_tables, lengths, 1,
                      1 if num_splits is None else num_splits, layer=layer)
     launch = decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
-                           pages_per_block=pages_per_block, num_splits=num_splits,
+                           block_tokens=block_tokens, num_splits=num_splits,
                            num_warps=num_warps, num_stages=num_stages)
     return _decode(q, k_pages, v_pages, block_tables, lengths, launch=launch)

@@ -14,9 +14,12 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit interprets
 
+import json
+import subprocess
 import sys
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -92,17 +95,21 @@ def test_kernel_is_interpreted() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_kernel_matches_references(case: tuple[Any, ...]) -> None:
+    """The Pallas kernel's cases; a step of its pages_per_block pages (>= 16 tokens)."""
     *shape, dtype, num_splits, pages_per_block, lengths = case
     args = make_inputs(len(lengths) * 1000 + sum(lengths) + 1, *shape, dtype, lengths)
-    out = tpd.triton_paged_decode_attention(*args, pages_per_block=pages_per_block,
+    block_tokens = max(16, pages_per_block * shape[4])
+    out = tpd.triton_paged_decode_attention(*args, block_tokens=block_tokens,
                                             num_splits=num_splits)
     check_output(args, out, TOL[dtype])
 
 
 def _random(seed: int) -> None:
-    *shape, dtype, num_splits, pages_per_block, lengths = random_case(seed)
+    """A random case; steps of 16..256 tokens, so also parts of a page (pages up to 128)."""
+    *shape, dtype, num_splits, _, lengths = random_case(seed)
     args = make_inputs(seed, *shape, dtype, lengths)
-    out = tpd.triton_paged_decode_attention(*args, pages_per_block=pages_per_block,
+    block_tokens = int(np.random.default_rng(seed).choice([16, 32, 64, 128, 256]))
+    out = tpd.triton_paged_decode_attention(*args, block_tokens=block_tokens,
                                             num_splits=num_splits)
     check_output(args, out, TOL[dtype])
 
@@ -146,8 +153,11 @@ def test_layer_of_stacked_pool_read_in_place() -> None:
         tpd.triton_paged_decode_attention(q, pools[0], pools[1], tables, lengths, layer=3)
 
 
-@pytest.mark.parametrize(("mutate", "message"), [b[1:] for b in BAD_ARGUMENTS],
-                         ids=[b[0] for b in BAD_ARGUMENTS])
+SHARED_BAD = [b for b in BAD_ARGUMENTS if b[0] != "block"]  # no pages_per_block here
+
+
+@pytest.mark.parametrize(("mutate", "message"), [b[1:] for b in SHARED_BAD],
+                         ids=[b[0] for b in SHARED_BAD])
 def test_shared_argument_checks(mutate: Callable[[dict[str, Any]], None], message: str) -> None:
     kwargs = good_arguments()
     mutate(kwargs)
@@ -156,7 +166,8 @@ def test_shared_argument_checks(mutate: Callable[[dict[str, Any]], None], messag
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    ({"pages_per_block": 3}, "power of two"),
+    ({"block_tokens": 48}, "power of two >= 16"),
+    ({"block_tokens": 8}, "power of two >= 16"),
     ({"num_warps": 3}, "num_warps must be one of"),
     ({"num_stages": 0}, "num_stages must be"),
 ])
@@ -166,31 +177,58 @@ def test_triton_launch_settings_checked(option: dict[str, int], message: str) ->
 
 
 def test_decode_launch() -> None:
-    """Grid, constexprs and scalars of one launch; steps of >= 16 tokens, within a split."""
+    """Grid, constexprs and scalars of one launch; steps no longer than a split."""
     launch = tpd.decode_launch((4, 32, 128), (3, 100, 16, 8, 128), 64, jnp.bfloat16, layer=2,
-                               pages_per_block=None, num_splits=None, num_warps=4,
-                               num_stages=3)
+                               block_tokens=None, num_splits=None, num_warps=4, num_stages=3)
     meta = dict(launch.meta)
     assert launch.grid == (4, 8, 8)  # 32 programs -> 8 splits (auto, at most 8)
-    assert launch.scalars == (2 * 100 * 16 * 8 * 128, 100)
-    assert (meta["GROUP"], meta["ROWS"], meta["PAGES_PER_BLOCK"], meta["PAGES_PER_SPLIT"]) == (
-        4, 16, 8, 8)
+    assert launch.scalars == (2, 100) and meta["LAYER_STRIDE"] == 100 * 16 * 8 * 128
+    assert (meta["GROUP"], meta["ROWS"], meta["BLOCK_TOKENS"], meta["PAGES_PER_SPLIT"]) == (
+        4, 16, 128, 8)
     assert meta["DOT_PRECISION"] == "tf32" and meta["SCALE"] == 128 ** -0.5
     assert launch.partial_shapes == ((4, 8, 8, 4, 128), (4, 8, 8, 4), (4, 8, 8, 4))
     small = dict(tpd.decode_launch((1, 2, 64), (9, 8, 1, 64), 5, jnp.float32, layer=None,
-                                   pages_per_block=1, num_splits=2, num_warps=4,
+                                   block_tokens=256, num_splits=2, num_warps=4,
                                    num_stages=2).meta)
-    # 3 columns per split; 1 page of 8 tokens raised to 2 pages; splits rounded to steps
-    assert (small["PAGES_PER_BLOCK"], small["PAGES_PER_SPLIT"], small["ROWS"]) == (2, 4, 16)
+    # 3 columns of 8 tokens per split: steps of 256 tokens cut to 32
+    assert (small["BLOCK_TOKENS"], small["PAGES_PER_SPLIT"], small["ROWS"]) == (32, 3, 16)
     assert small["DOT_PRECISION"] == "ieee"
 
 
-def test_default_pages_per_block_bounds_the_tile() -> None:
-    for page in (8, 16, 32, 64, 128):
-        for head_dim in (64, 128, 256):
-            for itemsize in (2, 4):
-                ppb = tpd.default_pages_per_block(page, head_dim, itemsize)
-                tokens = ppb * page
-                assert ppb & (ppb - 1) == 0 and 16 <= tokens <= max(128, page)
-                assert tokens * head_dim * itemsize <= max(tpd.MAX_TILE_BYTES,
-                                                           page * head_dim * itemsize)
+def test_default_block_tokens_bounds_the_tile() -> None:
+    for head_dim in (64, 128, 256):
+        for itemsize in (2, 4):
+            tokens = tpd.default_block_tokens(head_dim, itemsize)
+            assert tokens & (tokens - 1) == 0 and 16 <= tokens <= 128
+            assert tokens * head_dim * itemsize <= tpd.MAX_TILE_BYTES
+    assert tpd.default_block_tokens(128, 2) == 128
+
+
+def _compile_for_h100(configs: list[list[Any]]) -> list[dict[str, int]]:
+    """Run ``triton_compile_check.py`` (sm_90 compile, no GPU) in a process of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("triton_compile_check.py")
+    done = subprocess.run([sys.executable, str(script), json.dumps(configs)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return list(json.loads(done.stdout))
+
+
+def _assert_fit_h100(configs: list[list[Any]]) -> None:
+    for config, result in zip(configs, _compile_for_h100(configs), strict=True):
+        assert 0 < result["shared"] <= tpd.H100_SHARED_BYTES, (config, result)
+
+
+def test_default_launches_compile_for_h100() -> None:
+    """The benchmark's shape and the largest default tile compile for sm_90 and fit."""
+    # batch, heads, kv_heads, head_dim, page_size, max_blocks, dtype, tokens, warps, stages
+    _assert_fit_h100([[32, 32, 8, 128, 16, 256, "bfloat16", None, 4, 3],
+                      [8, 32, 8, 256, 128, 32, "bfloat16", None, 4, 3]])
+
+
+@pytest.mark.slow
+def test_every_default_launch_compiles_for_h100() -> None:
+    _assert_fit_h100([[4, 4 * group, 4, head_dim, page, 2048 // page, dtype, None, 4, 3]
+                      for dtype in ("bfloat16", "float16", "float32")
+                      for head_dim in (64, 128, 256) for page in (8, 16, 32, 64, 128)
+                      for group in (1, 8)])
