@@ -243,10 +243,11 @@ def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyP
 
     import kvjax.engine.engine as eng
 
-    def fake_step(model, params, tokens, positions, cache, logit_index, sp, seeds, draws, *,
-                  all_greedy):  # type: ignore[no-untyped-def]
-        last = jnp.take_along_axis(positions, logit_index[:, None], axis=1)[:, 0]
-        return (7 + last) % 50, cache
+    def fake_step(model, params, k_pages, v_pages, tokens, positions, tables, lengths,
+                  logit_index, sp, seeds, draws, *, attention, all_greedy
+                  ):  # type: ignore[no-untyped-def]
+        last = np.take_along_axis(positions, logit_index[:, None], axis=1)[:, 0]
+        return jnp.asarray((7 + last) % 50), k_pages, v_pages
 
     monkeypatch.setattr(eng, "_engine_step", fake_step)
     rng = np.random.default_rng(1)

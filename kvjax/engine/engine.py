@@ -74,9 +74,11 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, cast
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from kvjax.cache.paged import PagedCache, check_attention_backend
 from kvjax.engine.generate import GenerationOutput, kv_bytes_per_token, resolve_attention
@@ -229,29 +231,40 @@ class _State:
         return [*prompt[start:], *self.output[: end - n]]
 
 
-@partial(jax.jit, static_argnames=("model", "all_greedy"), donate_argnames=("cache",))
-def _engine_step(model: Decoder, params: Any, tokens: jax.Array, positions: jax.Array,
-                 cache: PagedCache, logit_index: jax.Array, sp: SamplingArrays,
-                 seeds: jax.Array, draws: jax.Array, *, all_greedy: bool
-                 ) -> tuple[jax.Array, PagedCache]:
-    """Forward the slot array [B, W] and sample one token per row: (int32 [B], cache).
+@partial(jax.jit, static_argnames=("model", "attention", "all_greedy"),
+         donate_argnames=("k_pages", "v_pages"))
+def _engine_step(model: Decoder, params: Any, k_pages: jax.Array, v_pages: jax.Array,
+                 tokens: ArrayLike, positions: ArrayLike, tables: ArrayLike, lengths: ArrayLike,
+                 logit_index: ArrayLike, sp: SamplingArrays, seeds: ArrayLike,
+                 draws: ArrayLike, *, attention: str, all_greedy: bool
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Forward the slot array [B, W] over the pool and sample one token per row.
 
-    tokens, positions int32 [B, W] (position -1 = empty slot); logit_index int32 [B];
-    seeds uint32 [B]; draws int32 [B]. Row ``b`` draws with
+    k_pages, v_pages [L, P, S, K, D] (donated); tokens, positions int32 [B, W] (position
+    -1 = empty slot); tables int32 [B, M]; lengths, logit_index int32 [B]; seeds uint32
+    [B]; draws int32 [B]. Host arrays are fine: they are transferred in the call.
+    Returns (sampled ids int32 [B], k_pages, v_pages). Row ``b`` draws with
     ``fold_in(fold_in(key(seeds[b]), 0), draws[b])``.
     """
+    tokens, positions, tables = (jnp.asarray(a, jnp.int32) for a in (tokens, positions, tables))
+    chex.assert_rank([tokens, positions, tables], 2)
+    chex.assert_equal_shape([tokens, positions])
+    chex.assert_shape(tables, (tokens.shape[0], None))
+    cache = PagedCache(k_pages=k_pages, v_pages=v_pages, block_tables=tables,
+                       lengths=jnp.asarray(lengths, jnp.int32), attention=attention)
     out: Any = model.apply({"params": params}, tokens, positions, cache,
-                           logit_index=logit_index)
+                           logit_index=jnp.asarray(logit_index, jnp.int32))
     logits, cache = out
     if all_greedy:
-        return sample(logits, jax.random.key(0), sp, all_greedy=True), cache
+        return sample(logits, jax.random.key(0), sp, all_greedy=True), cache.k_pages, cache.v_pages
 
     def one(row: jax.Array, seed: jax.Array, draw: jax.Array, p: SamplingArrays) -> jax.Array:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), draw)
         p1 = jax.tree.map(lambda a: a[None], p)
         return sample(row[None], key, p1)[0]
 
-    return jax.vmap(one)(logits, seeds, draws, sp), cache
+    nxt = jax.vmap(one)(logits, jnp.asarray(seeds, jnp.uint32), jnp.asarray(draws, jnp.int32), sp)
+    return nxt, cache.k_pages, cache.v_pages
 
 
 # The jitted step, for compile-count checks (``step_fn._cache_size()``).
@@ -331,6 +344,7 @@ class Engine:
         self._k = jnp.zeros(shape, model.dtype)
         self._v = jnp.zeros(shape, model.dtype)
         self._max_table = -(-cfg.max_position_embeddings // block_size)
+        self._greedy: dict[int, SamplingArrays] = {}  # all-greedy sampling arrays by rows
         self._next_id = 0
         self._waiting: deque[_State] = deque()
         self._running: list[_State] = []  # admission order, oldest first
@@ -581,15 +595,18 @@ class Engine:
              logit_index: np.ndarray, lengths: np.ndarray, seeds: np.ndarray,
              draws: np.ndarray, params: list[SamplingParams]) -> jax.Array:
         """Dispatch one forward (the pool donated and replaced); return the sampled ids
-        int32 [rows], not waited for. Arrays as in ``_engine_step``; tables int32
-        [rows, table width], lengths int32 [rows]."""
-        kv = PagedCache(k_pages=self._k, v_pages=self._v, block_tables=jnp.asarray(tables),
-                        lengths=jnp.asarray(lengths), attention=self.attention)
-        nxt, kv = _engine_step(self.model, self.params, jnp.asarray(tokens),
-                               jnp.asarray(positions), kv, jnp.asarray(logit_index),
-                               SamplingArrays.from_params(params), jnp.asarray(seeds),
-                               jnp.asarray(draws), all_greedy=all(p.greedy for p in params))
-        self._k, self._v = kv.k_pages, kv.v_pages
+        int32 [rows], not waited for. Arrays as in ``_engine_step``."""
+        all_greedy = all(p.greedy for p in params)
+        rows = len(params)
+        if all_greedy:  # the values are not read: one device copy per row count
+            if rows not in self._greedy:
+                self._greedy[rows] = SamplingArrays.from_params(params)
+            sp = self._greedy[rows]
+        else:
+            sp = SamplingArrays.from_params(params)
+        nxt, self._k, self._v = _engine_step(
+            self.model, self.params, self._k, self._v, tokens, positions, tables, lengths,
+            logit_index, sp, seeds, draws, attention=self.attention, all_greedy=all_greedy)
         return nxt
 
     def _forward(self, rows: list[tuple[_State, int]], num_rows: int,
