@@ -15,6 +15,7 @@ from kvjax.analysis.size_cli import register as register_size
 from kvjax.cache.paged import ATTENTION_BACKENDS
 from kvjax.engine.generate import CACHE_KINDS
 from kvjax.engine.serve_bench import register as register_serve_bench
+from kvjax.memory.tiered_requests import PREFETCH_POLICIES
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,6 +48,14 @@ def _add_generate(sub: Any) -> None:
                    help="with --cache paged: run the prompts one after another through a "
                         "radix prefix cache, so later prompts reuse the KV of earlier "
                         "prompts and outputs")
+    p.add_argument("--l2-blocks", type=int, default=0,
+                   help="with --prefix-cache: host slots (blocks) under the pool; evicted "
+                        "blocks move there instead of being dropped")
+    p.add_argument("--l3-dir", default=None,
+                   help="with --prefix-cache: directory of checksummed block files under "
+                        "the host tier, kept across runs (keyed by the model directory)")
+    p.add_argument("--prefetch", choices=PREFETCH_POLICIES, default="wait_complete",
+                   help="with --l3-dir: how a request waits for its disk blocks")
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -69,6 +78,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.prefix_cache and args.cache != "paged":
         raise UsageError(f"--prefix-cache needs --cache paged, got --cache {args.cache}")
+    if (args.l2_blocks or args.l3_dir is not None) and not args.prefix_cache:
+        raise UsageError("--l2-blocks and --l3-dir need --prefix-cache")
+    if args.l2_blocks < 0:
+        raise UsageError(f"--l2-blocks must be >= 0, got {args.l2_blocks}")
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     except ValueError as err:
@@ -125,6 +138,11 @@ def _run_generate(args: argparse.Namespace) -> int:
             print(f"prefix cache: {prefix['hit_tokens']}/{prefix['prompt_tokens']} prompt tokens "
                   f"hit, {prefix['prefill_tokens_saved']} prefill tokens saved, "
                   f"{prefix['evicted_blocks']} blocks evicted")
+            if "tiers" in prefix:
+                t = prefix["tiers"]
+                print(f"tiers: hit tokens L1/L2/L3 {t['hit_tokens']['L1']}/"
+                      f"{t['hit_tokens']['L2']}/{t['hit_tokens']['L3']}, "
+                      f"{t['blocks']['l1_to_l2']} blocks to host, {t['blocks']['to_l3']} to disk")
         print(f"{args.cache} cache, {seconds:.2f} s (compilation included)")
     return 0
 
@@ -138,12 +156,18 @@ def _generate_prefix_cached(lm: Any, prompts: list[list[int]], args: argparse.Na
     """
     from kvjax.engine.generate import GenerationOutput
     from kvjax.engine.prefix_generate import PrefixCachedGenerator
+    from kvjax.memory.tiered_requests import TierConfig
 
     bs, n = args.block_size, args.max_new_tokens
     if bs < 1 or (args.num_blocks is not None and args.num_blocks < 1):
         raise UsageError("--block-size and --num-blocks must be positive")
     num_blocks = args.num_blocks or sum(-(-(len(p) + n) // bs) for p in prompts)
-    gen = PrefixCachedGenerator(lm.model, lm.params, num_blocks=num_blocks, block_size=bs)
+    tiers = None
+    if args.l2_blocks or args.l3_dir is not None:
+        tiers = TierConfig(host_blocks=args.l2_blocks, disk_dir=args.l3_dir,
+                           namespace=str(Path(args.model).resolve()), prefetch=args.prefetch)
+    gen = PrefixCachedGenerator(lm.model, lm.params, num_blocks=num_blocks, block_size=bs,
+                                tiers=tiers)
     tokens, reasons, rows = [], [], []
     for i, prompt in enumerate(prompts):
         out, st = gen.generate([prompt], max_new_tokens=n, sampling=sampling,
@@ -161,6 +185,9 @@ def _generate_prefix_cached(lm: Any, prompts: list[list[int]], args: argparse.Na
                "prefill_tokens_computed": total.lookup_tokens - total.prefill_tokens_saved,
                "evictions": total.evictions, "evicted_blocks": total.evicted_blocks,
                "requests": rows}
+    if tiers is not None:
+        gen.persist()  # the next run with this --l3-dir starts from every block
+        summary["tiers"] = gen.tier_stats()
     return GenerationOutput(tokens, reasons), summary
 
 

@@ -9,6 +9,7 @@ reference's outputs, so every run sees the same inputs; outputs must be identica
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kvjax.cli import main
 from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGenerationStats
 from kvjax.memory.hicache import L2, L3
 from kvjax.memory.host_pool import demote
@@ -244,3 +246,31 @@ def test_unwritable_l3_warns_and_generation_goes_on(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one warning, then quietly without L3
         assert gen.generate(calls[0], max_new_tokens=NEW)[0].tokens == ref_out[0]
+
+
+def test_cli_tiers_reuse_l3_across_runs(capsys: pytest.CaptureFixture[str], llama_dir: Path,
+                                        llama: LoadedModel, tmp_path: Path) -> None:
+    assert main(["generate", "--model", str(llama_dir), "--token-ids", "5,6,7",
+                 "--l3-dir", str(tmp_path)]) == 2
+    assert "--prefix-cache" in capsys.readouterr().err
+    rng = np.random.default_rng(5)
+    doc = rng.integers(3, llama.config.vocab_size, 16).tolist()
+    prompts = [[*doc, 7, 8], rng.integers(3, llama.config.vocab_size, 18).tolist(), [*doc, 9]]
+    argv = ["generate", "--model", str(llama_dir), "--token-ids",
+            *(",".join(map(str, p)) for p in prompts), "--cache", "paged", "--prefix-cache",
+            "--block-size", str(BS), "--num-blocks", "8", "--max-new-tokens", "6",
+            "--stop-ids", "", "--l2-blocks", "2", "--l3-dir", str(tmp_path / "l3"), "--json"]
+    ref = PrefixCachedGenerator(llama.model, llama.params, num_blocks=DEVICE, block_size=BS)
+    want = [ref.generate([p], max_new_tokens=6)[0].tokens[0] for p in prompts]
+    runs = []
+    for _ in range(2):  # the second run starts empty but for the directory
+        assert main(argv) == 0
+        record = json.loads(capsys.readouterr().out)
+        assert [r["token_ids"] for r in record["results"]] == want
+        runs.append((record["prefix_cache"], [r["prefix"] for r in record["results"]]))
+    (first, first_rows), (second, second_rows) = runs
+    assert first["tiers"]["blocks"]["to_l3"] > 0 and first["tiers"]["hit_tokens"]["L2"] > 0
+    assert first["tiers"]["blocks"]["persisted_to_l3"] > 0  # what L1 and L2 held at exit
+    assert [r["hit_tokens"] for r in first_rows] == [0, 0, 16]
+    assert [r["hit_tokens"] for r in second_rows] == [16, 16, 16]  # from the disk
+    assert second["tiers"]["hit_tokens"]["L1"] < 48

@@ -256,11 +256,18 @@ class PrefixCachedGenerator:
         """The prefix cache's counters since creation (hits in any tier with tiers)."""
         return self.cache.stats()
 
-    def tier_stats(self) -> dict[str, Any]:
-        """With tiers: every tier counter since creation (``TieredRequests.stats_dict``)."""
+    def _tiered(self) -> TieredRequests:
         if not isinstance(self.cache, TieredRequests):
             raise ValueError("this generator has no tiers")
-        return self.cache.stats_dict()
+        return self.cache
+
+    def tier_stats(self) -> dict[str, Any]:
+        """With tiers: every tier counter since creation (``TieredRequests.stats_dict``)."""
+        return self._tiered().stats_dict()
+
+    def persist(self) -> int:
+        """With tiers: write every cached block the disk lacks to it; how many were written."""
+        return self._tiered().persist()
 
     def evict(self, num_blocks: int | None = None) -> list[int]:
         """Drop up to ``num_blocks`` (default: all) unlocked cached blocks to the pool."""

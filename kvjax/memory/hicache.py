@@ -101,6 +101,7 @@ class TierStats:
     dropped: int = 0  # blocks that left L1/L2 with no lower tier to take them
     promoted: dict[str, int] = field(default_factory=lambda: {L2: 0, L3: 0})
     promote_misses: int = 0  # L3 entries that failed to read at promote time
+    persisted: int = 0  # L1/L2 blocks written to L3 by ``persist`` (they stay where they are)
     prefetched: int = 0  # blocks read L3 -> L2 by finished prefetches
     prefetch_read_s: float = 0.0  # seconds those reads took (in the background thread)
 
@@ -283,6 +284,23 @@ class TieredPrefixCache:
     def evict(self, num_blocks: int) -> list[int]:
         """Evict up to ``num_blocks`` unlocked L1 blocks (demoting them); the freed pages."""
         return self.tree.evict(num_blocks)
+
+    def persist(self) -> int:
+        """Write every L1 and L2 block that L3 lacks to L3 (e.g. before exiting).
+
+        Blocks stay where they are; returns how many entries were written.
+        """
+        if not self._disk_on or self.disk is None:
+            return 0
+        disk = self.disk
+        l1 = [(page, key) for page, key in self._page_key.items() if not disk.contains(key)]
+        l2 = [(key, slot) for key, slot in self._l2.items() if not disk.contains(key)]
+        written = 0
+        for keys, (k, v) in (([key for _, key in l1], self._to_host([p for p, _ in l1])),
+                             ([key for key, _ in l2], self.host.load([s for _, s in l2]))):
+            written += sum(disk.put(key, k[i], v[i]) for i, key in enumerate(keys))
+        self.stats.persisted += written
+        return written
 
     # ------------------------------------------------------------------ insert / match
     def insert(self, token_ids: Any, pages: Sequence[int], cache: PagedCache | None = None

@@ -314,6 +314,10 @@ class TieredRequests:
         """Evict (demote) up to ``num_blocks`` unlocked L1 blocks; the freed pages."""
         return self.tiers.evict(num_blocks)
 
+    def persist(self) -> int:
+        """Write every L1/L2 block L3 lacks to L3 (so a later process finds them)."""
+        return self.tiers.persist()
+
     # ------------------------------------------------------------------ queries
     def requests(self) -> list[int]:
         """Ids of the live requests, in lookup order."""
@@ -358,7 +362,8 @@ class TieredRequests:
             "hit_rate": hit / c.lookup_tokens if c.lookup_tokens else 0.0,
             "prefill_tokens_saved": c.prefill_tokens_saved,
             "blocks": {"evicted_from_l1": st.evicted_blocks, "l1_to_l2": st.demoted_to_l2,
-                       "to_l3": st.spilled_to_l3, "dropped": st.dropped,
+                       "to_l3": st.spilled_to_l3, "persisted_to_l3": st.persisted,
+                       "dropped": st.dropped,
                        "l2_to_l1": st.promoted[L2], "l3_to_l1": st.promoted[L3],
                        "l3_to_l2_prefetched": st.prefetched,
                        "l3_read_failures": st.promote_misses},
