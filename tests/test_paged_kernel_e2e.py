@@ -3,11 +3,14 @@ cache is token-identical to the dense cache in float32."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+from kvjax.engine import generate as generate_module
 from kvjax.engine.generate import generate, resolve_attention
 from kvjax.models import LoadedModel, load_checkpoint
 from kvjax.models.tiny import build_tiny_checkpoint
@@ -37,11 +40,29 @@ def test_kernel_path_token_identical_to_dense(wide_heads: LoadedModel) -> None:
 
 
 def test_attention_selection(wide_heads: LoadedModel) -> None:
-    assert resolve_attention("auto", 16, 64) == "xla"  # CPU: the kernel is GPU-only
+    assert resolve_attention("auto", 16, 64) == "xla"  # CPU: the kernels are GPU-only
     assert resolve_attention("pallas-interpret", 16, 64) == "pallas-interpret"
+    with pytest.raises(ValueError, match="attention 'triton' cannot run here: JAX's default"):
+        generate(wide_heads.model, wide_heads.params, [[3, 4]], max_new_tokens=2,
+                 cache="paged", block_size=8, attention="triton")
     with pytest.raises(ValueError, match="head_dim in"):
         generate(wide_heads.model, wide_heads.params, [[3, 4]], max_new_tokens=2,
                  cache="paged", block_size=4, attention="pallas-interpret")
     with pytest.raises(ValueError, match="attention must be one of"):
         generate(wide_heads.model, wide_heads.params, [[3, 4]], max_new_tokens=2,
                  cache="paged", attention="cuda")
+
+
+def test_auto_on_gpu_prefers_triton(monkeypatch: pytest.MonkeyPatch,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    """On a GPU "auto" is the Triton kernel when jax-triton imports, else the Pallas one
+    (the reason logged); XLA when the page layout does not suit the kernels."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(generate_module, "triton_unavailable_reason", lambda: None)
+    assert resolve_attention("auto", 16, 128) == "triton"
+    assert resolve_attention("auto", 4, 128) == "xla"
+    monkeypatch.setattr(generate_module, "triton_unavailable_reason",
+                        lambda: "cannot import jax_triton: no module")
+    with caplog.at_level(logging.INFO, logger="kvjax.engine.generate"):
+        assert resolve_attention("auto", 16, 128) == "pallas"
+    assert "Triton decode kernel unavailable (cannot import jax_triton" in caplog.text

@@ -41,6 +41,10 @@ from paged_decode_cases import (
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
+from kvjax.cache import paged  # noqa: E402
+from kvjax.engine.generate import generate  # noqa: E402
+from kvjax.models import LoadedModel, load_checkpoint  # noqa: E402
+from kvjax.models.tiny import build_tiny_checkpoint  # noqa: E402
 from pallas_kernels import triton_paged_decode as tpd  # noqa: E402
 from pallas_kernels.triton_decode_kernel import UPCAST_DOTS  # noqa: E402
 
@@ -232,3 +236,29 @@ def test_every_default_launch_compiles_for_h100() -> None:
                       for dtype in ("bfloat16", "float16", "float32")
                       for head_dim in (64, 128, 256) for page in (8, 16, 32, 64, 128)
                       for group in (1, 8)])
+
+
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """head_dim 64 (the kernels' smallest), GQA 4:2, float32."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("wide"), family="qwen2",
+                                 hidden_size=256, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=256, max_position_embeddings=256, seed=5,
+                                 weight_std=0.15)
+    return load_checkpoint(path)
+
+
+def test_paged_cache_triton_backend_token_identical_to_dense(
+        wide_heads: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy generation with ``attention="triton"`` (decode steps through the kernel,
+    each layer of the stacked pool read in place) gives the dense cache's tokens."""
+    monkeypatch.setattr(paged, "triton_unavailable_reason", lambda: None)  # as on a GPU
+    lm = wide_heads
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(3, lm.config.vocab_size, n).tolist() for n in (1, 19)]
+    limits = [9, 6]
+    dense = generate(lm.model, lm.params, prompts, max_new_tokens=limits, cache="dense")
+    kernel = generate(lm.model, lm.params, prompts, max_new_tokens=limits, cache="paged",
+                      block_size=8, attention="triton")
+    assert kernel.tokens == dense.tokens
+    assert [len(t) for t in kernel.tokens] == limits

@@ -32,8 +32,12 @@ from kvjax.attention import attend_by_position
 from pallas_kernels.paged_decode import HEAD_DIMS as KERNEL_HEAD_DIMS
 from pallas_kernels.paged_decode import PAGE_SIZES as KERNEL_PAGE_SIZES
 from pallas_kernels.paged_decode import paged_decode_attention
+from pallas_kernels.triton_paged_decode import (
+    triton_paged_decode_attention,
+    triton_unavailable_reason,
+)
 
-ATTENTION_BACKENDS = ("xla", "pallas", "pallas-interpret")
+ATTENTION_BACKENDS = ("xla", "pallas", "pallas-interpret", "triton")
 
 
 def _valid_pages(block_tables: jax.Array, num_pages: int) -> jax.Array:
@@ -86,8 +90,9 @@ class PagedCache:
       lengths: int32 [B], tokens stored per sequence (positions ``[0, length)``).
       attention: static; how decode steps (one new token per sequence) attend:
         "xla" (``paged_attention_reference``), "pallas" (the Pallas decode kernel,
-        GPU) or "pallas-interpret" (the same kernel in the Pallas interpreter, CPU).
-        Steps with several new tokens (prefill) use the XLA reference.
+        GPU), "pallas-interpret" (the same kernel in the Pallas interpreter, CPU) or
+        "triton" (the Triton decode kernel through jax-triton, GPU). Steps with several
+        new tokens (prefill) use the XLA reference.
     """
 
     k_pages: jax.Array
@@ -163,7 +168,10 @@ class PagedCache:
         if self.attention == "xla" or q.shape[1] != 1:
             out = paged_attention_reference(q, new_k[layer], new_v[layer], self.block_tables,
                                             positions)
-        else:  # one token per sequence: the kernel reads this layer of the pool in place
+        elif self.attention == "triton":  # one token per sequence; this layer read in place
+            out = triton_paged_decode_attention(q[:, 0], new_k, new_v, self.block_tables,
+                                                positions[:, 0] + 1, layer=layer)[:, None]
+        else:
             out = paged_decode_attention(
                 q[:, 0], new_k, new_v, self.block_tables, positions[:, 0] + 1, layer=layer,
                 interpret=self.attention == "pallas-interpret")[:, None]
@@ -181,8 +189,11 @@ def check_attention_backend(attention: str, page_size: int, head_dim: int) -> No
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
     if attention != "xla" and (page_size not in KERNEL_PAGE_SIZES
                                or head_dim not in KERNEL_HEAD_DIMS):
-        raise ValueError(f"the Pallas decode kernel needs page_size in {KERNEL_PAGE_SIZES} and "
+        raise ValueError(f"the decode kernels need page_size in {KERNEL_PAGE_SIZES} and "
                          f"head_dim in {KERNEL_HEAD_DIMS}; got {page_size} and {head_dim}")
+    if attention == "triton" and (reason := triton_unavailable_reason()) is not None:
+        raise ValueError(f"attention 'triton' cannot run here: {reason}; use 'pallas' "
+                         "(GPU), 'pallas-interpret' or 'xla'")
 
 
 def copy_pages(cache: PagedCache, src: jax.Array, dst: jax.Array) -> PagedCache:

@@ -33,6 +33,7 @@ from kvjax.cache.paged import (
     KERNEL_PAGE_SIZES,
     check_attention_backend,
     copy_pages,
+    triton_unavailable_reason,
     with_block_tables,
 )
 from kvjax.config import ModelConfig
@@ -331,11 +332,19 @@ def _pool_size(needed: int, num_blocks: int | None, block_size: int, what: str,
 
 
 def resolve_attention(attention: str, block_size: int, head_dim: int) -> str:
-    """The paged attention backend ``attention`` stands for ("auto" resolved)."""
+    """The paged attention backend ``attention`` stands for ("auto" resolved): on GPU,
+    when the page layout suits the kernels, "triton" if jax-triton and triton import,
+    else "pallas"; otherwise "xla"."""
     if attention != "auto":
         return attention
     fits = block_size in KERNEL_PAGE_SIZES and head_dim in KERNEL_HEAD_DIMS
-    return "pallas" if jax.default_backend() == "gpu" and fits else "xla"
+    if jax.default_backend() != "gpu" or not fits:
+        return "xla"
+    if (reason := triton_unavailable_reason()) is not None:
+        logger.info("paged cache: Triton decode kernel unavailable (%s); using the Pallas "
+                    "kernel", reason)
+        return "pallas"
+    return "triton"
 
 
 def _generate_paged(model: Decoder, args: tuple[Any, ...], prompts: Sequence[Sequence[int]],
@@ -387,9 +396,10 @@ def generate(model: Decoder, params: Any, prompts: Sequence[Sequence[int]], *,
       num_blocks: pages in the "paged" pool; default exactly enough for every
         sequence's prompt + max_new_tokens. A smaller pool raises ValueError.
       attention: decode attention of the "paged" cache: "xla", "pallas" (GPU kernel),
-        "pallas-interpret" (the kernel interpreted, CPU) or "auto" ("pallas" on GPU
-        when the model's head_dim and block_size suit the kernel, else "xla"). The
-        choice is logged.
+        "pallas-interpret" (the kernel interpreted, CPU), "triton" (Triton kernel through
+        jax-triton, GPU) or "auto" (``resolve_attention``: "triton" on GPU when the
+        model's head_dim and block_size suit the kernels, "pallas" there if jax-triton
+        is missing, else "xla"). The choice is logged.
       keys: optional typed PRNG keys [B] (see ``sample_keys``) replacing ``seed``:
         sequence ``b`` then draws only from ``keys[b]``, so its output does not depend
         on the rest of the batch.
