@@ -1,13 +1,20 @@
-"""Paged decode attention on one GPU: kvjax's Pallas kernel against the baselines, one run.
+"""Paged decode attention on one GPU: kvjax's kernels against the baselines, one run.
 
 Llama-3-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16, page 16,
-random block tables, every sequence at full length). Baselines in the same process:
-JAX's built-in Pallas ``paged_attention`` (best of three settings), an XLA gather +
-einsum (kvjax's reference), and PyTorch SDPA on a dense cache (not paged). Prints
-time per call (calls queued back to back) and KV bytes / time as a share of the read
-bandwidth measured in the same run. Writes JSON to $OUT (or /tmp).
+random block tables, every sequence at full length). Columns, all in the same process:
+kvjax's Pallas kernel and kvjax's Triton kernel through jax-triton (a few settings each),
+JAX's built-in Pallas ``paged_attention`` (three settings), an XLA gather + einsum
+(kvjax's reference) and PyTorch SDPA on a dense cache (not paged). Prints time per call
+(calls queued back to back) and KV bytes / time as a share of the read bandwidth
+measured in the same run. A backend that cannot be imported is skipped with the reason;
+one that fails to compile or run is reported and the run goes on. Writes JSON to $OUT
+(or /tmp).
 
 Run: python benchmarks/paged_decode.py [--rows 8x4096,32x1024,...]
+     python benchmarks/paged_decode.py --sweep triton   (or pallas): a grid of one
+     kernel's settings per row, without the baselines.
+--budget-s (default 270) is shared by the rows: a row whose share is spent skips its
+remaining settings, so a run stays under about 5 minutes.
 """
 
 from __future__ import annotations
@@ -26,12 +33,34 @@ import numpy as np
 
 from kvjax.cache.paged import paged_attention_reference
 from pallas_kernels.paged_decode import paged_decode_attention
+from pallas_kernels.triton_paged_decode import (
+    triton_paged_decode_attention,
+    triton_unavailable_reason,
+)
 
 H, KV, D, PAGE = 32, 8, 128, 16
-# (pages_per_block, num_splits, num_warps, num_stages)
-OURS = ((8, 1, 4, 2), (8, 4, 4, 2), (4, 8, 4, 2), (16, 2, 4, 2))
-SWEEP = tuple((ppb, sp, w, st) for ppb, sp in ((8, 1), (8, 2), (8, 4), (4, 8), (4, 16))
-              for w in (4, 8) for st in (2, 3))
+Setting = tuple[int, int | None, int, int]  # (block size, num_splits or auto, warps, stages)
+# Pallas: (pages_per_block, num_splits, num_warps, num_stages)
+PALLAS = ((8, 1, 4, 2), (8, 4, 4, 2), (4, 8, 4, 2), (16, 2, 4, 2))
+PALLAS_SWEEP = tuple((ppb, sp, w, st) for ppb, sp in ((8, 1), (8, 2), (8, 4), (4, 8), (4, 16))
+                     for w in (4, 8) for st in (2, 3))
+# Triton: (block_tokens, num_splits (None = auto), num_warps, num_stages); the first is
+# the default launch.
+TRITON: tuple[Setting, ...] = ((128, None, 4, 3), (128, 1, 4, 3), (128, 4, 4, 3),
+                               (64, 8, 4, 3))
+TRITON_SWEEP: tuple[Setting, ...] = tuple(
+    (bt, sp, w, st) for bt, stages in ((64, (3,)), (128, (2, 3)), (256, (2,)))
+    for sp in (1, 2, 4, 8) for w in (4, 8) for st in stages)
+
+
+class Budget:
+    """Wall-clock budget: settings started after it is spent are skipped."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.perf_counter() + seconds
+
+    def spent(self) -> bool:
+        return time.perf_counter() > self.end
 
 
 def bench(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], iters: int = 30,
@@ -60,36 +89,57 @@ def rel_err(a: jax.Array, b: jax.Array) -> float:
     return float(np.linalg.norm(a32 - b32) / np.linalg.norm(b32))
 
 
+def _error(err: Exception) -> str:
+    return f"ERR {type(err).__name__}: {str(err)[:200]}"
+
+
 def torch_sdpa(b: int, s: int) -> float | str:
     try:
         import torch
         import torch.nn.functional as F
-    except ImportError:
-        return "torch missing"
-    q = torch.randn(b, H, 1, D, device="cuda", dtype=torch.bfloat16)
-    ks = [torch.randn(b, KV, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    vs = [torch.randn(b, KV, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    for i in range(3):
-        F.scaled_dot_product_attention(q, ks[i % 2], vs[i % 2], enable_gqa=True)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(30):
+    except ImportError as err:
+        return f"skipped: {err}"
+    try:
+        q = torch.randn(b, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        ks = [torch.randn(b, KV, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        vs = [torch.randn(b, KV, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        for i in range(3):
             F.scaled_dot_product_attention(q, ks[i % 2], vs[i % 2], enable_gqa=True)
-        end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / 30)
-    del ks, vs
-    torch.cuda.empty_cache()
-    return statistics.median(times)
+        times = []
+        for _ in range(5):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(30):
+                F.scaled_dot_product_attention(q, ks[i % 2], vs[i % 2], enable_gqa=True)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / 30)
+        del ks, vs
+        torch.cuda.empty_cache()
+        return statistics.median(times)
+    except Exception as err:  # report and go on
+        return _error(err)
 
 
-def run_row(b: int, s: int, settings: Sequence[tuple[int, int, int, int]],
-            baselines: bool) -> dict[str, Any]:
-    from jax.experimental.pallas.ops.gpu import paged_attention as builtin
+def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
+                arg_sets: Sequence[tuple[Any, ...]], expected: jax.Array | None,
+                budget: Budget) -> None:
+    """res[name] = seconds per call (and res[name + " err"] vs ``expected``), or why not."""
+    if budget.spent():
+        res[name] = "skipped: time budget spent"
+        return
+    try:
+        if expected is not None:
+            res[name + " err"] = rel_err(fn(*arg_sets[0]), expected)
+        res[name] = bench(fn, arg_sets)
+    except Exception as err:  # report and go on: one setting must not sink the table
+        res[name] = _error(err)
 
+
+def run_row(b: int, s: int, pallas: Sequence[Setting], triton: Sequence[Setting],
+            baselines: bool, budget: Budget) -> dict[str, Any]:
     pages = b * s // PAGE
     key = jax.random.key(0)
     ours_sets, theirs_sets = [], []
@@ -101,77 +151,115 @@ def run_row(b: int, s: int, settings: Sequence[tuple[int, int, int, int]],
         bt = jax.random.permutation(k4, pages).reshape(b, s // PAGE).astype(jnp.int32)
         lengths = jnp.full((b,), s, jnp.int32)
         ours_sets.append((q, kp, vp, bt, lengths))
-        theirs_sets.append((q, jnp.transpose(kp, (2, 0, 1, 3)), jnp.transpose(vp, (2, 0, 1, 3)),
-                            bt, lengths))
+        if baselines:
+            theirs_sets.append((q, jnp.transpose(kp, (2, 0, 1, 3)),
+                                jnp.transpose(vp, (2, 0, 1, 3)), bt, lengths))
     kv_bytes = 2 * b * s * KV * D * 2
     res: dict[str, Any] = {"batch": b, "context": s, "kv_bytes": kv_bytes}
-    q, kp, vp, bt, lengths = ours_sets[0]
     ref = jax.jit(lambda q, kp, vp, bt, ln: paged_attention_reference(
         q[:, None], kp, vp, bt, (ln - 1)[:, None])[:, 0])
-    expected = ref(q, kp, vp, bt, lengths)
-    for ppb, splits, warps, stages in settings:
-        name = f"kvjax ppb{ppb} sp{splits} w{warps} st{stages}"
-        try:
-            fn = jax.jit(lambda *a, ppb=ppb, splits=splits, w=warps, st=stages:
-                         paged_decode_attention(*a, pages_per_block=ppb, num_splits=splits,
-                                                num_warps=w, num_stages=st))
-            res[name + " err"] = rel_err(fn(*ours_sets[0]), expected)
-            res[name] = bench(fn, ours_sets)
-        except Exception as err:  # report and go on: one setting must not sink the table
-            res[name] = f"ERR {type(err).__name__}: {str(err)[:160]}"
+    expected = ref(*ours_sets[0])
+    for ppb, splits, warps, stages in pallas:
+        fn = jax.jit(lambda *a, ppb=ppb, splits=splits, w=warps, st=stages:
+                     paged_decode_attention(*a, pages_per_block=ppb, num_splits=splits,
+                                            num_warps=w, num_stages=st))
+        time_kernel(res, f"kvjax pallas ppb{ppb} sp{splits} w{warps} st{stages}", fn,
+                    ours_sets, expected, budget)
+    for tokens, splits, warps, stages in triton:
+        fn = jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages:
+                     triton_paged_decode_attention(*a, block_tokens=bt, num_splits=splits,
+                                                   num_warps=w, num_stages=st))
+        time_kernel(res, f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}",
+                    fn, ours_sets, expected, budget)
     if not baselines:
         return res
-    for name, kw in (("jax builtin default", {}),
-                     ("jax builtin ks8 ppcb8", {"k_splits": 8, "pages_per_compute_block": 8}),
-                     ("jax builtin ks32 ppcb4", {"k_splits": 32, "pages_per_compute_block": 4})):
-        try:
+    try:
+        from jax.experimental.pallas.ops.gpu import paged_attention as builtin
+    except ImportError as err:
+        res["jax builtin"] = f"skipped: {err}"
+    else:
+        for name, kw in (("jax builtin default", {}),
+                         ("jax builtin ks8 ppcb8", {"k_splits": 8, "pages_per_compute_block": 8}),
+                         ("jax builtin ks32 ppcb4",
+                          {"k_splits": 32, "pages_per_compute_block": 4})):
             fn = jax.jit(lambda *a, kw=kw: builtin.paged_attention(*a, **kw))
-            res[name] = bench(fn, theirs_sets)
-        except Exception as err:
-            res[name] = f"ERR {type(err).__name__}: {str(err)[:160]}"
-    res["xla gather+einsum"] = bench(ref, ours_sets)
+            time_kernel(res, name, fn, theirs_sets, None, budget)
+    time_kernel(res, "xla gather+einsum", ref, ours_sets, None, budget)
     res["torch sdpa dense"] = torch_sdpa(b, s)
     return res
+
+
+def _share(res: dict[str, Any], seconds: float, bw: float) -> float:
+    return 100 * res["kv_bytes"] / seconds / bw
+
+
+def print_row(res: dict[str, Any], bw: float, sweep: bool) -> None:
+    print(f"\n{res['batch']} x {res['context']}: KV {res['kv_bytes'] / 2**20:.0f} MiB")
+    for k, v in res.items():
+        if k in ("batch", "context", "kv_bytes", "read_bandwidth") or (
+                sweep and k.endswith("err")):
+            continue
+        if isinstance(v, float) and not k.endswith("err"):
+            print(f"  {k:<38}{v * 1e6:9.1f} us  {_share(res, v, bw):5.1f}%")
+        elif isinstance(v, float):
+            print(f"  {k:<38}{v:9.1e}")
+        else:
+            print(f"  {k:<38}{v}")
+    timed = {k: v for k, v in res.items() if isinstance(v, float) and not k.endswith("err")}
+    best: dict[str, tuple[float, str]] = {}
+    for column in ("kvjax pallas", "kvjax triton", "jax builtin"):
+        entries = [(v, k) for k, v in timed.items() if k.startswith(column)]
+        if entries:
+            best[column] = min(entries)
+            print(f"  best {column}: {best[column][1]} "
+                  f"{_share(res, best[column][0], bw):.1f}%")
+    for ours in ("kvjax pallas", "kvjax triton"):
+        if ours in best and "jax builtin" in best:
+            print(f"  best {ours} vs best builtin: "
+                  f"{best['jax builtin'][0] / best[ours][0]:.2f}x faster")
+    if "kvjax pallas" in best and "kvjax triton" in best:
+        print(f"  best triton vs best pallas: "
+              f"{best['kvjax pallas'][0] / best['kvjax triton'][0]:.2f}x faster")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="8x4096,32x1024,32x4096,64x4096,32x16384")
-    ap.add_argument("--sweep", action="store_true",
-                    help="time a grid of kernel settings, without the baselines")
+    ap.add_argument("--sweep", choices=("pallas", "triton"),
+                    help="time a grid of this kernel's settings, without the baselines")
+    ap.add_argument("--budget-s", type=float, default=270.0,
+                    help="time budget of the run, shared evenly by the rows: a row stops "
+                         "timing new settings when its share is spent")
     args = ap.parse_args()
+    specs = args.rows.split(",")
+    reason = triton_unavailable_reason()
     bw = read_bandwidth()
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"read bandwidth {bw / 1e12:.2f} TB/s (percentages are of this)", flush=True)
+    if reason is not None:
+        print(f"kvjax triton column skipped: {reason}", flush=True)
+    pallas = {None: PALLAS, "pallas": PALLAS_SWEEP, "triton": ()}[args.sweep]
+    triton = {None: TRITON, "pallas": (), "triton": TRITON_SWEEP}[args.sweep]
+    if reason is not None:
+        triton = ()
     rows = []
-    for spec in args.rows.split(","):
+    for spec in specs:
         b, s = (int(x) for x in spec.split("x"))
-        res = run_row(b, s, SWEEP if args.sweep else OURS, baselines=not args.sweep)
-        rows.append(res)
-        timed = {k: v for k, v in res.items() if isinstance(v, float) and not k.endswith("err")}
-        best_ours = min((v for k, v in timed.items() if k.startswith("kvjax")), default=None)
-        best_builtin = min((v for k, v in timed.items() if k.startswith("jax builtin")),
-                           default=None)
-        print(f"\n{b} x {s}: KV {res['kv_bytes'] / 2**20:.0f} MiB")
-        for k, v in res.items():
-            if k in ("batch", "context", "kv_bytes"):
-                continue
-            if args.sweep and k.endswith("err"):
-                continue
-            if isinstance(v, float) and not k.endswith("err"):
-                print(f"  {k:<28}{v * 1e6:9.1f} us  {100 * res['kv_bytes'] / v / bw:5.1f}%")
-            else:
-                print(f"  {k:<28}{v}")
-        if best_ours:
-            best = min((v, k) for k, v in timed.items() if k.startswith("kvjax"))
-            print(f"  best kvjax: {best[1]} {100 * res['kv_bytes'] / best[0] / bw:.1f}%")
-        if best_ours and best_builtin:
-            print(f"  best kvjax vs best builtin: {best_builtin / best_ours:.2f}x faster")
+        budget = Budget(args.budget_s / len(specs))
+        try:
+            res = run_row(b, s, pallas, triton, baselines=args.sweep is None, budget=budget)
+        except Exception as err:  # e.g. out of memory: report the row and go on
+            print(f"\n{b} x {s}: {_error(err)}", flush=True)
+            continue
         res["read_bandwidth"] = bw
+        rows.append(res)
+        print_row(res, bw, sweep=args.sweep is not None)
     out = os.environ.get("OUT", "/tmp")
-    with open(os.path.join(out, "paged_decode.json"), "w") as f:
+    name = f"paged_decode{'_sweep_' + args.sweep if args.sweep else ''}.json"
+    with open(os.path.join(out, name), "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                   "read_bandwidth": bw, "rows": rows}, f, indent=1)
+                   "triton_unavailable": reason, "read_bandwidth": bw, "rows": rows},
+                  f, indent=1)
 
 
 if __name__ == "__main__":
