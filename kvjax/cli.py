@@ -43,7 +43,8 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--num-blocks", type=int, default=None,
                    help="pages in the pool (paged cache; default: just enough)")
     p.add_argument("--attention", choices=("auto", *ATTENTION_BACKENDS), default="auto",
-                   help="paged decode attention: auto = the Pallas kernel on GPU, else XLA")
+                   help="paged decode attention: auto = the Triton kernel on GPU (the Pallas "
+                        "one if jax-triton is missing), else XLA")
     p.add_argument("--prefix-cache", action="store_true",
                    help="with --cache paged: run the prompts one after another through a "
                         "radix prefix cache, so later prompts reuse the KV of earlier "
