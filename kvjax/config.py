@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Family = Literal["llama", "qwen2"]
 
@@ -75,6 +75,11 @@ class ModelConfig:
         """Query heads that share one K/V head."""
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates: the whole head."""
+        return self.head_dim
+
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Parse the contents of a Hugging Face ``config.json`` (Llama or Qwen2)."""
@@ -83,18 +88,26 @@ class ModelConfig:
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> ModelConfig:
         """Read ``config.json`` from a local checkpoint directory."""
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise ConfigError(f"no config.json in {path}")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{file} is not valid JSON: {err}") from err
-        return _parse_hf(raw)
+        return _parse_hf(read_config_json(path))
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a local checkpoint directory (ConfigError if absent
+    or not JSON)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"no config.json in {path}")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file} does not hold a JSON object")
+    return raw
 
 
 # Keys that describe training, bookkeeping or tooling and never change inference math.
-_IGNORED_KEYS = frozenset({
+IGNORED_KEYS = frozenset({
     "architectures", "attention_dropout", "auto_map", "dtype", "torch_dtype",
     "initializer_range", "model_type", "pad_token_id", "transformers_version", "use_cache",
     "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
@@ -107,7 +120,7 @@ _ROPE_KEYS_LLAMA3 = {"factor", "low_freq_factor", "high_freq_factor",
                      "original_max_position_embeddings"}
 
 
-def _parse_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
+def parse_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     """RoPE base and scaling from either the v4 (`rope_theta` + `rope_scaling`) or the
     v5 (`rope_parameters`) spelling."""
     params: dict[str, Any] = dict(raw.get("rope_parameters") or {})
@@ -145,80 +158,112 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
                       "(supported: default, llama3)")
 
 
-def _parse_hf(raw: dict[str, Any]) -> ModelConfig:
-    family = raw.get("model_type")
-    if family not in ("llama", "qwen2"):
-        raise ConfigError(f"model_type={family!r} is not supported (supported: llama, qwen2)")
-    used: set[str] = set()
+class HFFields:
+    """Reads a ``config.json`` dict and remembers every key read, so that the keys left
+    over (neither read nor in ``IGNORED_KEYS``) can be rejected by name."""
 
-    def take(key: str, default: Any = dataclasses.MISSING) -> Any:
-        used.add(key)
-        if key in raw and raw[key] is not None:
-            return raw[key]
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        self.used: set[str] = set()
+
+    def take(self, key: str, default: Any = dataclasses.MISSING) -> Any:
+        """The value of ``key``; ``default`` when absent or null (ConfigError if none)."""
+        self.used.add(key)
+        if key in self.raw and self.raw[key] is not None:
+            return self.raw[key]
         if default is dataclasses.MISSING:
             raise ConfigError(f"config.json is missing required field {key!r}")
         return default
 
-    # Fields that must hold a particular value for our math to be the model's math.
-    def require(key: str, allowed: tuple[Any, ...]) -> None:
-        used.add(key)
-        if key in raw and raw[key] is not None and raw[key] not in allowed:
-            raise ConfigError(f"{key}={raw[key]!r} is not supported (supported: {allowed})")
+    def require(self, key: str, allowed: tuple[Any, ...]) -> None:
+        """A field that must hold one of ``allowed`` (or be absent) for our math to be the
+        model's math."""
+        self.used.add(key)
+        if key in self.raw and self.raw[key] is not None and self.raw[key] not in allowed:
+            raise ConfigError(f"{key}={self.raw[key]!r} is not supported (supported: {allowed})")
 
-    require("hidden_act", ("silu",))
-    require("mlp_bias", (False,))
-    require("pretraining_tp", (1,))
-    require("use_sliding_window", (False,))
-    require("attn_logit_softcapping", ())
-    require("final_logit_softcapping", ())
-    used.add("sliding_window")  # only used when use_sliding_window is true, which we reject
-    layer_types = take("layer_types", [])
+    def mark(self, *keys: str) -> None:
+        """Keys read by other means (e.g. ``parse_rope``) or known not to matter here."""
+        self.used.update(keys)
+
+    def reject_unknown(self) -> None:
+        """ConfigError naming every key neither read nor in ``IGNORED_KEYS``."""
+        unknown = sorted(set(self.raw) - self.used - IGNORED_KEYS)
+        if unknown:
+            raise ConfigError(f"config.json has fields kvjax does not understand: {unknown}; "
+                              "they may change the model's math, so they are not ignored")
+
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """``eos_token_id`` (one id or a list) as a tuple."""
+        eos = self.take("eos_token_id", [])
+        return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+
+
+def _parse_hf(raw: dict[str, Any]) -> ModelConfig:
+    family = raw.get("model_type")
+    if family not in ("llama", "qwen2"):
+        raise ConfigError(f"model_type={family!r} is not supported (supported: llama, qwen2)")
+    f = HFFields(raw)
+    f.require("hidden_act", ("silu",))
+    f.require("mlp_bias", (False,))
+    f.require("pretraining_tp", (1,))
+    f.require("use_sliding_window", (False,))
+    f.require("attn_logit_softcapping", ())
+    f.require("final_logit_softcapping", ())
+    f.mark("sliding_window")  # only used when use_sliding_window is true, which we reject
+    layer_types = f.take("layer_types", [])
     bad_layers = sorted({t for t in layer_types if t != "full_attention"})
     if bad_layers:
         raise ConfigError(f"layer_types contains {bad_layers}; only full_attention is supported")
 
-    hidden = int(take("hidden_size"))
-    heads = int(take("num_attention_heads"))
-    head_dim = int(take("head_dim", hidden // heads if heads else 0))
-    theta, scaling = _parse_rope(raw)
-    used.update({"rope_theta", "rope_scaling", "rope_parameters"})
-    eos = take("eos_token_id", [])
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-    attention_bias = bool(take("attention_bias", False))
+    hidden = int(f.take("hidden_size"))
+    heads = int(f.take("num_attention_heads"))
+    head_dim = int(f.take("head_dim", hidden // heads if heads else 0))
+    theta, scaling = parse_rope(raw)
+    f.mark("rope_theta", "rope_scaling", "rope_parameters")
+    attention_bias = bool(f.take("attention_bias", False))
 
     cfg = ModelConfig(
         family=family,
-        vocab_size=int(take("vocab_size")),
+        vocab_size=int(f.take("vocab_size")),
         hidden_size=hidden,
-        intermediate_size=int(take("intermediate_size")),
-        num_layers=int(take("num_hidden_layers")),
+        intermediate_size=int(f.take("intermediate_size")),
+        num_layers=int(f.take("num_hidden_layers")),
         num_heads=heads,
-        num_kv_heads=int(take("num_key_value_heads", heads)),
+        num_kv_heads=int(f.take("num_key_value_heads", heads)),
         head_dim=head_dim,
-        rms_norm_eps=float(take("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(f.take("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(take("max_position_embeddings", 2048)),
+        max_position_embeddings=int(f.take("max_position_embeddings", 2048)),
         # Qwen2 always has q/k/v bias and never an o bias; Llama's attention_bias covers all four.
         qkv_bias=True if family == "qwen2" else attention_bias,
         o_bias=False if family == "qwen2" else attention_bias,
-        tie_word_embeddings=bool(take("tie_word_embeddings", False)),
-        bos_token_id=take("bos_token_id", None),
-        eos_token_ids=eos_ids,
+        tie_word_embeddings=bool(f.take("tie_word_embeddings", False)),
+        bos_token_id=f.take("bos_token_id", None),
+        eos_token_ids=f.eos_token_ids(),
     )
-    unknown = sorted(set(raw) - used - _IGNORED_KEYS)
-    if unknown:
-        raise ConfigError(f"config.json has fields kvjax does not understand: {unknown}; "
-                          "they may change the model's math, so they are not ignored")
+    f.reject_unknown()
     return cfg
 
 
-def rope_inv_freq(cfg: ModelConfig) -> list[float]:
-    """Per-pair RoPE inverse frequencies (length head_dim // 2), with scaling applied.
+class RopeSpec(Protocol):
+    """What a RoPE table depends on (``ModelConfig``, ``MLAConfig``)."""
+
+    @property
+    def rope_dim(self) -> int: ...  # width RoPE rotates (even)
+    @property
+    def rope_theta(self) -> float: ...  # RoPE base
+    @property
+    def rope_scaling(self) -> Llama3RopeScaling | None: ...  # None = plain RoPE
+
+
+def rope_inv_freq(cfg: RopeSpec) -> list[float]:
+    """Per-pair RoPE inverse frequencies (length rope_dim // 2), with scaling applied.
 
     Computed in float64 on the host so the table is the same on every backend.
     """
-    dim = cfg.head_dim
+    dim = cfg.rope_dim
     inv = [1.0 / (cfg.rope_theta ** (2 * i / dim)) for i in range(dim // 2)]
     s = cfg.rope_scaling
     if s is None:

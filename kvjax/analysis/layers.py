@@ -67,7 +67,7 @@ def attention_matmuls(spec: ArchSpec) -> list[Matmul]:
     else:
         out.append(Matmul("q_a_proj", h, m.q_lora_rank, spec.qkv_bias))
         out.append(Matmul("q_b_proj", m.q_lora_rank, heads * m.qk_head_dim, False))
-    out.append(Matmul("kv_a_proj_with_mqa", h, m.kv_lora_rank + m.qk_rope_head_dim, spec.qkv_bias))
+    out.append(Matmul("kv_a_proj_with_mqa", h, m.cached_width, spec.qkv_bias))
     out.append(Matmul("kv_b_proj", m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim),
                       False))
     out.append(Matmul("o_proj", heads * m.v_head_dim, h, spec.o_bias))
@@ -113,7 +113,8 @@ def layer_vector_params(spec: ArchSpec) -> int:
     """Non-matrix parameters of one block: its two norms, plus MLA's latent norms."""
     total = 2 * norm_params(spec, spec.hidden_size)
     if spec.mla is not None:
-        total += norm_params(spec, spec.mla.kv_lora_rank)
+        if spec.mla.latent_norm:
+            total += norm_params(spec, spec.mla.kv_lora_rank)
         if spec.mla.q_lora_rank is not None:
             total += norm_params(spec, spec.mla.q_lora_rank)
     return total

@@ -47,10 +47,11 @@ def kv_elements_per_token_per_layer(spec: ArchSpec) -> int:
     """Values cached per token per layer.
 
     MHA/GQA/MQA: a key and a value per KV head, ``2 * num_kv_heads * head_dim``.
-    MLA: one compressed latent plus the shared RoPE key, ``kv_lora_rank + qk_rope_head_dim``.
+    MLA: one compressed latent plus the decoupled RoPE key, ``kv_lora_rank +
+    rope_key_heads * qk_rope_head_dim`` (DeepSeek: one RoPE key head).
     """
     if spec.mla is not None:
-        return spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim
+        return spec.mla.cached_width
     return 2 * spec.num_kv_heads * spec.head_dim
 
 

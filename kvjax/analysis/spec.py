@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Literal
 
 from kvjax.config import ConfigError, Family, ModelConfig
+from kvjax.mla_config import MLAConfig
 
 MlpKind = Literal["swiglu", "gelu"]
 NormKind = Literal["rmsnorm", "layernorm"]
@@ -27,7 +28,8 @@ class MLASpec:
     """Multi-head latent attention (DeepSeek-V2) dimensions.
 
     The cache holds, per token and layer, one compressed latent of ``kv_lora_rank``
-    values plus one decoupled RoPE key of ``qk_rope_head_dim`` values shared by all heads.
+    values plus the decoupled RoPE key: DeepSeek has one head of ``qk_rope_head_dim``
+    values shared by all query heads; a model converted from GQA keeps ``rope_key_heads``.
     """
 
     kv_lora_rank: int  # width of the compressed KV latent c_KV (cached)
@@ -35,12 +37,22 @@ class MLASpec:
     qk_nope_head_dim: int  # per-head width of the non-RoPE part of q/k (decompressed from c_KV)
     v_head_dim: int  # per-head width of values (decompressed from c_KV)
     q_lora_rank: int | None  # width of the compressed query latent; None = plain q_proj
+    rope_key_heads: int = 1  # cached RoPE key heads (DeepSeek: 1)
+    latent_norm: bool = True  # RMSNorm on c_KV (DeepSeek's kv_a_layernorm)
 
     def __post_init__(self) -> None:
-        for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "rope_key_heads"):
             _check_positive(name, getattr(self, name))
+        if not isinstance(self.qk_nope_head_dim, int) or self.qk_nope_head_dim < 0:
+            raise ConfigError("qk_nope_head_dim must be a non-negative integer, "
+                              f"got {self.qk_nope_head_dim!r}")
         if self.q_lora_rank is not None:
             _check_positive("q_lora_rank", self.q_lora_rank)
+
+    @property
+    def cached_width(self) -> int:
+        """Values cached per token and layer: c_KV plus the RoPE key heads."""
+        return self.kv_lora_rank + self.rope_key_heads * self.qk_rope_head_dim
 
     @property
     def qk_head_dim(self) -> int:
@@ -145,6 +157,20 @@ class ArchSpec:
             o_bias=cfg.o_bias,
             max_context_len=cfg.max_position_embeddings,
         )
+
+    @classmethod
+    def from_mla_config(cls, cfg: MLAConfig, name: str = "mla") -> ArchSpec:
+        """The sizing view of a runnable :class:`MLAConfig` (DeepSeek or converted)."""
+        return cls(
+            name=name, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_heads, head_dim=cfg.qk_head_dim,
+            intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+            tie_word_embeddings=cfg.tie_word_embeddings, qkv_bias=cfg.attention_bias,
+            o_bias=cfg.attention_bias, max_context_len=cfg.max_position_embeddings,
+            mla=MLASpec(kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                        qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim,
+                        q_lora_rank=cfg.q_lora_rank, rope_key_heads=cfg.rope_key_heads,
+                        latent_norm=cfg.latent_norm))
 
     def to_model_config(self, num_layers: int | None = None) -> ModelConfig:
         """The runnable Llama/Qwen2 config of this architecture (random-weight runs).

@@ -1,10 +1,12 @@
-"""Device-side KV cache layouts, all behind one contract (see ``base.KVCache``)."""
+"""Device-side KV cache layouts, behind one contract per attention kind (see
+``base.KVCache`` and, for MLA, ``base.LatentKVCache``)."""
 
-from kvjax.cache.base import KVCache
+from kvjax.cache.base import KVCache, LatentKVCache
 from kvjax.cache.concat import ConcatCache
 from kvjax.cache.dense import DenseCache
+from kvjax.cache.latent import LatentCache
 from kvjax.cache.none import NoCache
 from kvjax.cache.paged import PagedCache, copy_pages, paged_attention_reference, with_block_tables
 
-__all__ = ["ConcatCache", "DenseCache", "KVCache", "NoCache", "PagedCache", "copy_pages",
-           "paged_attention_reference", "with_block_tables"]
+__all__ = ["ConcatCache", "DenseCache", "KVCache", "LatentCache", "LatentKVCache", "NoCache",
+           "PagedCache", "copy_pages", "paged_attention_reference", "with_block_tables"]

@@ -35,3 +35,25 @@ class KVCache(Protocol):
     def advance(self, positions: jax.Array) -> Self:
         """Per-step bookkeeping after all layers have written ``positions`` [B, T]."""
         ...
+
+
+class LatentKVCache(Protocol):
+    """Structural type of an MLA latent cache (dense latent, none, ...).
+
+    Per token it stores one row of ``latent_width`` values (the compressed latent and the
+    RoPE key heads, see ``kvjax.mla_config``) instead of per-head keys and values; the
+    model expands or absorbs around it (``kvjax.models.mla``). ``advance`` is as above.
+    """
+
+    def update_and_read(self, layer: int, ckv: jax.Array, positions: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, Self]:
+        """Write layer ``layer``'s new rows, then return every row the cache holds for it.
+
+        Shapes: ckv [B, T, W], positions [B, T] -> rows [B, S, W] and their positions
+        int32 [B, S] (-1 where a slot holds nothing), with S the cache's capacity.
+        """
+        ...
+
+    def advance(self, positions: jax.Array) -> Self:
+        """Per-step bookkeeping after all layers have written ``positions`` [B, T]."""
+        ...

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import ConcatCache, DenseCache, NoCache, PagedCache
+from kvjax.cache import ConcatCache, DenseCache, LatentCache, NoCache, PagedCache
 from kvjax.cache.paged import (
     KERNEL_HEAD_DIMS,
     KERNEL_PAGE_SIZES,
@@ -39,12 +39,17 @@ from kvjax.cache.paged import (
 from kvjax.config import ModelConfig
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams, sample
 from kvjax.memory.allocator import AllocatorStats, BlockAllocator
+from kvjax.mla_config import MLAConfig
 from kvjax.models.llama import Decoder
+from kvjax.models.mla import MLADecoder
 
 logger = logging.getLogger(__name__)
 
 CacheKind = Literal["none", "concat", "dense", "paged"]
 CACHE_KINDS: tuple[CacheKind, ...] = ("none", "concat", "dense", "paged")
+# The decoders the cached and uncached device loops run; "paged" and "concat" hold
+# per-head K/V and run only ``Decoder`` (MLA's "dense" cache is its latent cache).
+Model = Decoder | MLADecoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +131,7 @@ def _positions(width: int, lengths: jax.Array) -> jax.Array:
     return jnp.where(t < lengths[:, None], t, -1)
 
 
-def _decode_loop(model: Decoder, params: Any, logits: jax.Array, lengths: jax.Array,
+def _decode_loop(model: Model, params: Any, logits: jax.Array, lengths: jax.Array,
                  max_new: jax.Array, stop_ids: jax.Array, sp: SamplingArrays, key: jax.Array,
                  cache: Any, *, num_steps: int, all_greedy: bool) -> tuple[jax.Array, Any]:
     """The device decode loop shared by every preallocated cache (dense, paged, forked).
@@ -169,7 +174,7 @@ _copy_pages = jax.jit(copy_pages, donate_argnums=(0,))
 
 @partial(jax.jit, static_argnames=("model", "num_steps", "all_greedy"),
          donate_argnames=("cache",))
-def _generate_cached(model: Decoder, params: Any, tokens: jax.Array, lengths: jax.Array,
+def _generate_cached(model: Model, params: Any, tokens: jax.Array, lengths: jax.Array,
                      max_new: jax.Array, stop_ids: jax.Array, sp: SamplingArrays,
                      key: jax.Array, cache: Any, *, num_steps: int,
                      all_greedy: bool) -> tuple[jax.Array, Any]:
@@ -184,7 +189,7 @@ def _generate_cached(model: Decoder, params: Any, tokens: jax.Array, lengths: ja
 
 
 @partial(jax.jit, static_argnames=("model", "num_steps", "all_greedy"))
-def _generate_uncached(model: Decoder, params: Any, tokens: jax.Array, lengths: jax.Array,
+def _generate_uncached(model: Model, params: Any, tokens: jax.Array, lengths: jax.Array,
                        max_new: jax.Array, stop_ids: jax.Array, sp: SamplingArrays,
                        key: jax.Array, *, num_steps: int, all_greedy: bool) -> jax.Array:
     """Every step runs the model over the whole (prompt + generated) sequence."""
@@ -211,7 +216,7 @@ def _generate_uncached(model: Decoder, params: Any, tokens: jax.Array, lengths: 
     return jax.lax.while_loop(cond, body, state).out
 
 
-def _step(model: Decoder, params: Any, tokens: jax.Array, positions: jax.Array,
+def _step(model: Model, params: Any, tokens: jax.Array, positions: jax.Array,
           cache: Any, logit_index: jax.Array) -> tuple[jax.Array, Any]:
     """One model step: logits [B, V] at ``logit_index`` and the new cache."""
     return model.apply({"params": params}, tokens, positions, cache, logit_index=logit_index)
@@ -256,7 +261,7 @@ def _generate_concat(model: Decoder, params: Any, tokens: jax.Array, lengths: ja
     return out
 
 
-def validate_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+def validate_prompts(cfg: ModelConfig | MLAConfig, prompts: Sequence[Sequence[int]],
                      max_new_tokens: Sequence[int]) -> None:
     """Raise ValueError naming the first bad prompt, token or length."""
     if not prompts:
@@ -299,6 +304,16 @@ def _to_output(out: jax.Array, per_seq_stops: list[list[int]]) -> GenerationOutp
         result.append(row)
         reasons.append("stop" if row and row[-1] in stops else "length")
     return GenerationOutput(tokens=result, finish_reasons=reasons)
+
+
+def _dense_cache(model: Model, batch: int, max_len: int) -> DenseCache | LatentCache:
+    """The empty preallocated cache of ``model``: per-head K/V, or MLA latent rows."""
+    if isinstance(model, MLADecoder):
+        mla = model.cfg
+        return LatentCache.init(mla.num_layers, batch, max_len, mla.latent_width, model.dtype)
+    cfg = model.cfg
+    return DenseCache.init(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim,
+                           model.dtype)
 
 
 def _kv_bytes_per_token(model: Decoder) -> int:
@@ -374,7 +389,7 @@ def _generate_paged(model: Decoder, args: tuple[Any, ...], prompts: Sequence[Seq
             alloc.free_sequence(i)
 
 
-def generate(model: Decoder, params: Any, prompts: Sequence[Sequence[int]], *,
+def generate(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int], cache: CacheKind = "dense",
              sampling: SamplingParams | Sequence[SamplingParams] = GREEDY, seed: int = 0,
              stop_token_ids: Sequence[int] | Sequence[Sequence[int]] = (),
@@ -387,7 +402,7 @@ def generate(model: Decoder, params: Any, prompts: Sequence[Sequence[int]], *,
       prompts: B lists of token ids, any lengths >= 1.
       max_new_tokens: one limit for all, or one per prompt.
       cache: "dense" (preallocated), "paged" (block pool), "concat" (grows by
-        concatenation) or "none".
+        concatenation) or "none". An MLA model runs "dense" (its latent cache) or "none".
       sampling: one ``SamplingParams`` for all, or one per prompt.
       seed: PRNG seed; the same seed gives the same output.
       stop_token_ids: ids that end a sequence (kept in its output); one list for all or
@@ -426,22 +441,24 @@ def generate(model: Decoder, params: Any, prompts: Sequence[Sequence[int]], *,
     num_steps = _bucket(max(limits), 32)
     width = _bucket(max(len(p) for p in prompts), 16)
     tokens, lengths = _right_padded(prompts, width + (num_steps if cache == "none" else 0))
-    args = (model, params, jnp.asarray(tokens), jnp.asarray(lengths),
-            jnp.asarray(limits, jnp.int32), jnp.asarray(stops),
-            SamplingArrays.from_params(params_list),
-            jax.random.key(seed) if keys is None else keys)
+    args: tuple[Any, ...] = (model, params, jnp.asarray(tokens), jnp.asarray(lengths),
+                             jnp.asarray(limits, jnp.int32), jnp.asarray(stops),
+                             SamplingArrays.from_params(params_list),
+                             jax.random.key(seed) if keys is None else keys)
     all_greedy = all(p.greedy for p in params_list)
     if cache == "dense":
-        kv = DenseCache.init(cfg.num_layers, b, _bucket(width + num_steps, 64), cfg.num_kv_heads,
-                             cfg.head_dim, model.dtype)
+        kv = _dense_cache(model, b, _bucket(width + num_steps, 64))
         out, _ = _generate_cached(*args, kv, num_steps=num_steps, all_greedy=all_greedy)
+    elif cache == "none":
+        out = _generate_uncached(*args, num_steps=num_steps, all_greedy=all_greedy)
+    elif isinstance(model, MLADecoder):
+        raise ValueError(f"cache={cache!r} holds per-head K/V; an MLA model runs with "
+                         "'dense' (its latent cache) or 'none'")
     elif cache == "paged":
-        backend = resolve_attention(attention, block_size, cfg.head_dim)
+        backend = resolve_attention(attention, block_size, model.cfg.head_dim)
         out = _generate_paged(model, args, prompts, limits, block_size=block_size,
                               num_blocks=num_blocks, attention=backend,
                               num_steps=num_steps, all_greedy=all_greedy)
-    elif cache == "none":
-        out = _generate_uncached(*args, num_steps=num_steps, all_greedy=all_greedy)
     else:
         out = _generate_concat(*args, num_steps=num_steps, all_greedy=all_greedy)
     return _to_output(out, per_seq_stops)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +44,12 @@ class LoadedModel:
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """Nested dict of ``jax.ShapeDtypeStruct`` for the model's parameters (no allocation)."""
-    model = Decoder(cfg)
+    return module_param_shapes(Decoder(cfg))
+
+
+def module_param_shapes(model: nn.Module) -> Params:
+    """Parameter shapes of any decoder taking ``(tokens, positions, cache)``, traced with
+    ``NoCache`` (no allocation)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, NoCache())
     return dict(shapes["params"])
@@ -86,7 +92,15 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
 def params_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray],
                         dtype: jnp.dtype = jnp.float32) -> Params:
     """Map Hugging Face tensors onto our parameter tree, cast to ``dtype``."""
-    expected = param_shapes(cfg)
+    return map_tensors(param_shapes(cfg), tensors, dtype,
+                       tie_word_embeddings=cfg.tie_word_embeddings)
+
+
+def map_tensors(expected: Params, tensors: dict[str, np.ndarray], dtype: jnp.dtype, *,
+                tie_word_embeddings: bool) -> Params:
+    """Fill the parameter tree ``expected`` (``ShapeDtypeStruct`` leaves) from Hugging Face
+    tensors, cast to ``dtype``; CheckpointError naming any missing, misshaped or unused
+    tensor."""
     unused = set(tensors)
     leaves = []
     flat, treedef = jax.tree_util.tree_flatten_with_path(expected)
@@ -103,7 +117,7 @@ def params_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray],
             raise CheckpointError(f"tensor {name!r} has shape {array.shape}, "
                                   f"expected {tuple(reversed(spec.shape)) if path[-1] == 'kernel' else spec.shape}")
         leaves.append(jnp.asarray(array, dtype=dtype))
-    if cfg.tie_word_embeddings:
+    if tie_word_embeddings:
         unused.discard("lm_head.weight")  # some tied checkpoints store a copy
     unused = {n for n in unused if not n.endswith(_UNUSED_SUFFIXES)}
     if unused:

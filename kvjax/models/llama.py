@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.config import ModelConfig, rope_inv_freq
+from kvjax.config import ModelConfig, RopeSpec, rope_inv_freq
 
 C = TypeVar("C")
 
@@ -41,8 +41,8 @@ class RMSNorm(nn.Module):
         return w * y.astype(x.dtype)
 
 
-def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables for ``positions`` [B, T] -> each [B, T, head_dim] float32."""
+def rope_tables(cfg: RopeSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables for ``positions`` [B, T] -> each [B, T, rope_dim] float32."""
     inv_freq = jnp.asarray(np.asarray(rope_inv_freq(cfg), np.float32))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
@@ -82,15 +82,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    cfg: ModelConfig
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    hidden_size: int
+    intermediate_size: int
     dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dense = partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
-        gate = dense(self.cfg.intermediate_size, name="gate_proj")(x)
-        up = dense(self.cfg.intermediate_size, name="up_proj")(x)
-        return dense(self.cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
+        gate = dense(self.intermediate_size, name="gate_proj")(x)
+        up = dense(self.intermediate_size, name="up_proj")(x)
+        return dense(self.hidden_size, name="down_proj")(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -105,7 +108,8 @@ class DecoderLayer(nn.Module):
         h, cache = Attention(self.cfg, self.layer, self.dtype, name="self_attn")(
             norm(name="input_layernorm")(x), cos, sin, positions, cache)
         x = x + h
-        x = x + MLP(self.cfg, self.dtype, name="mlp")(norm(name="post_attention_layernorm")(x))
+        mlp = MLP(self.cfg.hidden_size, self.cfg.intermediate_size, self.dtype, name="mlp")
+        x = x + mlp(norm(name="post_attention_layernorm")(x))
         return x, cache
 
 
@@ -140,13 +144,25 @@ class Decoder(nn.Module):
             x, cache = DecoderLayer(cfg, i, self.dtype, name=f"layers_{i}")(
                 x, cos, sin, positions, cache)
         cache = cache.advance(positions)  # type: ignore[attr-defined]
-        if logit_index is not None:
-            x = x[jnp.arange(x.shape[0]), logit_index][:, None]
-        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.dtype, name="lm_head")(x)
-        logits = logits.astype(jnp.float32)
-        return (logits[:, 0] if logit_index is not None else logits), cache
+        logits = output_logits(x, embed, logit_index, eps=cfg.rms_norm_eps,
+                               tie_word_embeddings=cfg.tie_word_embeddings, dtype=self.dtype)
+        return logits, cache
+
+
+def output_logits(x: jax.Array, embed: nn.Embed, logit_index: jax.Array | None, *, eps: float,
+                  tie_word_embeddings: bool, dtype: jnp.dtype) -> jax.Array:
+    """Final RMSNorm (``norm``) and LM head (``lm_head``, or the tied ``embed``).
+
+    Called inside a decoder's compact ``__call__``, so both are that decoder's submodules.
+    x [B, T, hidden]; logit_index optional int32 [B] -> float32 [B, T, V] (or [B, V]).
+    """
+    if logit_index is not None:
+        x = x[jnp.arange(x.shape[0]), logit_index][:, None]
+    x = RMSNorm(eps, dtype, name="norm")(x)
+    if tie_word_embeddings:
+        logits = embed.attend(x)
+    else:
+        logits = nn.Dense(embed.num_embeddings, use_bias=False, dtype=dtype, param_dtype=dtype,
+                          name="lm_head")(x)
+    logits = logits.astype(jnp.float32)
+    return logits[:, 0] if logit_index is not None else logits

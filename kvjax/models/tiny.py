@@ -27,6 +27,7 @@ _WORDS = (
 ).split()
 
 Family = Literal["llama", "qwen2"]
+MLAFamily = Literal["deepseek_v2", "deepseek_v3"]
 
 
 def _tokenizer_files(vocab_words: list[str], vocab_size: int) -> dict[str, Any]:
@@ -55,14 +56,7 @@ def build_tiny_checkpoint(path: str | Path, *, family: Family = "llama", seed: i
     ``vocab_size`` defaults to the demo tokenizer's size. ``max_shard_size`` (e.g.
     ``"20KB"``) forces a sharded ``model.safetensors.index.json`` layout.
     """
-    import torch
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -91,8 +85,66 @@ def build_tiny_checkpoint(path: str | Path, *, family: Family = "llama", seed: i
         model = Qwen2ForCausalLM(Qwen2Config(**common, **extra))
     else:
         raise ValueError(f"family must be llama or qwen2, got {family!r}")
-    # Weights larger than transformers' default init, so greedy decoding wanders through
-    # the vocabulary instead of settling on one token and logits are far from ties.
+    _randomise(model, seed, weight_std)
+    _save(model, path, tok_json if with_tokenizer else None, max_shard_size)
+    return path
+
+
+def build_tiny_mla_checkpoint(path: str | Path, *, family: MLAFamily = "deepseek_v2",
+                              seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                              num_heads: int = 4, kv_lora_rank: int = 16,
+                              q_lora_rank: int | None = None, qk_nope_head_dim: int = 16,
+                              qk_rope_head_dim: int = 8, v_head_dim: int = 12,
+                              intermediate_size: int = 128, vocab_size: int | None = None,
+                              max_position_embeddings: int = 512, rope_interleave: bool = True,
+                              attention_bias: bool = False, tie_word_embeddings: bool = False,
+                              with_tokenizer: bool = True, weight_std: float = 0.25) -> Path:
+    """Save a randomly initialised DeepSeek-V2 or -V3 checkpoint with dense MLP layers only
+    (``first_k_dense_replace = num_layers``). ``rope_interleave`` exists for V3 only (V2
+    always interleaves)."""
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV2ForCausalLM,
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok_json = _tokenizer_files(list(_WORDS), 10**6)
+    extra: dict[str, Any] = {}
+    if family == "deepseek_v3":
+        extra["rope_interleave"] = rope_interleave
+    elif not rope_interleave:
+        raise ValueError("DeepSeek-V2 always interleaves RoPE; rope_interleave=False needs V3")
+    classes: dict[str, tuple[Any, Any]] = {
+        "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
+        "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM)}
+    if family not in classes:
+        raise ValueError(f"family must be deepseek_v2 or deepseek_v3, got {family!r}")
+    config_cls, model_cls = classes[family]
+    config = config_cls(
+        vocab_size=vocab_size or len(tok_json["model"]["vocab"]), hidden_size=hidden_size,
+        intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        kv_lora_rank=kv_lora_rank, q_lora_rank=q_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
+        qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
+        first_k_dense_replace=num_layers, max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attention_bias=attention_bias, tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6, **extra)
+    model = model_cls(config)
+    _randomise(model, seed, weight_std)
+    _save(model, path, tok_json if with_tokenizer else None, None)
+    return path
+
+
+def _randomise(model: Any, seed: int, weight_std: float) -> None:
+    """Weights larger than transformers' default init, so greedy decoding wanders through
+    the vocabulary instead of settling on one token and logits are far from ties; norm
+    weights near 1."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -101,13 +153,19 @@ def build_tiny_checkpoint(path: str | Path, *, family: Family = "llama", seed: i
                 p.copy_(1.0 + 0.1 * noise)
             else:
                 p.copy_(weight_std * noise)
+
+
+def _save(model: Any, path: Path, tok_json: dict[str, Any] | None,
+          max_shard_size: str | None) -> None:
+    """``save_pretrained`` the model and, given its contents, the word-level tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.eval().save_pretrained(path, **kwargs)
-    if with_tokenizer:
+    if tok_json is not None:
         from tokenizers import Tokenizer
 
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=Tokenizer.from_str(json.dumps(tok_json)),
             unk_token="<unk>", bos_token="<s>", eos_token="</s>")
         tokenizer.save_pretrained(path)
-    return path
