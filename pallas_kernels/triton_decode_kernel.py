@@ -2,7 +2,7 @@
 
 One program per ``(sequence, kv_head, split)``, the same decomposition as the Pallas
 kernel in ``pallas_kernels.paged_decode``: the program holds the KV group's query heads
-as ``ROWS`` rows (zero-padded to a power of two >= 16 for ``tl.dot``), walks table
+as ``ROWS`` rows (zero-padded to a power of two >= 16, one mma tile), walks table
 columns ``[split * PAGES_PER_SPLIT, ...)`` of its sequence up to the sequence's length,
 ``BLOCK_TOKENS`` tokens per online-softmax step (one ``[BLOCK_TOKENS, HEAD_DIM]`` tile
 gathered from their pages: several pages, or part of one), and writes its unnormalised

@@ -6,11 +6,11 @@ program, FlashDecoding split-K merged by the shared ``combine_splits``, lengths 
 missing pages and empty sequences give zeros, the same ``check_paged_args``), written
 directly in Triton (``pallas_kernels.triton_decode_kernel``) instead of through Pallas's
 Triton lowering, which is deprecated as of JAX 0.11. Differences in the program: an
-online-softmax step is ``block_tokens`` tokens (a power of two >= 16, as ``tl.dot``
-needs) gathered from their pages into one ``[block_tokens, D]`` tile and scored with one
-``tl.dot`` — several pages, or part of a page when pages are large — instead of a
-number of whole pages; and a layer-stacked pool is read in place through a layer index
-passed as a scalar.
+online-softmax step is ``block_tokens`` tokens (a power of two >= 16: the P·V
+``tl.dot`` contracts over them and needs K >= 16) gathered from their pages into one
+``[block_tokens, D]`` tile and scored with one ``tl.dot`` — several pages, or part of a
+page when pages are large — instead of a number of whole pages; and a layer-stacked
+pool is read in place through a layer index passed as a scalar.
 
 ``decode_launch`` is a pure function from shapes and tunables to the launch (grid,
 scalar arguments, constexpr meta-parameters, warps, stages, output shapes); the
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.paged_decode import auto_num_splits, check_paged_args, combine_splits
 
-MIN_BLOCK_TOKENS = 16  # tl.dot needs >= 16 along each dimension of its tiles
+MIN_BLOCK_TOKENS = 16  # query rows (one mma tile) and step tokens (tl.dot needs K >= 16)
 MAX_TILE_BYTES = 32 * 1024  # default step: one K (and one V) tile of at most this size
 H100_SHARED_BYTES = 232448  # shared memory one program may use on an H100 (227 KiB)
 WARPS = (1, 2, 4, 8, 16)
