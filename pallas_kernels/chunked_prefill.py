@@ -27,8 +27,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.paged_decode import MASKED, Carry, attend_pages, check_paged_args, host_value
+from pallas_kernels.paged_decode import (
+    MASKED,
+    Carry,
+    attend_pages,
+    check_paged_args,
+    host_value,
+    pool_spec,
+)
 
 # ---------------------------------------------------------------- (1) the kernel
 
@@ -73,15 +81,16 @@ def _prefill_kernel(
 
 def _prefill_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array,
                   meta: jax.Array, *, group_rows: int, block_q: int, pages_per_block: int,
+                  num_warps: int, num_stages: int, layer: int | None,
                   interpret: bool) -> jax.Array:
-    """q [B, K, T_pad * group_rows, D] (token-major rows); k/v_pages [P, S, K, D];
-    tables int32 [B, pages_padded]; meta int32 [B, 2] = (lengths, q_lens) -> like q."""
+    """q [B, K, T_pad * group_rows, D] (token-major rows); k/v_pages [P, S, K, D] (or
+    [L, P, S, K, D] read at ``layer``); tables int32 [B, pages_padded]; meta int32
+    [B, 2] = (lengths, q_lens) -> like q."""
     batch, kv_heads, all_rows, head_dim = q.shape
-    num_pages, page_size = k_pages.shape[:2]
     rows = block_q * group_rows
     kernel = functools.partial(_prefill_kernel, group_rows=group_rows,
                                pages_per_block=pages_per_block, scale=head_dim ** -0.5)
-    pool = pl.BlockSpec((num_pages, page_size, None, head_dim), lambda b, h, t: (0, 0, h, 0))
+    pool = pool_spec(k_pages.shape, layer)
     tile = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, t: (b, h, t, 0))
     return pl.pallas_call(
         kernel,
@@ -96,6 +105,10 @@ def _prefill_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: 
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret,
+        # Triton lowering chosen explicitly, as for the decode kernel (Mosaic GPU, the
+        # default, does not fit the whole-pool blocks in shared memory).
+        compiler_params=None if interpret else plt.CompilerParams(num_warps=num_warps,
+                                                                  num_stages=num_stages),
         name="paged_chunked_prefill",
     )(tables, meta, q, k_pages, v_pages)
 
@@ -104,13 +117,13 @@ def _prefill_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: 
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "pages_per_block", "group_rows",
-                                             "interpret"))
+                                             "num_warps", "num_stages", "layer", "interpret"))
 def _paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                    block_tables: jax.Array, q_lens: jax.Array, lengths: jax.Array, *,
-                   block_q: int, pages_per_block: int, group_rows: int,
-                   interpret: bool) -> jax.Array:
+                   block_q: int, pages_per_block: int, group_rows: int, num_warps: int,
+                   num_stages: int, layer: int | None, interpret: bool) -> jax.Array:
     batch, t, heads, head_dim = q.shape
-    page_size, kv_heads = k_pages.shape[1:3]
+    page_size, kv_heads = k_pages.shape[-3:-1]
     max_blocks = block_tables.shape[1]
     group = heads // kv_heads
     block_q = min(block_q, pl.next_power_of_2(t))
@@ -124,7 +137,8 @@ def _paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, t_pad - t), (0, group_rows - group), (0, 0)))
     out = _prefill_call(qg.reshape(batch, kv_heads, t_pad * group_rows, head_dim), k_pages,
                         v_pages, tables, meta, group_rows=group_rows, block_q=block_q,
-                        pages_per_block=pages_per_block, interpret=interpret)
+                        pages_per_block=pages_per_block, num_warps=num_warps,
+                        num_stages=num_stages, layer=layer, interpret=interpret)
     out = out.reshape(batch, kv_heads, t_pad, group_rows, head_dim)[:, :, :t, :group]
     return out.transpose(0, 2, 1, 3, 4).reshape(batch, t, heads, head_dim)
 
@@ -132,7 +146,8 @@ def _paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                             block_tables: jax.Array, q_lens: jax.Array, lengths: jax.Array,
                             *, block_q: int = 16, pages_per_block: int = 4,
-                            interpret: bool = False) -> jax.Array:
+                            num_warps: int = 4, num_stages: int = 2,
+                            layer: int | None = None, interpret: bool = False) -> jax.Array:
     """Causal attention of a ragged chunk of new tokens over paged K/V (jitted kernel).
 
     Args:
@@ -143,6 +158,9 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
       lengths: int [B] tokens per sequence including the chunk, in [0, M * S].
       block_q: tokens per query tile (a power of two; clamped to T's).
       pages_per_block: pages per online-softmax step.
+      num_warps, num_stages: Triton launch settings (ignored when interpreting).
+      layer: if given, ``k_pages``/``v_pages`` are a layer-stacked ``[L, P, S, K, D]``
+        pool and layer ``layer`` is read in place.
       interpret: run the Pallas HLO interpreter (needed on CPU).
 
     Returns:
@@ -153,7 +171,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
         lengths / q_lens out of range when they are concrete.
     """
     check_paged_args(q, k_pages, v_pages, block_tables, lengths, pages_per_block, 1,
-                     q_rank=4)
+                     q_rank=4, layer=layer)
     if q_lens.ndim != 1 or q_lens.shape[0] != q.shape[0]:
         raise ValueError(f"q_lens must have shape ({q.shape[0]},), got {q_lens.shape}")
     if not jnp.issubdtype(q_lens.dtype, jnp.integer):
@@ -165,10 +183,11 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
             q_host.min() < 0 or (q_host > q.shape[1]).any() or (q_host > len_host).any()):
         raise ValueError(f"q_lens must lie in [0, min(T={q.shape[1]}, lengths)], got "
                          f"{q_host.tolist()} with lengths {len_host.tolist()}")
-    rows = pl.next_power_of_2(q.shape[2] // k_pages.shape[2])
+    rows = pl.next_power_of_2(q.shape[2] // k_pages.shape[-2])
     return _paged_prefill(q, k_pages, v_pages, block_tables, q_lens, lengths,
                           block_q=block_q, pages_per_block=pages_per_block,
-                          group_rows=rows, interpret=interpret)
+                          group_rows=rows, num_warps=num_warps, num_stages=num_stages,
+                          layer=layer, interpret=interpret)
 
 
 # -------------------------------------------------------- (4) the pure-jnp reference

@@ -118,6 +118,49 @@ def test_paged_matches_dense(page_size: int, pad: str) -> None:
     np.testing.assert_array_equal(paged.lengths, [7, 14, 3, 32])  # seq 1 stopped early
 
 
+def test_kernel_backend_matches_xla_on_chunks_and_decode() -> None:
+    """"pallas-interpret" (chunked-prefill kernel for T > 1, decode kernel for T = 1, each
+    layer read in place) gives the XLA reference's outputs: a prefill, a second chunk
+    after it (prefix-hit suffix, decode-like rows of one token and idle rows among
+    them), then a decode step."""
+    rng = np.random.default_rng(3)
+    heads, kv_heads, head_dim, page_size, max_blocks = 4, 2, 64, 8, 6
+    prompt, chunk = [5, 13, 1], [7, 1, 0]  # second chunk: 7 tokens, 1 token, idle
+    budgets = [p + c + 1 for p, c in zip(prompt, chunk, strict=True)]
+    num_pages = sum(math.ceil(n / page_size) for n in budgets) + 2
+    tables = jnp.asarray(_scrambled_tables(rng, budgets, page_size, max_blocks, num_pages,
+                                           "alias"))
+    caches = {a: PagedCache.init(L, num_pages, page_size, kv_heads, head_dim, jnp.float32,
+                                 tables, attention=a) for a in ("xla", "pallas-interpret")}
+
+    @jax.jit
+    def step(cache: PagedCache, q: jax.Array, k: jax.Array, v: jax.Array,
+             pos: jax.Array) -> tuple[list[jax.Array], PagedCache]:
+        outs = []
+        for layer in range(L):
+            out, cache = cache.update_and_attend(layer, q, k * (layer + 1), v - layer, pos)
+            outs.append(out)
+        return outs, cache.advance(pos)
+
+    col = np.arange(16)[None, :]
+    first = np.asarray(prompt)[:, None]
+    steps = [np.where(col < first, col, -1),
+             np.where(col < np.asarray(chunk)[:, None], first + col, -1),
+             (first + np.asarray(chunk)[:, None])[:, :1]]
+    for pos in steps:
+        b, t = pos.shape
+        q = jnp.asarray(rng.standard_normal((b, t, heads, head_dim)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((b, t, kv_heads, head_dim)), jnp.float32)
+                for _ in range(2))
+        results = {a: step(c, q, k, v, jnp.asarray(pos, jnp.int32))
+                   for a, c in caches.items()}
+        caches = {a: r[1] for a, r in results.items()}
+        for got, want in zip(results["pallas-interpret"][0], results["xla"][0], strict=True):
+            chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+            assert np.all(np.asarray(got)[pos < 0] == 0)
+            assert np.abs(np.asarray(got)[pos >= 0]).sum() > 0
+
+
 def test_out_of_table_positions_are_dropped() -> None:
     """Positions past a sequence's real blocks (-1 entries) write nothing anywhere."""
     tables = jnp.asarray([[2, -1], [0, 1]], jnp.int32)

@@ -1,5 +1,6 @@
-"""End to end: greedy generation with the Pallas decode kernel (interpreted) in the paged
-cache is token-identical to the dense cache in float32."""
+"""End to end: greedy generation with the Pallas kernels (interpreted: chunked prefill for
+the prompt, decode for each new token) in the paged cache is token-identical to the dense
+cache in float32."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import attend_by_position
+from pallas_kernels.chunked_prefill import paged_prefill_attention
 from pallas_kernels.paged_decode import HEAD_DIMS as KERNEL_HEAD_DIMS
 from pallas_kernels.paged_decode import PAGE_SIZES as KERNEL_PAGE_SIZES
 from pallas_kernels.paged_decode import paged_decode_attention
@@ -88,11 +89,13 @@ class PagedCache:
       k_pages, v_pages: [L, P, S, K, D] with P = num_pages, S = page_size.
       block_tables: int32 [B, M], M = max_blocks; entries outside [0, P) = no page.
       lengths: int32 [B], tokens stored per sequence (positions ``[0, length)``).
-      attention: static; how decode steps (one new token per sequence) attend:
-        "xla" (``paged_attention_reference``), "pallas" (the Pallas decode kernel,
-        GPU), "pallas-interpret" (the same kernel in the Pallas interpreter, CPU) or
-        "triton" (the Triton decode kernel through jax-triton, GPU). Steps with several
-        new tokens (prefill) use the XLA reference.
+      attention: static; how steps attend: "xla" (``paged_attention_reference``),
+        "pallas" (the Pallas decode kernel for one new token per sequence, the Pallas
+        chunked-prefill kernel for several; GPU), "pallas-interpret" (the same kernels
+        in the Pallas interpreter, CPU) or "triton" (the Triton decode kernel through
+        jax-triton, GPU; steps of several new tokens use the XLA reference). The
+        kernels read this step's layer of the pool in place and expect each row's
+        valid positions (>= 0) to be one run from the row's start (right padding).
     """
 
     k_pages: jax.Array
@@ -165,17 +168,28 @@ class PagedCache:
                                                          mode="drop")
         new_v = self.v_pages.at[layer, page, offset].set(v.astype(self.v_pages.dtype),
                                                          mode="drop")
-        if self.attention == "xla" or q.shape[1] != 1:
-            out = paged_attention_reference(q, new_k[layer], new_v[layer], self.block_tables,
-                                            positions)
-        elif self.attention == "triton":  # one token per sequence; this layer read in place
-            out = triton_paged_decode_attention(q[:, 0], new_k, new_v, self.block_tables,
-                                                positions[:, 0] + 1, layer=layer)[:, None]
-        else:
-            out = paged_decode_attention(
-                q[:, 0], new_k, new_v, self.block_tables, positions[:, 0] + 1, layer=layer,
-                interpret=self.attention == "pallas-interpret")[:, None]
-        return out, dataclasses.replace(self, k_pages=new_k, v_pages=new_v)
+        new = dataclasses.replace(self, k_pages=new_k, v_pages=new_v)
+        return new._attend(layer, q, positions), new
+
+    def _attend(self, layer: int, q: jax.Array, positions: jax.Array) -> jax.Array:
+        """q [B, T, H, D] at positions int32 [B, T] over the (written) pool, by backend."""
+        tables, k_pages, v_pages = self.block_tables, self.k_pages, self.v_pages
+        decode = q.shape[1] == 1
+        if self.attention == "xla" or (self.attention == "triton" and not decode):
+            return paged_attention_reference(q, k_pages[layer], v_pages[layer], tables,
+                                             positions)
+        interpret = self.attention == "pallas-interpret"
+        if not decode:  # a chunk of new tokens per row: valid positions [p0, p0 + q_len)
+            return paged_prefill_attention(q, k_pages, v_pages, tables,
+                                           (positions >= 0).sum(axis=1),
+                                           positions.max(axis=1) + 1, layer=layer,
+                                           interpret=interpret)
+        lengths = positions[:, 0] + 1  # padding rows (-1): length 0, zero output
+        if self.attention == "triton":
+            return triton_paged_decode_attention(q[:, 0], k_pages, v_pages, tables, lengths,
+                                                 layer=layer)[:, None]
+        return paged_decode_attention(q[:, 0], k_pages, v_pages, tables, lengths, layer=layer,
+                                      interpret=interpret)[:, None]
 
     def advance(self, positions: jax.Array) -> PagedCache:
         """lengths <- max(lengths, last written position + 1)."""
