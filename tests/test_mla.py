@@ -73,24 +73,29 @@ def test_v2_naive_and_absorbed_match_transformers(v2: LoadedMLAModel, v2_hf: Any
     absorbed = _logits(v2.model, v2.params, tokens)
     naive = _logits(MLADecoder(v2.config, attention="naive"), v2.params, tokens)
     assert np.abs(ref).max() > 1.0  # not a comparison of near-zero tensors
-    assert np.abs(naive - ref).max() <= 2e-5
-    assert np.abs(absorbed - ref).max() <= 2e-5
-    assert np.abs(absorbed - naive).max() <= 2e-5
+    assert np.abs(naive - ref).max() <= 3e-5
+    assert np.abs(absorbed - ref).max() <= 3e-5
+    assert np.abs(absorbed - naive).max() <= 3e-5
 
 
-V3_CASES = [pytest.param(False, id="rotate-half"),
-            pytest.param(True, id="interleaved", marks=pytest.mark.slow)]
+# (rope_interleave, llama3 RoPE scaling, tokens): 100 tokens reach the scaled pairs.
+V3_CASES = [pytest.param(False, False, 17, id="rotate-half"),
+            pytest.param(True, False, 17, id="interleaved", marks=pytest.mark.slow),
+            pytest.param(True, True, 100, id="llama3-scaling", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("interleave", V3_CASES)
-def test_v3_matches_transformers(interleave: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("interleave", "llama3", "length"), V3_CASES)
+def test_v3_matches_transformers(interleave: bool, llama3: bool, length: int,
+                                 tmp_path: Path) -> None:
     path = build_tiny_mla_checkpoint(tmp_path, family="deepseek_v3", rope_interleave=interleave,
+                                     llama3_rope_scaling=llama3, max_position_embeddings=128,
                                      qk_nope_head_dim=8, v_head_dim=16, seed=5)
     lm = load_mla_checkpoint(path)
     assert lm.config.rope_interleave is interleave
-    tokens = np.random.default_rng(1).integers(0, lm.config.vocab_size, (2, 17))
+    assert (lm.config.rope_scaling is not None) is llama3
+    tokens = np.random.default_rng(1).integers(0, lm.config.vocab_size, (2, length))
     ref = _hf_logits(_hf_model(path), tokens)
-    assert np.abs(_logits(lm.model, lm.params, tokens) - ref).max() <= 2e-5
+    assert np.abs(_logits(lm.model, lm.params, tokens) - ref).max() <= 3e-5 * (length / 17)
 
 
 def test_greedy_generation_matches_transformers_and_recompute(v2: LoadedMLAModel,

@@ -70,11 +70,7 @@ def build_tiny_checkpoint(path: str | Path, *, family: Family = "llama", seed: i
     )
     model: Any
     if family == "llama":
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0}
-        if llama3_rope_scaling:
-            rope.update(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                        high_freq_factor=4.0,
-                        original_max_position_embeddings=max_position_embeddings // 4)
+        rope = _rope_parameters(llama3_rope_scaling, max_position_embeddings)
         extra: dict[str, Any] = dict(rope_parameters=rope, attention_bias=attention_bias,
                                      tie_word_embeddings=bool(tie_word_embeddings))
         model = LlamaForCausalLM(LlamaConfig(**common, **extra))
@@ -97,11 +93,12 @@ def build_tiny_mla_checkpoint(path: str | Path, *, family: MLAFamily = "deepseek
                               qk_rope_head_dim: int = 8, v_head_dim: int = 12,
                               intermediate_size: int = 128, vocab_size: int | None = None,
                               max_position_embeddings: int = 512, rope_interleave: bool = True,
-                              attention_bias: bool = False, tie_word_embeddings: bool = False,
-                              with_tokenizer: bool = True, weight_std: float = 0.25) -> Path:
+                              llama3_rope_scaling: bool = False, attention_bias: bool = False,
+                              tie_word_embeddings: bool = False, with_tokenizer: bool = True,
+                              weight_std: float = 0.25) -> Path:
     """Save a randomly initialised DeepSeek-V2 or -V3 checkpoint with dense MLP layers only
     (``first_k_dense_replace = num_layers``). ``rope_interleave`` exists for V3 only (V2
-    always interleaves)."""
+    always interleaves); ``llama3_rope_scaling`` as in :func:`build_tiny_checkpoint`."""
     from transformers import (
         DeepseekV2Config,
         DeepseekV2ForCausalLM,
@@ -130,13 +127,22 @@ def build_tiny_mla_checkpoint(path: str | Path, *, family: MLAFamily = "deepseek
         kv_lora_rank=kv_lora_rank, q_lora_rank=q_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
         qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
         first_k_dense_replace=num_layers, max_position_embeddings=max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_parameters=_rope_parameters(llama3_rope_scaling, max_position_embeddings),
         attention_bias=attention_bias, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6, **extra)
     model = model_cls(config)
     _randomise(model, seed, weight_std)
     _save(model, path, tok_json if with_tokenizer else None, None)
     return path
+
+
+def _rope_parameters(llama3_scaling: bool, max_position_embeddings: int) -> dict[str, Any]:
+    """Plain RoPE with base 10000, or Llama-3 scaling of a context a quarter as long."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0}
+    if llama3_scaling:
+        rope.update(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=max_position_embeddings // 4)
+    return rope
 
 
 def _randomise(model: Any, seed: int, weight_std: float) -> None:
