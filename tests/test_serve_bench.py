@@ -143,3 +143,21 @@ def test_serve_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert s["prefix_hit_tokens"] > 0 and max(hits) >= 32
     assert record["precompile"]["shapes"] == 3 and s["compiled_during_run"] == 0
     assert s["meets_p99_itl_target"] is True
+
+
+@pytest.mark.slow
+def test_engine_vs_hf_tiny(tmp_path: Path) -> None:
+    """The GPU benchmark script end to end on its tiny CPU setting (about a minute)."""
+    import subprocess
+    import sys
+
+    script = CONFIGS.parent / "benchmarks" / "engine_vs_hf.py"
+    out = tmp_path / "evh.json"
+    subprocess.run([sys.executable, str(script), "--tiny", "--out", str(out), "--jax-cache",
+                    ""], check=True, timeout=300)
+    record = json.loads(out.read_text())
+    assert len(record["offline"]) == 4 and record["online"]["rows"]
+    for row in record["offline"]:
+        assert row["engine"]["decode_tok_s"] > 0 and row["hf_static"]["decode_tok_s"] > 0
+        # Same weights: greedy first tokens agree with transformers.
+        assert row["agreement_vs_hf_dynamic"]["first_token"] >= 0.75
