@@ -76,6 +76,19 @@ class KVUp(nn.Module):
         return kernel.reshape(cfg.kv_lora_rank, cfg.num_heads, -1)
 
 
+def _check_args(q_nope: jax.Array, q_rope: jax.Array, rows: jax.Array, w_kvb: jax.Array,
+                mask: jax.Array, rope_key_heads: int) -> None:
+    chex.assert_rank([q_nope, q_rope, rows, w_kvb, mask], [4, 4, 3, 3, 3])
+    b, t, h, dn = q_nope.shape
+    chex.assert_shape(q_rope, (b, t, h, None))
+    chex.assert_shape(w_kvb, (None, h, None))
+    chex.assert_shape(rows, (b, None, w_kvb.shape[0] + rope_key_heads * q_rope.shape[-1]))
+    chex.assert_shape(mask, (b, t, rows.shape[1]))
+    if h % rope_key_heads or w_kvb.shape[2] <= dn:
+        raise ValueError(f"rope_key_heads={rope_key_heads} must divide {h} heads and "
+                         f"kv_b_proj's width {w_kvb.shape[2]} exceed dn={dn}")
+
+
 def attend_naive(q_nope: jax.Array, q_rope: jax.Array, rows: jax.Array, w_kvb: jax.Array,
                  mask: jax.Array, *, rope_key_heads: int, scale: float) -> jax.Array:
     """Attention with K/V expanded from the latent for every key.
@@ -83,6 +96,7 @@ def attend_naive(q_nope: jax.Array, q_rope: jax.Array, rows: jax.Array, w_kvb: j
     q_nope [B, T, H, dn], q_rope [B, T, H, dr], rows [B, S, r + Kr * dr] (cached rows),
     w_kvb [r, H, dn + dv], mask bool [B, T, S] -> [B, T, H, dv] in ``rows``' dtype.
     """
+    _check_args(q_nope, q_rope, rows, w_kvb, mask, rope_key_heads)
     b, s, _ = rows.shape
     r, h, _ = w_kvb.shape
     dn, dr = q_nope.shape[-1], q_rope.shape[-1]
@@ -103,6 +117,7 @@ def attend_absorbed(q_nope: jax.Array, q_rope: jax.Array, rows: jax.Array, w_kvb
     latent forms one MQA-style key ``[c | k_rope_g]`` of width r + dr shared by the query
     heads of group ``g``; the value is the latent c itself.
     """
+    _check_args(q_nope, q_rope, rows, w_kvb, mask, rope_key_heads)
     b, s, _ = rows.shape
     r = w_kvb.shape[0]
     dn, dr = q_nope.shape[-1], q_rope.shape[-1]
