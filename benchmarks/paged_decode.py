@@ -14,12 +14,14 @@ Run: python benchmarks/paged_decode.py [--rows 8x4096,32x1024,...]
      python benchmarks/paged_decode.py --sweep triton   (or pallas): a grid of one
      kernel's settings per row, without the baselines.
 --budget-s (default 270) is shared by the rows: a row whose share is spent skips its
-remaining settings, so a run stays under about 5 minutes.
+remaining kvjax settings (the baselines are always timed), so a run stays under about
+5 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -125,9 +127,10 @@ def torch_sdpa(b: int, s: int) -> float | str:
 
 def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
                 arg_sets: Sequence[tuple[Any, ...]], expected: jax.Array | None,
-                budget: Budget) -> None:
-    """res[name] = seconds per call (and res[name + " err"] vs ``expected``), or why not."""
-    if budget.spent():
+                budget: Budget | None) -> None:
+    """res[name] = seconds per call (and res[name + " err"] vs ``expected``), or why not;
+    kvjax settings pass the row's budget, baselines (always timed) None."""
+    if budget is not None and budget.spent():
         res[name] = "skipped: time budget spent"
         return
     try:
@@ -159,18 +162,22 @@ def run_row(b: int, s: int, pallas: Sequence[Setting], triton: Sequence[Setting]
     ref = jax.jit(lambda q, kp, vp, bt, ln: paged_attention_reference(
         q[:, None], kp, vp, bt, (ln - 1)[:, None])[:, 0])
     expected = ref(*ours_sets[0])
-    for ppb, splits, warps, stages in pallas:
-        fn = jax.jit(lambda *a, ppb=ppb, splits=splits, w=warps, st=stages:
-                     paged_decode_attention(*a, pages_per_block=ppb, num_splits=splits,
-                                            num_warps=w, num_stages=st))
-        time_kernel(res, f"kvjax pallas ppb{ppb} sp{splits} w{warps} st{stages}", fn,
-                    ours_sets, expected, budget)
-    for tokens, splits, warps, stages in triton:
-        fn = jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages:
-                     triton_paged_decode_attention(*a, block_tokens=bt, num_splits=splits,
-                                                   num_warps=w, num_stages=st))
-        time_kernel(res, f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}",
-                    fn, ours_sets, expected, budget)
+    kernels: list[list[tuple[str, Callable[..., Any]]]] = [[
+        (f"kvjax pallas ppb{ppb} sp{splits} w{warps} st{stages}",
+         jax.jit(lambda *a, ppb=ppb, splits=splits, w=warps, st=stages:
+                 paged_decode_attention(*a, pages_per_block=ppb, num_splits=splits,
+                                        num_warps=w, num_stages=st)))
+        for ppb, splits, warps, stages in pallas], [
+        (f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}",
+         jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages:
+                 triton_paged_decode_attention(*a, block_tokens=bt, num_splits=splits,
+                                               num_warps=w, num_stages=st)))
+        for tokens, splits, warps, stages in triton]]
+    # Alternate the two kernels so that a spent budget cuts both alike.
+    for pair in itertools.zip_longest(*kernels):
+        for name, fn in filter(None, pair):
+            time_kernel(res, name, fn, ours_sets, expected, budget)
+    res = dict(sorted(res.items(), key=lambda kv: not kv[0].startswith("kvjax pallas")))
     if not baselines:
         return res
     try:
@@ -183,8 +190,8 @@ def run_row(b: int, s: int, pallas: Sequence[Setting], triton: Sequence[Setting]
                          ("jax builtin ks32 ppcb4",
                           {"k_splits": 32, "pages_per_compute_block": 4})):
             fn = jax.jit(lambda *a, kw=kw: builtin.paged_attention(*a, **kw))
-            time_kernel(res, name, fn, theirs_sets, None, budget)
-    time_kernel(res, "xla gather+einsum", ref, ours_sets, None, budget)
+            time_kernel(res, name, fn, theirs_sets, None, None)
+    time_kernel(res, "xla gather+einsum", ref, ours_sets, None, None)
     res["torch sdpa dense"] = torch_sdpa(b, s)
     return res
 
@@ -229,7 +236,7 @@ def main() -> None:
                     help="time a grid of this kernel's settings, without the baselines")
     ap.add_argument("--budget-s", type=float, default=270.0,
                     help="time budget of the run, shared evenly by the rows: a row stops "
-                         "timing new settings when its share is spent")
+                         "timing new kvjax settings when its share is spent")
     args = ap.parse_args()
     specs = args.rows.split(",")
     reason = triton_unavailable_reason()
