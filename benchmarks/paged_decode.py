@@ -13,7 +13,7 @@ one that fails to compile or run is reported and the run goes on. Writes JSON to
 Run: python benchmarks/paged_decode.py [--rows 8x4096,32x1024,...]
      python benchmarks/paged_decode.py --sweep triton   (or pallas): a grid of one
      kernel's settings per row, without the baselines.
---budget-s (default 270) is shared by the rows: a row whose share is spent skips its
+--budget-s (default 200) is shared by the rows: a row whose share is spent skips its
 remaining kvjax settings (the baselines are always timed), so a run stays under about
 5 minutes.
 """
@@ -234,7 +234,7 @@ def main() -> None:
     ap.add_argument("--rows", default="8x4096,32x1024,32x4096,64x4096,32x16384")
     ap.add_argument("--sweep", choices=("pallas", "triton"),
                     help="time a grid of this kernel's settings, without the baselines")
-    ap.add_argument("--budget-s", type=float, default=270.0,
+    ap.add_argument("--budget-s", type=float, default=200.0,
                     help="time budget of the run, shared evenly by the rows: a row stops "
                          "timing new kvjax settings when its share is spent")
     args = ap.parse_args()
