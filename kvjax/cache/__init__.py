@@ -7,6 +7,8 @@ from kvjax.cache.dense import DenseCache
 from kvjax.cache.latent import LatentCache
 from kvjax.cache.none import NoCache
 from kvjax.cache.paged import PagedCache, copy_pages, paged_attention_reference, with_block_tables
+from kvjax.cache.paged_latent import PagedLatentCache
 
 __all__ = ["ConcatCache", "DenseCache", "KVCache", "LatentCache", "LatentKVCache", "NoCache",
-           "PagedCache", "copy_pages", "paged_attention_reference", "with_block_tables"]
+           "PagedCache", "PagedLatentCache", "copy_pages", "paged_attention_reference",
+           "with_block_tables"]

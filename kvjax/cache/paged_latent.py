@@ -1,0 +1,106 @@
+"""Paged MLA latent cache: a shared pool of pages of latent rows, ``[L, P, page_size, W]``.
+
+The paged layout of ``cache/paged.py`` (PagedAttention, Kwon et al., 2023) with MLA's
+row (``W = latent_width`` values: c_KV and the RoPE key heads) in place of per-head
+K/V: the token at position ``p`` of sequence ``b`` lives in page
+``block_tables[b, p // page_size]`` at offset ``p % page_size``; table entries outside
+``[0, P)`` mean "no page" (writes dropped, slots never read); padding (position -1) is
+dropped. Reads gather each sequence's pages into ``[B, max_blocks * page_size, W]``,
+slot ``j`` holding position ``j``, for the model's naive or absorbed attention
+(``kvjax.models.mla``). Implements ``base.LatentKVCache``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache.dense import advanced_lengths
+
+
+def page_slots(block_tables: jax.Array, positions: jax.Array, page_size: int,
+               num_pages: int) -> tuple[jax.Array, jax.Array]:
+    """Physical page and in-page offset of each position, int32 [B, T] each.
+
+    Padding, positions past the table and "no page" entries get page ``num_pages``, out
+    of bounds (not -1, which would wrap), so a ``mode="drop"`` scatter discards them.
+    """
+    block = positions // page_size
+    ok = (positions >= 0) & (block < block_tables.shape[1])
+    entry = jnp.take_along_axis(block_tables, jnp.where(ok, block, 0), axis=1)
+    ok &= (entry >= 0) & (entry < num_pages)
+    return jnp.where(ok, entry, num_pages), positions % page_size
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedLatentCache:
+    """Fields:
+      pages: [L, P, S, W] with P = num_pages, S = page_size, W = latent_width.
+      block_tables: int32 [B, M], M = max_blocks; entries outside [0, P) = no page.
+      lengths: int32 [B], tokens stored per sequence (positions ``[0, length)``).
+    """
+
+    pages: jax.Array
+    block_tables: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def init(cls, num_layers: int, num_pages: int, page_size: int, latent_width: int,
+             dtype: jnp.dtype, block_tables: jax.Array,
+             lengths: jax.Array | None = None) -> PagedLatentCache:
+        """An empty pool with the given tables (int [B, M]); ``lengths`` int [B] (default
+        zeros) counts tokens already held (e.g. a shared prefix)."""
+        if min(num_layers, num_pages, page_size, latent_width) <= 0:
+            raise ValueError("num_layers, num_pages, page_size and latent_width must be "
+                             "positive")
+        block_tables = jnp.asarray(block_tables, jnp.int32)
+        chex.assert_rank(block_tables, 2)
+        batch = block_tables.shape[0]
+        lengths = (jnp.zeros((batch,), jnp.int32) if lengths is None
+                   else jnp.asarray(lengths, jnp.int32))
+        chex.assert_shape(lengths, (batch,))
+        return cls(pages=jnp.zeros((num_layers, num_pages, page_size, latent_width), dtype),
+                   block_tables=block_tables, lengths=lengths)
+
+    @property
+    def num_pages(self) -> int:
+        return int(self.pages.shape[1])
+
+    @property
+    def page_size(self) -> int:
+        return int(self.pages.shape[2])
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens one sequence can address: ``max_blocks * page_size``."""
+        return int(self.block_tables.shape[1]) * self.page_size
+
+    def update_and_read(self, layer: int, ckv: jax.Array, positions: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, PagedLatentCache]:
+        """Scatter this step's rows into their pages; gather layer ``layer``'s pages.
+
+        ckv [B, T, W], positions int32 [B, T] -> rows [B, M * S, W] (cache dtype), their
+        positions int32 [B, M * S] (slot ``j`` = position ``j``, -1 where no page), and
+        the new cache.
+        """
+        b, t, w = ckv.shape
+        chex.assert_shape(positions, (b, t))
+        chex.assert_shape(self.block_tables, (b, None))
+        chex.assert_shape(self.pages, (None, None, None, w))
+        page, offset = page_slots(self.block_tables, positions, self.page_size, self.num_pages)
+        pages = self.pages.at[layer, page, offset].set(ckv.astype(self.pages.dtype),
+                                                       mode="drop")
+        tables = self.block_tables
+        rows = pages[layer][jnp.clip(tables, 0, self.num_pages - 1)].reshape(b, -1, w)
+        real = jnp.repeat((tables >= 0) & (tables < self.num_pages), self.page_size, axis=1)
+        slot = jnp.arange(self.capacity, dtype=jnp.int32)[None, :]
+        return rows, jnp.where(real, slot, -1), dataclasses.replace(self, pages=pages)
+
+    def advance(self, positions: jax.Array) -> PagedLatentCache:
+        """lengths <- max(lengths, last written position + 1)."""
+        return dataclasses.replace(self, lengths=advanced_lengths(self.lengths, positions,
+                                                                  self.capacity))
