@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU measurement the docs cite, in groups that each fit a 10-minute slot.
+#
+#   bash benchmarks/gpu_runs.sh GROUP [OUT_DIR]      (OUT_DIR defaults to $OUT, then runs/gpu)
+#
+# Groups (estimated H100 wall time; the estimates marked * are not measured yet):
+#   kernels      paged decode: all columns + generate_paged bf16/fp32      ~ 6 min *
+#   sweep        Triton kernel tunables per row                            ~ 4 min *
+#   experiments  kv-cost-gpu (~2.5 min) + cache-speedup-gpu (~2 min)       ~ 5 min
+#   prefix       prefix-sharing-gpu + tiered-cache-gpu                     ~ 8 min *
+#   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
+#   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
+# Where the GPU machine lacks packages (flax, chex, jax-triton ...), install wheels first
+# and put them on PYTHONPATH; the script only sets PYTHONPATH to the repository root.
+set -uo pipefail
+group="${1:?usage: gpu_runs.sh GROUP [OUT_DIR]}"
+out="${2:-${OUT:-runs/gpu}}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+export OUT="$out"  # benchmarks/paged_decode.py writes its JSON there
+cd "$(dirname "$0")/.."
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+py=python3
+run() {  # name, seconds, command...: a step that cannot sink the others
+    local name="$1" limit="$2"; shift 2
+    echo "=== $name"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | grep -v 'it/s\]$' | tail -40
+    echo "=== $name: exit ${PIPESTATUS[0]}"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+case "$group" in
+  kernels)
+    run paged_decode 330 $py benchmarks/paged_decode.py
+    run generate_paged_bf16 120 $py benchmarks/generate_paged.py --batch 32 --prompt 512 --new 64
+    run generate_paged_fp32 100 $py benchmarks/generate_paged.py --batch 8 --prompt 512 --new 32 \
+        --dtype float32 ;;
+  sweep)
+    run sweep_triton 540 $py benchmarks/paged_decode.py --sweep triton ;;
+  experiments)
+    run kv_cost 260 $py -m kvjax.cli run configs/kv-cost-gpu.yaml --output-dir "$out/kv_cost"
+    run cache_speedup 280 $py -m kvjax.cli run configs/cache-speedup-gpu.yaml \
+        --output-dir "$out/cache_speedup" ;;
+  prefix)
+    run prefix_sharing 270 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
+        --output-dir "$out/prefix_sharing"
+    run tiered_cache 270 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
+        --output-dir "$out/tiered_cache" ;;
+  engine)
+    run engine_vs_hf 560 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf.json" ;;
+  serve)
+    run serve_bench 540 $py -m kvjax.cli serve-bench --config configs/serve-bench-gpu.yaml \
+        --output-dir "$out/serve_bench" --no-progress ;;
+  *) echo "unknown group $group" >&2; exit 2 ;;
+esac
