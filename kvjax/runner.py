@@ -30,7 +30,8 @@ from typing import Any
 
 import yaml
 
-EXPERIMENTS = ("paged-vs-dense", "kv-cost", "kv-size-table", "cache-speedup", "prefix-sharing")
+EXPERIMENTS = ("paged-vs-dense", "kv-cost", "kv-size-table", "cache-speedup", "prefix-sharing",
+               "tiered-cache")
 _TOP_KEYS = {"experiment", "params", "output_dir"}
 
 

@@ -1,0 +1,52 @@
+"""The tiered-cache experiment: config validation, and a small run through the runner."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments.tiered_cache.experiment import Params, plain_copy_gbps, workload_blocks
+from kvjax import runner
+
+
+def test_params_are_checked_before_any_work() -> None:
+    for bad in ({"setups": ("l1-only",)}, {"setups": ("l1-unbounded", "l4")},
+                {"prefetch_policy": "off"}, {"l1_blocks": 4}, {"workloads": ()}):
+        with pytest.raises(ValueError):
+            Params(**bad)
+    p = Params(num_requests=10, shots=2, shot_len=32, query_len=16, max_new_tokens=8,
+               block_size=16)
+    assert workload_blocks(p, "few-shot") == 10 * 6  # (64 + 16 + 8) tokens -> 6 blocks
+    gbps = plain_copy_gbps(1 << 20, "float32", reps=2)
+    assert set(gbps) == {"host_to_device", "device_to_host"} and min(gbps.values()) > 0
+
+
+@pytest.mark.slow  # a few dozen generator runs with their compiles: ~2 minutes on CPU
+def test_small_run_writes_consistent_results(tmp_path: Path) -> None:
+    cfg = {"experiment": "tiered-cache", "params": {
+        "num_layers": 1, "vocab_size": 512, "dtype": "float32", "block_size": 16,
+        "l1_blocks": 12, "l2_blocks": 8, "workloads": ["few-shot"], "repeats": 1,
+        "copy_blocks": 4, "max_new_tokens": 4, "requests_per_call": 3, "num_requests": 9,
+        "num_tasks": 3, "shots": 2, "shot_len": 48, "query_len": 8}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    record = runner.run(runner.load(path, tmp_path / "out"))
+    res = record["results"]
+    assert res["all_tokens_identical"]
+    rows = {r["setup"]: r for r in res["rows"]}
+    assert rows["l1-only"]["hit_rate"] < rows["l1+l2+l3"]["hit_rate"]
+    assert rows["l1+l2+l3"]["hit_rate"] == rows["l1-unbounded"]["hit_rate"]  # nothing lost
+    assert rows["l3-restart"]["hit_rate"] >= rows["l1+l2+l3+prefetch"]["hit_rate"]
+    assert rows["l1+l2+l3+prefetch"]["blocks_prefetched"] > 0
+    for r in rows.values():
+        assert r["hit_rate"] == pytest.approx(
+            r["l1_hit_rate"] + r["l2_hit_rate"] + r["l3_hit_rate"])
+    out = tmp_path / "out"
+    with (out / "tiered_cache.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert (out / "tiered_cache.png").stat().st_size > 10_000
+    assert json.loads((out / "results.json").read_text())["experiment"] == "tiered-cache"
