@@ -25,7 +25,7 @@ def test_params_are_checked_before_any_work() -> None:
     assert set(gbps) == {"host_to_device", "device_to_host"} and min(gbps.values()) > 0
 
 
-@pytest.mark.slow  # a few dozen generator runs with their compiles: ~2 minutes on CPU
+@pytest.mark.slow  # 18 generator runs with their compiles: ~25 s on CPU
 def test_small_run_writes_consistent_results(tmp_path: Path) -> None:
     cfg = {"experiment": "tiered-cache", "params": {
         "num_layers": 1, "vocab_size": 512, "dtype": "float32", "block_size": 16,
