@@ -133,6 +133,8 @@ def attend_absorbed(q_nope: jax.Array, q_rope: jax.Array, rows: jax.Array, w_kvb
 
 
 class MLAttention(nn.Module):
+    """One MLA block: x [B, T, hidden] -> [B, T, hidden]; writes layer ``layer``'s rows."""
+
     cfg: MLAConfig
     layer: int
     dtype: jnp.dtype
@@ -164,15 +166,18 @@ class MLAttention(nn.Module):
         rows = jnp.concatenate([latent, k_rope.reshape(b, t, -1)], axis=-1)
         rows, key_pos, cache = cache.update_and_read(  # type: ignore[attr-defined]
             self.layer, rows, positions)
+        w_kvb = KVUp(cfg, self.dtype, name="kv_b_proj")()
         attend = attend_naive if self.attention == "naive" else attend_absorbed
-        out = attend(q[..., :dn], q_rope, rows.astype(self.dtype), KVUp(cfg, self.dtype,
-                     name="kv_b_proj")(), position_mask(positions, key_pos),
-                     rope_key_heads=cfg.rope_key_heads, scale=cfg.qk_head_dim ** -0.5)
+        out = attend(q[..., :dn], q_rope, rows.astype(self.dtype), w_kvb,
+                     position_mask(positions, key_pos), rope_key_heads=cfg.rope_key_heads,
+                     scale=cfg.qk_head_dim ** -0.5)
         out = out.astype(self.dtype).reshape(b, t, h * cfg.v_head_dim)
         return dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(out), cache
 
 
 class MLADecoderLayer(nn.Module):
+    """Pre-norm residual block: MLA then the SwiGLU MLP."""
+
     cfg: MLAConfig
     layer: int
     dtype: jnp.dtype
