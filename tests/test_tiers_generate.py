@@ -10,6 +10,8 @@ reference's outputs, so every run sees the same inputs; outputs must be identica
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -274,3 +276,22 @@ def test_cli_tiers_reuse_l3_across_runs(capsys: pytest.CaptureFixture[str], llam
     assert [r["hit_tokens"] for r in first_rows] == [0, 0, 16]
     assert [r["hit_tokens"] for r in second_rows] == [16, 16, 16]  # from the disk
     assert second["tiers"]["hit_tokens"]["L1"] < 48
+
+
+@pytest.mark.slow  # a second Python process imports JAX and compiles: ~20 s
+def test_second_process_reuses_l3_written_by_the_first(
+        capsys: pytest.CaptureFixture[str], llama_dir: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    prompt = ",".join(map(str, rng.integers(3, 100, 21).tolist()))
+    argv = ["generate", "--model", str(llama_dir), "--token-ids", prompt, "--cache", "paged",
+            "--prefix-cache", "--block-size", str(BS), "--max-new-tokens", "5",
+            "--stop-ids", "", "--l2-blocks", "2", "--l3-dir", str(tmp_path / "l3"), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    res = subprocess.run([sys.executable, "-m", "kvjax.cli", *argv], capture_output=True,
+                         text=True, timeout=300, check=True)
+    second = json.loads(res.stdout)
+    assert second["results"][0]["token_ids"] == first["results"][0]["token_ids"]
+    assert first["prefix_cache"]["hit_tokens"] == 0
+    assert second["prefix_cache"]["tiers"]["hit_tokens"]["L3"] + second["prefix_cache"][
+        "tiers"]["hit_tokens"]["L2"] == 20  # the prompt's 5 full blocks, from disk
