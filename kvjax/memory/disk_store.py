@@ -1,24 +1,29 @@
 """L3 of the KV hierarchy: persistent per-block K/V entries on local disk.
 
 One entry = one block (page) of every layer, K and V, stored under its chained
-block key (:mod:`kvjax.memory.block_hash`).  File format, one file per entry::
+block key (:mod:`kvjax.memory.block_hash`) as one blob at ``<key[:2]>/<key>.kvb``::
 
     b"KVJXBLK1" | uint32 header length | JSON header | K bytes | V bytes
 
 The header records the key, dtype, shape and the SHA-256 of ``K bytes + V
 bytes``; a read whose key, sizes or checksum disagree is a *miss* with a
 reason (``missing``, ``truncated``, ``corrupt``, ``checksum``, ``key``,
-``shape``, ``io``), never wrong data; a damaged file is removed, so a later
-``put`` of the block stores it afresh.  Files are written to a temp file in the
-same directory, fsync'ed and ``os.replace``'d into place, so a reader (in this
-or another process) sees either no entry or a complete one.
+``shape``, ``io``), never wrong data; a damaged entry is removed, so a later
+``put`` of the block stores it afresh.
 
-Why not Orbax / tensorstore: an entry is one small block (tens of KiB to a few
-MiB); an Orbax checkpoint is a directory of several files per save, with
-asynchronous commit machinery and per-save latency of milliseconds, built for
-big sharded pytrees.  Per block that is many files and much overhead for no
-gain, and it would still need its own checksum.  A single raw file per block
-with an atomic rename is simpler, one ``open`` per get, and easy to verify.
+The bytes go through a :mod:`kvjax.memory.blob_store` backend, picked by
+``backend``: ``raw`` (plain files, temp file + fsync + ``os.replace``) or
+``tensorstore`` (TensorStore's ``file`` kvstore, which writes a lock file, fsyncs
+and renames it into place).  Either way a reader (in this or another process) sees
+no entry or a complete one, and both lay out the same files, so a directory
+written by one is read by the other.  The entry format, checksum, miss reasons and
+failure handling live here, once, for both.
+
+Default ``raw`` (``DEFAULT_BACKEND``), by measurement (``benchmarks/disk_store_bench.py``,
+``docs/tiered-cache.md``, "L3 backend: raw files vs tensorstore"): both pass every
+correctness test; on CPU raw puts were DEFAULT_PUT_NOTE and gets
+DEFAULT_GET_NOTE, and an Orbax checkpoint per block (a directory of several files,
+asynchronous commit) would cost more still, and would need its own checksum.
 
 Failures never break the cache: if the directory cannot be created or
 written at construction, or a ``put`` hits an ``OSError`` (disk full,
@@ -34,9 +39,9 @@ import json
 import os
 import re
 import struct
-import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +50,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from kvjax.memory.blob_store import BACKENDS, open_blobs
+
+DEFAULT_BACKEND = "raw"
 _MAGIC = b"KVJXBLK1"
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _SUFFIX = ".kvb"
@@ -73,22 +81,24 @@ class DiskStore:
 
     ``put(key, k, v)`` stores two arrays of equal shape and dtype; ``get(key)``
     returns fresh ``(k, v)`` arrays or ``None``.  Thread safe (one lock).
+    ``backend`` is one of ``BACKENDS`` (see the module docstring).
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], backend: str = DEFAULT_BACKEND) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown disk store backend {backend!r}; known: {list(BACKENDS)}")
         self.root = Path(root)
+        self.backend = backend
         self.enabled = True
         self.disabled_reason: str | None = None
         self.stats = DiskStoreStats()
         self._lock = threading.Lock()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.root)
-            try:
-                os.write(fd, b"x")
-            finally:
-                os.close(fd)
-                os.unlink(probe)
+            self._blobs = open_blobs(backend, self.root)
+            probe = f".probe-{uuid.uuid4().hex}"
+            self._blobs.write(probe, b"x")
+            self._blobs.delete(probe)
         except OSError as err:
             self._disable(f"cannot write to {self.root}: {err}")
 
@@ -99,14 +109,20 @@ class DiskStore:
         self.enabled = False
         self.disabled_reason = reason
 
-    def path(self, key: str) -> Path:
+    @staticmethod
+    def _name(key: str) -> str:
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise ValueError(f"key must be a 64-digit lowercase hex SHA-256, got {key!r}")
-        return self.root / key[:2] / (key + _SUFFIX)
+        return f"{key[:2]}/{key}{_SUFFIX}"
+
+    def path(self, key: str) -> Path:
+        """The file holding ``key``'s entry (the same for every backend)."""
+        return self.root / self._name(key)
 
     def contains(self, key: str) -> bool:
-        """Whether an entry file exists (a later ``get`` may still find it corrupt)."""
-        return self.enabled and self.path(key).is_file()
+        """Whether an entry exists (a later ``get`` may still find it corrupt)."""
+        name = self._name(key)
+        return self.enabled and self._blobs.exists(name)
 
     def _miss(self, reason: str) -> None:
         self.stats.misses += 1
@@ -114,44 +130,28 @@ class DiskStore:
 
     # ------------------------------------------------------------------ write
     def put(self, key: str, k: np.ndarray, v: np.ndarray, *, overwrite: bool = False) -> bool:
-        """Store one block; return whether a file was written.
+        """Store one block; return whether an entry was written.
 
         An existing entry is kept unless ``overwrite`` (the key determines the
         tokens, so the data should be the same).
         """
-        path = self.path(key)
+        name = self._name(key)
         k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
         if k.shape != v.shape or k.dtype != v.dtype:
             raise ValueError(f"k and v differ: {k.dtype}{k.shape} vs {v.dtype}{v.shape}")
         with self._lock:
             if not self.enabled:
                 return False
-            if not overwrite and path.is_file():
+            if not overwrite and self._blobs.exists(name):
                 self.stats.put_skipped += 1
                 return False
             t0 = time.perf_counter()
             payload = k.tobytes() + v.tobytes()
-            header = json.dumps({"key": key, "dtype": k.dtype.name, "shape": list(k.shape),
-                                 "nbytes": len(payload),
-                                 "sha256": hashlib.sha256(payload).hexdigest()}).encode()
-            tmp = None
             try:
-                path.parent.mkdir(exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_SUFFIX, dir=path.parent)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(_MAGIC + struct.pack("<I", len(header)) + header)
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-                tmp = None
+                self._blobs.write(name, _encode(key, k, payload))
             except OSError as err:
                 self._disable(f"put failed in {self.root}: {err}")
                 return False
-            finally:
-                if tmp is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
             self.stats.puts += 1
             self.stats.bytes_written += len(payload)
             self.stats.seconds_written += time.perf_counter() - t0
@@ -160,76 +160,89 @@ class DiskStore:
     # ------------------------------------------------------------------ read
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         """``(k, v)`` of ``key``, or ``None`` (a counted miss with a reason)."""
-        path = self.path(key)
+        name = self._name(key)
         with self._lock:
             if not self.enabled:
                 self._miss("disabled")
                 return None
             t0 = time.perf_counter()
             try:
-                data = path.read_bytes()
+                data = self._blobs.read(name)
             except FileNotFoundError:
                 self._miss("missing")
                 return None
             except OSError:
                 self._miss("io")
                 return None
-            out = self._decode(key, data)
+            out = _decode(key, data)
             if isinstance(out, str):
                 self._miss(out)
                 with contextlib.suppress(OSError):  # a later put may store it afresh
-                    path.unlink()
+                    self._blobs.delete(name)
                 return None
             self.stats.hits += 1
             self.stats.bytes_read += out[0].nbytes + out[1].nbytes
             self.stats.seconds_read += time.perf_counter() - t0
             return out
 
-    @staticmethod
-    def _decode(key: str, data: bytes) -> tuple[np.ndarray, np.ndarray] | str:
-        head = len(_MAGIC) + 4
-        if len(data) < head:
-            return "truncated"
-        if data[: len(_MAGIC)] != _MAGIC:
-            return "corrupt"
-        (hlen,) = struct.unpack("<I", data[len(_MAGIC) : head])
-        if len(data) < head + hlen:
-            return "truncated"
-        try:
-            header = json.loads(data[head : head + hlen])
-            dtype = _dtype_from_name(str(header["dtype"]))
-            shape = tuple(int(s) for s in header["shape"])
-            nbytes, digest, stored_key = int(header["nbytes"]), str(header["sha256"]), header["key"]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return "corrupt"
-        if stored_key != key:
-            return "key"
-        payload = data[head + hlen :]
-        if len(payload) < nbytes:
-            return "truncated"
-        if len(payload) != nbytes:
-            return "corrupt"
-        half = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if 2 * half != nbytes:
-            return "shape"
-        if hashlib.sha256(payload).hexdigest() != digest:
-            return "checksum"
-        k = np.frombuffer(payload, dtype, count=half // dtype.itemsize).reshape(shape).copy()
-        v = np.frombuffer(payload, dtype, offset=half).reshape(shape).copy()
-        return k, v
-
     def delete(self, key: str) -> bool:
         """Remove an entry; return whether one existed."""
+        name = self._name(key)
         with self._lock:
+            if not self.enabled or not self._blobs.exists(name):
+                return False
             try:
-                self.path(key).unlink()
+                self._blobs.delete(name)
             except OSError:
                 return False
             return True
 
     def stored_keys(self) -> list[str]:
-        """Keys of the entry files present (not verified)."""
+        """Keys of the entries present (not verified)."""
         if not self.enabled:
             return []
-        return sorted(p.name[: -len(_SUFFIX)] for p in self.root.glob("??/*" + _SUFFIX)
-                      if _KEY_RE.match(p.name[: -len(_SUFFIX)]))
+        keys = (name.rpartition("/")[2][: -len(_SUFFIX)] for name in self._blobs.names()
+                if name.endswith(_SUFFIX))
+        return sorted(key for key in keys if _KEY_RE.match(key))
+
+
+def _encode(key: str, k: np.ndarray, payload: bytes) -> bytes:
+    """One entry's bytes: magic, header (key, dtype, shape, size, SHA-256), payload."""
+    header = json.dumps({"key": key, "dtype": k.dtype.name, "shape": list(k.shape),
+                         "nbytes": len(payload),
+                         "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+    return _MAGIC + struct.pack("<I", len(header)) + header + payload
+
+
+def _decode(key: str, data: bytes) -> tuple[np.ndarray, np.ndarray] | str:
+    """``(k, v)`` of an entry's bytes, or the miss reason why they are not ``key``'s."""
+    head = len(_MAGIC) + 4
+    if len(data) < head:
+        return "truncated"
+    if data[: len(_MAGIC)] != _MAGIC:
+        return "corrupt"
+    (hlen,) = struct.unpack("<I", data[len(_MAGIC) : head])
+    if len(data) < head + hlen:
+        return "truncated"
+    try:
+        header = json.loads(data[head : head + hlen])
+        dtype = _dtype_from_name(str(header["dtype"]))
+        shape = tuple(int(s) for s in header["shape"])
+        nbytes, digest, stored_key = int(header["nbytes"]), str(header["sha256"]), header["key"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "corrupt"
+    if stored_key != key:
+        return "key"
+    payload = memoryview(data)[head + hlen :]
+    if len(payload) < nbytes:
+        return "truncated"
+    if len(payload) != nbytes:
+        return "corrupt"
+    half = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if 2 * half != nbytes:
+        return "shape"
+    if hashlib.sha256(payload).hexdigest() != digest:
+        return "checksum"
+    k = np.frombuffer(payload, dtype, count=half // dtype.itemsize).reshape(shape).copy()
+    v = np.frombuffer(payload, dtype, offset=half).reshape(shape).copy()
+    return k, v
