@@ -15,6 +15,8 @@ from kvjax.analysis.size_cli import register as register_size
 from kvjax.cache.paged import ATTENTION_BACKENDS
 from kvjax.engine.generate import CACHE_KINDS
 from kvjax.engine.serve_bench import register as register_serve_bench
+from kvjax.memory.blob_store import BACKENDS as L3_BACKENDS
+from kvjax.memory.disk_store import DEFAULT_BACKEND as L3_DEFAULT_BACKEND
 from kvjax.memory.tiered_requests import PREFETCH_POLICIES
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -55,6 +57,9 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--l3-dir", default=None,
                    help="with --prefix-cache: directory of checksummed block files under "
                         "the host tier, kept across runs (keyed by the model directory)")
+    p.add_argument("--l3-backend", choices=L3_BACKENDS, default=L3_DEFAULT_BACKEND,
+                   help="with --l3-dir: how block files are written and read (the same files "
+                        "either way)")
     p.add_argument("--prefetch", choices=PREFETCH_POLICIES, default="wait_complete",
                    help="with --l3-dir: how a request waits for its disk blocks")
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
@@ -166,6 +171,7 @@ def _generate_prefix_cached(lm: Any, prompts: list[list[int]], args: argparse.Na
     tiers = None
     if args.l2_blocks or args.l3_dir is not None:
         tiers = TierConfig(host_blocks=args.l2_blocks, disk_dir=args.l3_dir,
+                           disk_backend=args.l3_backend,
                            namespace=str(Path(args.model).resolve()), prefetch=args.prefetch)
     gen = PrefixCachedGenerator(lm.model, lm.params, num_blocks=num_blocks, block_size=bs,
                                 tiers=tiers)

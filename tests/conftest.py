@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny Hugging Face checkpoints built locally (no download)."""
+"""Shared fixtures: tiny Hugging Face checkpoints built locally (no download), and a
+full disk for the L3 store."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -36,3 +39,26 @@ def llama(llama_dir: Path) -> LoadedModel:
 @pytest.fixture(scope="session")
 def qwen(qwen_dir: Path) -> LoadedModel:
     return load_checkpoint(qwen_dir)
+
+
+@pytest.fixture
+def disk_full(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``disk_full(backend)`` makes every later L3 entry write of ``backend`` fail as on a
+    full disk (ENOSPC), until the test ends or ``monkeypatch.undo()``."""
+
+    def fill(backend: str) -> None:
+        if backend == "raw":  # the rename of the written temp file
+            def full(*args: object, **kwargs: object) -> None:
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(os, "replace", full)
+        else:  # tensorstore reports an OS error as a ValueError carrying its code
+            import tensorstore as ts
+
+            def ts_full(*args: object, **kwargs: object) -> None:
+                raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: "
+                                 "No space left on device [os_error_code='28']")
+
+            monkeypatch.setattr(ts.KvStore, "write", ts_full)
+
+    return fill

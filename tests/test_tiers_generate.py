@@ -22,6 +22,8 @@ import pytest
 
 from kvjax.cli import main
 from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGenerationStats
+from kvjax.memory.blob_store import BACKENDS
+from kvjax.memory.disk_store import DEFAULT_BACKEND
 from kvjax.memory.hicache import L2, L3
 from kvjax.memory.host_pool import demote
 from kvjax.memory.tiered_requests import TierConfig, TieredRequests
@@ -134,8 +136,8 @@ def test_tiers_are_token_identical_to_an_unbounded_pool(
         assert t["gbps"][direction] > 0 and t["seconds"][direction] > 0
     if disk:
         assert t["bytes"]["to_disk"] > 0 and t["gbps"]["disk_write"] > 0
-        assert t["l3"] == {"configured": True, "enabled": True, "disabled_reason": None,
-                           "read_misses": {}}
+        assert t["l3"] == {"configured": True, "backend": DEFAULT_BACKEND, "enabled": True,
+                           "disabled_reason": None, "read_misses": {}}
     if setup.get("prefetch", "off") != "off" and disk and setup["host_blocks"]:
         assert t["prefetches"] > 0 and t["seconds"]["prefetch_hidden"] >= 0
         assert t["seconds"]["prefetch_wait"] == pytest.approx(
@@ -162,12 +164,15 @@ def test_promoted_blocks_are_bit_exact(llama: LoadedModel, tmp_path: Path,
     assert t["blocks"]["l2_to_l1"] > 0 and t["blocks"]["l3_to_l1"] > 0 and any(compared)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_restart_reuses_l3_blocks_of_an_earlier_generator(
-        llama: LoadedModel, tmp_path: Path, reference: tuple[list[Any], list[Any]]) -> None:
+        llama: LoadedModel, tmp_path: Path, reference: tuple[list[Any], list[Any]],
+        backend: str) -> None:
     ref_out, _ = reference
     calls, _ = _calls(llama.config.vocab_size)
     l3 = str(tmp_path / "l3")
-    first = _tiered(llama, host_blocks=0, disk_dir=l3)  # evictions go straight to disk
+    # no L2: evictions go straight to disk
+    first = _tiered(llama, host_blocks=0, disk_dir=l3, disk_backend=backend)
     for call, want in zip(calls, ref_out, strict=False):
         assert first.generate(call, max_new_tokens=NEW)[0].tokens == want
     first.evict()  # everything down to disk
@@ -175,25 +180,28 @@ def test_restart_reuses_l3_blocks_of_an_earlier_generator(
     assert written > 0
     del first
 
-    second = _tiered(llama, host_blocks=4, disk_dir=l3, prefetch="off")
+    second = _tiered(llama, host_blocks=4, disk_dir=l3, disk_backend=backend, prefetch="off")
     out, st = second.generate(calls[0], max_new_tokens=NEW)
     assert out.tokens == ref_out[0]
+    assert second.tier_stats()["l3"]["backend"] == backend
     # Each prompt's document and question blocks were written by the first generator
     # (a fully cached prompt recomputes its last block for the logits).
     assert [r.l3_hit_tokens for r in st.requests] == [20, 20, 20]
     assert second.tier_stats()["bytes"]["to_disk"] == 0  # nothing new was evicted
-    other = _tiered(llama, host_blocks=4, disk_dir=l3, namespace="other-weights")
+    other = _tiered(llama, host_blocks=4, disk_dir=l3, disk_backend=backend,
+                    namespace="other-weights")
     assert other.generate(calls[0], max_new_tokens=NEW)[1].hit_tokens == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fault", ["truncate", "flip", "delete"])
 def test_damaged_l3_entries_are_misses_never_wrong_output(
         llama: LoadedModel, tmp_path: Path, reference: tuple[list[Any], list[Any]],
-        fault: str) -> None:
+        fault: str, backend: str) -> None:
     ref_out, _ = reference
     calls, _ = _calls(llama.config.vocab_size)
     l3 = str(tmp_path / "l3")
-    first = _tiered(llama, host_blocks=0, disk_dir=l3)
+    first = _tiered(llama, host_blocks=0, disk_dir=l3, disk_backend=backend)
     first.generate(calls[0], max_new_tokens=NEW)
     first.evict()
     assert isinstance(first.cache, TieredRequests) and first.cache.tiers.disk is not None
@@ -209,7 +217,7 @@ def test_damaged_l3_entries_are_misses_never_wrong_output(
             path.write_bytes(bytes(buf))
         else:
             path.unlink()
-    second = _tiered(llama, host_blocks=4, disk_dir=l3, prefetch="off")
+    second = _tiered(llama, host_blocks=4, disk_dir=l3, disk_backend=backend, prefetch="off")
     out, st = second.generate(calls[0], max_new_tokens=NEW)
     assert out.tokens == ref_out[0]
     # the first block of each prompt is still used; from the damaged one on, recomputed
@@ -220,29 +228,27 @@ def test_damaged_l3_entries_are_misses_never_wrong_output(
     second.cache.check_invariants()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("failure", ["blocked-dir", "disk-full"])
 def test_unwritable_l3_warns_and_generation_goes_on(
         llama: LoadedModel, tmp_path: Path, reference: tuple[list[Any], list[Any]],
-        monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+        disk_full: Callable[[str], None], failure: str, backend: str) -> None:
     ref_out, _ = reference
     calls, turns = _calls(llama.config.vocab_size)
     if failure == "blocked-dir":  # a regular file where the directory should be (root too)
         (tmp_path / "file").write_bytes(b"x")
         with pytest.warns(RuntimeWarning, match="DiskStore disabled"):
-            gen = _tiered(llama, host_blocks=2, disk_dir=str(tmp_path / "file" / "l3"))
+            gen = _tiered(llama, host_blocks=2, disk_dir=str(tmp_path / "file" / "l3"),
+                          disk_backend=backend)
         outs, _ = _drive(gen, calls, turns, ref_out)
     else:
-        gen = _tiered(llama, host_blocks=2, disk_dir=str(tmp_path / "l3"))
-
-        def full(*args: object, **kwargs: object) -> None:
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr("kvjax.memory.disk_store.os.replace", full)
+        gen = _tiered(llama, host_blocks=2, disk_dir=str(tmp_path / "l3"), disk_backend=backend)
+        disk_full(backend)
         with pytest.warns(RuntimeWarning, match="No space left"):
             outs, _ = _drive(gen, calls, turns, ref_out)
     assert outs == ref_out
     t = gen.tier_stats()
-    assert t["l3"]["configured"] and not t["l3"]["enabled"]
+    assert t["l3"]["configured"] and not t["l3"]["enabled"] and t["l3"]["backend"] == backend
     assert "No space left" in t["l3"]["disabled_reason"] or failure == "blocked-dir"
     assert t["blocks"]["dropped"] > 0 and t["bytes"]["to_disk"] == 0
     with warnings.catch_warnings():
@@ -265,8 +271,8 @@ def test_cli_tiers_reuse_l3_across_runs(capsys: pytest.CaptureFixture[str], llam
     ref = PrefixCachedGenerator(llama.model, llama.params, num_blocks=DEVICE, block_size=BS)
     want = [ref.generate([p], max_new_tokens=6)[0].tokens[0] for p in prompts]
     runs = []
-    for _ in range(2):  # the second run starts empty but for the directory
-        assert main(argv) == 0
+    for backend in BACKENDS:  # the second run starts empty but for the directory
+        assert main([*argv, "--l3-backend", backend]) == 0
         record = json.loads(capsys.readouterr().out)
         assert [r["token_ids"] for r in record["results"]] == want
         runs.append((record["prefix_cache"], [r["prefix"] for r in record["results"]]))
@@ -276,6 +282,7 @@ def test_cli_tiers_reuse_l3_across_runs(capsys: pytest.CaptureFixture[str], llam
     assert [r["hit_tokens"] for r in first_rows] == [0, 0, 16]
     assert [r["hit_tokens"] for r in second_rows] == [16, 16, 16]  # from the disk
     assert second["tiers"]["hit_tokens"]["L1"] < 48
+    assert [first["tiers"]["l3"]["backend"], second["tiers"]["l3"]["backend"]] == list(BACKENDS)
 
 
 @pytest.mark.slow  # a second Python process imports JAX and compiles: ~20 s

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from kvjax.cache.paged import PagedCache
 from kvjax.memory.allocator import OutOfBlocksError
-from kvjax.memory.disk_store import DiskStore
+from kvjax.memory.blob_store import BACKENDS
+from kvjax.memory.disk_store import DEFAULT_BACKEND, DiskStore
 from kvjax.memory.hicache import L1, L2, L3, WRITE_POLICIES, Prefetch, TieredPrefixCache
 from kvjax.memory.host_pool import HostPool, demote, promote
 from kvjax.memory.radix import RadixNode
@@ -23,6 +24,7 @@ from kvjax.memory.tiered_requests import PREFETCH_POLICIES, TierConfig, TieredRe
 
 L, S, K, D = 2, 2, 1, 4
 DTYPE = ml_dtypes.bfloat16
+DISKS = st.sampled_from((None, *BACKENDS))  # no L3, or an L3 of each backend
 
 
 def block_data(key: str, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -33,12 +35,12 @@ def block_data(key: str, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make(tmp_path: Path | None, pages: int, slots: int, ns: str = "m",
-         policy: str = "write_back") -> TieredPrefixCache:
+         policy: str = "write_back", backend: str = DEFAULT_BACKEND) -> TieredPrefixCache:
     cache = PagedCache.init(L, pages, S, K, D, jnp.bfloat16, jnp.zeros((1, 1), jnp.int32))
     rng = np.random.default_rng(99)  # garbage in every page: unwritten data is never zeros
     cache = promote(cache, range(pages), rng.standard_normal((pages, L, S, K, D)).astype(DTYPE),
                     rng.standard_normal((pages, L, S, K, D)).astype(DTYPE))
-    disk = DiskStore(tmp_path) if tmp_path is not None else None
+    disk = DiskStore(tmp_path, backend) if tmp_path is not None else None
     return TieredPrefixCache(cache, HostPool.like(cache, slots), disk, namespace=ns,
                              write_policy=policy)
 
@@ -87,8 +89,9 @@ def verify(tc: TieredPrefixCache) -> None:
                 assert got[1].tobytes() == want[1].tobytes()
 
 
-def test_demote_spill_and_promote_back(tmp_path: Path) -> None:
-    tc = make(tmp_path, pages=4, slots=2)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_demote_spill_and_promote_back(tmp_path: Path, backend: str) -> None:
+    tc = make(tmp_path, pages=4, slots=2, backend=backend)
     a = [1, 2, 3, 4, 5, 6, 7, 8]  # 4 blocks: fills L1
     assert write(tc, a)[0] == 0
     keys_a = tc.keys(a)
@@ -142,8 +145,9 @@ def test_locked_path_is_never_evicted(tmp_path: Path) -> None:
     verify(tc)
 
 
-def test_damaged_l3_entry_stops_promotion(tmp_path: Path) -> None:
-    tc = make(tmp_path, pages=3, slots=0)  # no host tier: evictions go straight to disk
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_damaged_l3_entry_stops_promotion(tmp_path: Path, backend: str) -> None:
+    tc = make(tmp_path, pages=3, slots=0, backend=backend)  # no L2: evictions go to disk
     a = [1, 2, 3, 4, 5, 6]
     write(tc, a)
     tc.evict(3)
@@ -161,28 +165,30 @@ def test_damaged_l3_entry_stops_promotion(tmp_path: Path) -> None:
     verify(tc)
 
 
-def test_restart_reads_blocks_written_by_another_instance(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restart_reads_blocks_written_by_another_instance(tmp_path: Path, backend: str) -> None:
     a = [4, 3, 2, 1, 4, 3, 2, 1]
-    first = make(tmp_path, pages=4, slots=0, ns="model-x")
+    first = make(tmp_path, pages=4, slots=0, ns="model-x", backend=backend)
     write(first, a)
     first.evict(4)
-    second = make(tmp_path, pages=4, slots=2, ns="model-x")
+    second = make(tmp_path, pages=4, slots=2, ns="model-x", backend=backend)
     m = second.match(a)
     assert m.length == 8 and {t for _, t in m.lower} == {L3}
     assert second.promote(m)[0] == 8
     verify(second)
-    other_model = make(tmp_path, pages=4, slots=2, ns="model-y")
+    other_model = make(tmp_path, pages=4, slots=2, ns="model-y", backend=backend)
     assert other_model.match(a).length == 0  # namespaces never share blocks
 
 
-@given(st.integers(0, 2**32 - 1), st.booleans(), st.sampled_from(WRITE_POLICIES))
+@given(st.integers(0, 2**32 - 1), DISKS, st.sampled_from(WRITE_POLICIES))
 @settings(max_examples=25, deadline=None)
 def test_random_operations_never_lose_or_garble_blocks(tmp_path_factory: pytest.TempPathFactory,
-                                                       seed: int, with_disk: bool,
+                                                       seed: int, disk: str | None,
                                                        policy: str) -> None:
     rng = np.random.default_rng(seed)
-    tc = make(tmp_path_factory.mktemp("l3") if with_disk else None,
-              pages=int(rng.integers(2, 7)), slots=int(rng.integers(0, 4)), policy=policy)
+    with_disk = disk is not None
+    tc = make(tmp_path_factory.mktemp("l3") if disk else None, pages=int(rng.integers(2, 7)),
+              slots=int(rng.integers(0, 4)), policy=policy, backend=disk or DEFAULT_BACKEND)
     locked: list[tuple[RadixNode, list[int], list[str]]] = []
     jobs: list[Prefetch] = []
     known: set[str] = set()  # every block ever cached
@@ -350,18 +356,19 @@ def _compute(tc: TieredPrefixCache, tokens: list[int], pages: list[int], start: 
 
 
 @given(st.integers(0, 2**32 - 1), st.sampled_from(PREFETCH_POLICIES),
-       st.sampled_from(WRITE_POLICIES), st.booleans())
+       st.sampled_from(WRITE_POLICIES), DISKS)
 @settings(max_examples=20, deadline=None)
 def test_random_requests_keep_tables_and_tiers_consistent(
         tmp_path_factory: pytest.TempPathFactory, seed: int, prefetch: str, write: str,
-        with_disk: bool) -> None:
+        disk: str | None) -> None:
     """Requests (lookup, decode + commit, release) interleaved with evictions and prefetches
     over a small pool: every live request's table keeps the right data in place (its
     locked blocks are never evicted), all pages are accounted for, and with a disk no
     cached block is ever lost."""
     rng = np.random.default_rng(seed)
-    tc = make(tmp_path_factory.mktemp("l3") if with_disk else None,
-              pages=int(rng.integers(4, 9)), slots=int(rng.integers(0, 4)), policy=write)
+    with_disk = disk is not None
+    tc = make(tmp_path_factory.mktemp("l3") if disk else None, pages=int(rng.integers(4, 9)),
+              slots=int(rng.integers(0, 4)), policy=write, backend=disk or DEFAULT_BACKEND)
     reqs = TieredRequests(tc, TierConfig(prefetch=prefetch, prefetch_timeout_s=0.001,
                                          write_policy=write))
     live: dict[int, list[int]] = {}  # request -> tokens committed so far

@@ -1,4 +1,7 @@
-"""Storage tiers: chained block hashes, the host pool (L2) and the disk store (L3)."""
+"""Storage tiers: chained block hashes, the host pool (L2) and the disk store (L3).
+
+The disk store tests run against every backend (raw files, the tensorstore file kvstore).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -16,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvjax.cache.paged import PagedCache
+from kvjax.memory.blob_store import BACKENDS
 from kvjax.memory.block_hash import block_key, chain_keys
 from kvjax.memory.disk_store import DiskStore
 from kvjax.memory.host_pool import (
@@ -167,17 +172,23 @@ def test_host_pool_slot_allocator_errors() -> None:
 
 
 # ---------------------------------------------------------------------------- disk store
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 def _entry(rng: np.random.Generator, dtype: object) -> tuple[str, np.ndarray, np.ndarray]:
     key = block_key("ns", None, rng.integers(0, 1000, 8))
     return key, rand(rng, (L, S, K, D), dtype), rand(rng, (L, S, K, D), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_device_disk_device_round_trip_bit_exact(tmp_path: Path, dtype: object) -> None:
+def test_device_disk_device_round_trip_bit_exact(tmp_path: Path, dtype: object,
+                                                 backend: str) -> None:
     rng = np.random.default_rng(4)
     cache = random_cache(rng, 5, dtype)
     before_k = np.asarray(cache.k_pages).copy()
-    store = DiskStore(tmp_path / "l3")
+    store = DiskStore(tmp_path / "l3", backend)
     k, v = demote(cache, [1, 3])
     keys = chain_keys("ns", rng.integers(0, 100, 8), 4)
     for i, key in enumerate(keys):
@@ -194,13 +205,13 @@ def test_device_disk_device_round_trip_bit_exact(tmp_path: Path, dtype: object) 
     assert store.stats.hits == 2 and store.stats.bytes_read == store.stats.bytes_written
 
 
-def test_disk_store_restart_same_and_other_process(tmp_path: Path) -> None:
+def test_disk_store_restart_same_and_other_process(tmp_path: Path, backend: str) -> None:
     rng = np.random.default_rng(5)
     entries = [_entry(rng, ml_dtypes.bfloat16) for _ in range(3)]
-    first = DiskStore(tmp_path)
+    first = DiskStore(tmp_path, backend)
     for key, k, v in entries:
         first.put(key, k, v)
-    second = DiskStore(tmp_path)
+    second = DiskStore(tmp_path, backend)
     for key, k, v in entries:
         got = second.get(key)
         assert got is not None
@@ -208,12 +219,13 @@ def test_disk_store_restart_same_and_other_process(tmp_path: Path) -> None:
     assert second.stored_keys() == sorted(e[0] for e in entries)
     script = (
         "import sys, hashlib; from kvjax.memory.disk_store import DiskStore;"
-        "s = DiskStore(sys.argv[1]);"
-        "out = [s.get(k) for k in sys.argv[2:]];"
+        "s = DiskStore(sys.argv[1], sys.argv[2]);"
+        "out = [s.get(k) for k in sys.argv[3:]];"
         "print(' '.join(hashlib.sha256(g[0].tobytes() + g[1].tobytes()).hexdigest()"
         " if g is not None else 'MISS' for g in out))"
     )
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path), *(e[0] for e in entries)],
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path), backend,
+                          *(e[0] for e in entries)],
                          env=dict(os.environ, PYTHONHASHSEED="777"), capture_output=True,
                          text=True, check=True, timeout=120)
     import hashlib
@@ -221,9 +233,9 @@ def test_disk_store_restart_same_and_other_process(tmp_path: Path) -> None:
     assert res.stdout.split() == want
 
 
-def test_disk_store_put_keeps_existing_and_validates(tmp_path: Path) -> None:
+def test_disk_store_put_keeps_existing_and_validates(tmp_path: Path, backend: str) -> None:
     rng = np.random.default_rng(6)
-    store = DiskStore(tmp_path)
+    store = DiskStore(tmp_path, backend)
     key, k, v = _entry(rng, np.float32)
     assert store.put(key, k, v)
     assert not store.put(key, k + 1, v)  # kept
@@ -236,13 +248,17 @@ def test_disk_store_put_keeps_existing_and_validates(tmp_path: Path) -> None:
         store.put("not-a-key", k, v)
     with pytest.raises(ValueError):
         store.put(key, k, v[:1])
-    assert not list(tmp_path.glob("**/.tmp-*"))  # no temp files left behind
+    with pytest.raises(ValueError):
+        DiskStore(tmp_path, "orbax")
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [store.path(key).name]
+    assert store.stored_keys() == [key]
+    assert store.delete(key) and not store.delete(key) and store.get(key) is None
 
 
 @pytest.mark.parametrize("fault", ["truncate", "flip", "delete", "header", "swap"])
-def test_disk_store_faults_are_misses(tmp_path: Path, fault: str) -> None:
+def test_disk_store_faults_are_misses(tmp_path: Path, fault: str, backend: str) -> None:
     rng = np.random.default_rng(7)
-    store = DiskStore(tmp_path)
+    store = DiskStore(tmp_path, backend)
     key, k, v = _entry(rng, ml_dtypes.bfloat16)
     key2, k2, v2 = _entry(rng, ml_dtypes.bfloat16)
     store.put(key, k, v)
@@ -268,11 +284,31 @@ def test_disk_store_faults_are_misses(tmp_path: Path, fault: str) -> None:
         reason = "key"
     assert store.get(key) is None
     assert store.stats.misses == 1 and store.stats.miss_reasons[reason] == 1
+    assert not path.exists() and not store.contains(key)  # removed: a later put stores it
     got = store.get(key2)  # the other entry is unaffected
     assert got is not None and got[0].tobytes() == k2.tobytes()
+    assert store.put(key, k, v)
+    got = store.get(key)
+    assert got is not None and got[0].tobytes() == k.tobytes() and got[1].tobytes() == v.tobytes()
 
 
-def test_disk_store_unwritable_dir_disables_with_one_warning(tmp_path: Path) -> None:
+def test_disk_store_backends_read_each_others_entries(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    written = {}
+    for backend in BACKENDS:
+        key, k, v = _entry(rng, ml_dtypes.bfloat16)
+        assert DiskStore(tmp_path, backend).put(key, k, v)
+        written[key] = k.tobytes() + v.tobytes()
+    for backend in BACKENDS:
+        store = DiskStore(tmp_path, backend)
+        assert store.stored_keys() == sorted(written)
+        for key, data in written.items():
+            got = store.get(key)
+            assert got is not None and got[0].tobytes() + got[1].tobytes() == data
+
+
+def test_disk_store_unwritable_dir_disables_with_one_warning(tmp_path: Path,
+                                                            backend: str) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -284,18 +320,19 @@ def test_disk_store_unwritable_dir_disables_with_one_warning(tmp_path: Path) -> 
         except OSError:
             pass
         with pytest.warns(RuntimeWarning, match="DiskStore disabled"):
-            store = DiskStore(ro / "sub")
+            store = DiskStore(ro / "sub", backend)
         assert not store.enabled
     finally:
         ro.chmod(0o755)
 
 
-def test_disk_store_blocked_dir_and_disk_full(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_store_blocked_dir_and_disk_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              disk_full: Callable[[str], None],
+                                              backend: str) -> None:
     # a regular file where the directory should be: cannot create (works as root too)
     (tmp_path / "file").write_bytes(b"x")
     with pytest.warns(RuntimeWarning, match="DiskStore disabled"):
-        blocked = DiskStore(tmp_path / "file" / "l3")
+        blocked = DiskStore(tmp_path / "file" / "l3", backend)
     rng = np.random.default_rng(8)
     key, k, v = _entry(rng, np.float32)
     with warnings.catch_warnings():
@@ -305,19 +342,18 @@ def test_disk_store_blocked_dir_and_disk_full(tmp_path: Path,
         assert not blocked.contains(key)
     assert blocked.stats.miss_reasons["disabled"] == 1
 
-    store = DiskStore(tmp_path / "ok")
+    store = DiskStore(tmp_path / "ok", backend)
     key2, k2, v2 = _entry(rng, np.float32)
     assert store.put(key2, k2, v2)
-
-    def full(*args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", full)
+    disk_full(backend)
     with pytest.warns(RuntimeWarning, match="No space left"):
         assert not store.put(key, k, v)
     monkeypatch.undo()
     assert not store.enabled and store.get(key2) is None  # disabled: misses, no wrong data
-    assert not list((tmp_path / "ok").glob("**/.tmp-*"))  # the temp file was cleaned up
+    assert store.disabled_reason is not None and "No space left" in store.disabled_reason
+    # only the entry written before: no temp file left behind
+    assert [p.name for p in (tmp_path / "ok").rglob("*") if p.is_file()] == [
+        store.path(key2).name]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not store.put(key, k, v)

@@ -47,6 +47,8 @@ from tqdm import tqdm
 from experiments.prefix_sharing import experiment as sharing
 from kvjax.analysis.presets import get_preset
 from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGenerationStats
+from kvjax.memory.blob_store import BACKENDS
+from kvjax.memory.disk_store import DEFAULT_BACKEND
 from kvjax.memory.tiered_requests import PREFETCH_POLICIES, TierConfig
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
@@ -67,6 +69,7 @@ class Params:
     block_size: int = 16  # tokens per KV block (page)
     l1_blocks: int = 256  # device pool (L1) of the bounded setups, in blocks
     l2_blocks: int = 512  # host slots (L2), in blocks
+    l3_backend: str = DEFAULT_BACKEND  # disk store file I/O: one of blob_store.BACKENDS
     prefetch_policy: str = "wait_complete"  # of the prefetch setups (not "off")
     prefetch_depth: int = 4  # queued requests whose disk blocks are read ahead
     workloads: tuple[str, ...] = WORKLOADS
@@ -96,6 +99,8 @@ class Params:
                 raise ValueError(f"unknown {name} {bad}; known: {list(known)}")
         if "l1-unbounded" not in self.setups:
             raise ValueError("setups must include l1-unbounded (the reference outputs)")
+        if self.l3_backend not in BACKENDS:
+            raise ValueError(f"l3_backend must be one of {BACKENDS}, got {self.l3_backend!r}")
         if self.prefetch_policy not in PREFETCH_POLICIES[1:]:
             raise ValueError(f"prefetch_policy must be one of {PREFETCH_POLICIES[1:]}")
         if min(self.repeats, self.copy_blocks, self.l2_blocks, self.prefetch_depth) < 1:
@@ -159,7 +164,7 @@ class _Runner:
         if setup not in ("l1-unbounded", "l1-only"):
             disk = None if setup == "l1+l2" else disk_dir or self._fresh_dir()
             prefetch = "off" if setup in ("l1+l2", "l1+l2+l3") else p.prefetch_policy
-            tiers = TierConfig(host_blocks=p.l2_blocks, disk_dir=disk,
+            tiers = TierConfig(host_blocks=p.l2_blocks, disk_dir=disk, disk_backend=p.l3_backend,
                                namespace=f"random-{p.model}-seed{p.seed}", prefetch=prefetch,
                                prefetch_depth=p.prefetch_depth)
         pool = self.device_blocks if setup == "l1-unbounded" else p.l1_blocks
@@ -284,7 +289,7 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
           f"L1 {p.l1_blocks} / L2 {p.l2_blocks} blocks of {p.block_size} tokens")
     return {"model": spec.name, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
             "dtype": p.dtype, "block_size": p.block_size, "block_bytes": block_bytes,
-            "l1_blocks": p.l1_blocks, "l2_blocks": p.l2_blocks,
+            "l1_blocks": p.l1_blocks, "l2_blocks": p.l2_blocks, "l3_backend": p.l3_backend,
             "workload_blocks": {w: workload_blocks(p, w) for w in p.workloads},
             "plain_copy_gbps": plain,
             "all_tokens_identical": all(r["tokens_identical"] for r in rows), "rows": rows}

@@ -50,7 +50,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from kvjax.memory.blob_store import BACKENDS, open_blobs
+from kvjax.memory.blob_store import open_blobs
 
 DEFAULT_BACKEND = "raw"
 _MAGIC = b"KVJXBLK1"
@@ -81,12 +81,10 @@ class DiskStore:
 
     ``put(key, k, v)`` stores two arrays of equal shape and dtype; ``get(key)``
     returns fresh ``(k, v)`` arrays or ``None``.  Thread safe (one lock).
-    ``backend`` is one of ``BACKENDS`` (see the module docstring).
+    ``backend`` is one of ``blob_store.BACKENDS`` (see the module docstring).
     """
 
     def __init__(self, root: str | os.PathLike[str], backend: str = DEFAULT_BACKEND) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown disk store backend {backend!r}; known: {list(BACKENDS)}")
         self.root = Path(root)
         self.backend = backend
         self.enabled = True
@@ -94,8 +92,8 @@ class DiskStore:
         self.stats = DiskStoreStats()
         self._lock = threading.Lock()
         try:
+            self._blobs = open_blobs(backend, self.root)  # ValueError: unknown backend
             self.root.mkdir(parents=True, exist_ok=True)
-            self._blobs = open_blobs(backend, self.root)
             probe = f".probe-{uuid.uuid4().hex}"
             self._blobs.write(probe, b"x")
             self._blobs.delete(probe)

@@ -47,7 +47,8 @@ import numpy as np
 
 from kvjax.cache.paged import PagedCache
 from kvjax.memory.allocator import DuplicateSequenceError, OutOfBlocksError, UnknownSequenceError
-from kvjax.memory.disk_store import DiskStore
+from kvjax.memory.blob_store import BACKENDS
+from kvjax.memory.disk_store import DEFAULT_BACKEND, DiskStore
 from kvjax.memory.hicache import (
     L1,
     L2,
@@ -70,6 +71,7 @@ class TierConfig:
 
     host_blocks: int = 0  # L2: host slots of one block (all layers, K and V); 0 = no L2
     disk_dir: str | None = None  # L3: directory of block files; None = no L3
+    disk_backend: str = DEFAULT_BACKEND  # L3 file I/O: one of blob_store.BACKENDS
     namespace: str = "kvjax"  # names the model weights in L3 keys (never share across models)
     write_policy: str = "write_back"  # L1 -> L2: one of hicache.WRITE_POLICIES
     prefetch: str = "wait_complete"  # one of PREFETCH_POLICIES
@@ -83,6 +85,9 @@ class TierConfig:
         if self.write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got "
                              f"{self.write_policy!r}")
+        if self.disk_backend not in BACKENDS:
+            raise ValueError(f"disk_backend must be one of {BACKENDS}, got "
+                             f"{self.disk_backend!r}")
         if self.prefetch not in PREFETCH_POLICIES:
             raise ValueError(f"prefetch must be one of {PREFETCH_POLICIES}, got "
                              f"{self.prefetch!r}")
@@ -150,7 +155,8 @@ class TieredRequests:
         ``namespace`` keys the L3 entries (``config.namespace`` plus the model's identity).
         """
         host = HostPool.like(pool, config.host_blocks)
-        disk = DiskStore(config.disk_dir) if config.disk_dir is not None else None
+        disk = (DiskStore(config.disk_dir, config.disk_backend)
+                if config.disk_dir is not None else None)
         return cls(TieredPrefixCache(pool, host, disk, namespace=namespace,
                                      vocab_size=vocab_size, num_pages=num_pages,
                                      write_policy=config.write_policy), config)
@@ -384,6 +390,7 @@ class TieredRequests:
                      "disk_read": _gbps(ds.bytes_read, ds.seconds_read) if ds else 0.0},
             "prefetches": c.prefetches,
             "l3": {"configured": disk is not None,
+                   "backend": disk.backend if disk is not None else None,
                    "enabled": bool(disk is not None and disk.enabled),
                    "disabled_reason": disk.disabled_reason if disk is not None else None,
                    "read_misses": dict(ds.miss_reasons) if ds else {}},
