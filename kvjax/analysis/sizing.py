@@ -109,6 +109,20 @@ def weight_bytes(spec: ArchSpec, dtype: str) -> int:
     return _bytes(param_count(spec), dtype)
 
 
+def max_batch(spec: ArchSpec, kv_dtype: str, weight_dtype: str, budget_bytes: int,
+              seq_len: int) -> int:
+    """Most sequences of ``seq_len`` tokens whose KV cache fits in ``budget_bytes`` beside
+    the weights: the largest ``B`` with ``weight_bytes + kv_bytes(B, seq_len) <=
+    budget_bytes`` (0 when the weights alone do not fit). Activations and workspace are
+    not counted."""
+    if seq_len <= 0 or budget_bytes < 0:
+        raise ValueError(f"seq_len must be positive and budget_bytes non-negative, got "
+                         f"{seq_len}, {budget_bytes}")
+    free_bits = 8 * (budget_bytes - weight_bytes(spec, weight_dtype))
+    per_seq_bits = cached_tokens(spec, seq_len) * kv_elements_per_token(spec) * dtype_bits(kv_dtype)
+    return max(0, free_bits // per_seq_bits)
+
+
 def crossover_tokens(spec: ArchSpec, kv_dtype: str, weight_dtype: str, batch: int) -> int | None:
     """Smallest context length at which ``batch`` sequences' KV cache exceeds the weights.
 

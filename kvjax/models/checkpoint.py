@@ -55,7 +55,7 @@ def module_param_shapes(model: nn.Module) -> Params:
     return dict(shapes["params"])
 
 
-def _hf_name(path: tuple[str, ...]) -> str:
+def hf_tensor_name(path: tuple[str, ...]) -> str:
     """Our parameter path -> the Hugging Face tensor name."""
     parts = [p.replace("layers_", "layers.") if p.startswith("layers_") else p for p in path]
     leaf = parts[-1]
@@ -106,7 +106,7 @@ def map_tensors(expected: Params, tensors: dict[str, np.ndarray], dtype: jnp.dty
     flat, treedef = jax.tree_util.tree_flatten_with_path(expected)
     for key_path, spec in flat:
         path = tuple(k.key for k in key_path)
-        name = _hf_name(path)
+        name = hf_tensor_name(path)
         if name not in tensors:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
         array = tensors[name]

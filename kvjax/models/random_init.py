@@ -19,8 +19,15 @@ def random_params(cfg: ModelConfig, dtype: jnp.dtype, seed: int, scale: float = 
     the weights are the same on every backend; then placed on the default device in
     ``dtype``. The outputs are meaningless but compute and memory are the real model's.
     """
+    return random_tree(param_shapes(cfg), dtype, seed, scale)
+
+
+def random_tree(shapes: Any, dtype: jnp.dtype, seed: int, scale: float = 0.02) -> Any:
+    """:func:`random_params` for any decoder's parameter shapes (a tree of
+    ``ShapeDtypeStruct``, e.g. from ``module_param_shapes``): RMSNorm ``weight`` leaves 1,
+    every other leaf N(0, scale^2)."""
     rng = np.random.default_rng([seed, 1])
-    flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     leaves = []
     for path, spec in flat:
         if path[-1].key == "weight":  # RMSNorm scale
