@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 EXPERIMENTS = ("paged-vs-dense", "kv-cost", "kv-size-table", "cache-speedup", "prefix-sharing",
-               "tiered-cache")
+               "tiered-cache", "attention-sweep")
 _TOP_KEYS = {"experiment", "params", "output_dir"}
 
 
