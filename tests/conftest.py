@@ -4,6 +4,11 @@ full disk for the L3 store."""
 from __future__ import annotations
 
 import os
+
+# Before anything imports triton (transformers' model modules do): every @triton.jit
+# kernel in the tests runs in Triton's interpreter on CPU tensors.
+os.environ["TRITON_INTERPRET"] = "1"
+
 from collections.abc import Callable
 from pathlib import Path
 
