@@ -10,6 +10,8 @@
 #   prefix       prefix-sharing-gpu + tiered-cache-gpu                     ~ 8 min *
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
+#   train-a      attention-sweep: mha, gqa-4, gqa-2 + conversions of mha  ~ 9-12 min *
+#   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 9-12 min *
 # Where the GPU machine lacks packages (flax, chex, jax-triton ...), install wheels first
 # and put them on PYTHONPATH; the script only sets PYTHONPATH to the repository root.
 set -uo pipefail
@@ -50,5 +52,12 @@ case "$group" in
   serve)
     run serve_bench 540 $py -m kvjax.cli serve-bench --config configs/serve-bench-gpu.yaml \
         --output-dir "$out/serve_bench" --no-progress ;;
+  train-a)
+    run attention_sweep_a 590 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
+        --output-dir "$out/attention_sweep_a" --set "variants=[mha, gqa-4, gqa-2]" ;;
+  train-b)
+    run attention_sweep_b 590 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
+        --output-dir "$out/attention_sweep_b" --set "variants=[mqa, mla-64, mla-128]" \
+        --set "conversions=[]" ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac

@@ -216,6 +216,8 @@ def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="run the experiment a YAML config names")
     p.add_argument("config", help="path to configs/NAME.yaml")
     p.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of the config's params (value read as YAML); repeatable")
     p.set_defaults(func=_run_experiment)
 
 
@@ -223,7 +225,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from kvjax import runner
 
     try:
-        cfg = runner.load(args.config, args.output_dir)
+        cfg = runner.load(args.config, args.output_dir, runner.parse_overrides(args.set))
     except runner.ExperimentConfigError as err:
         raise UsageError(str(err)) from err
     record = runner.run(cfg)

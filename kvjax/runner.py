@@ -110,8 +110,28 @@ def resolve(raw: dict[str, Any], default_dir: Path | None = None) -> RunConfig:
     return RunConfig(name, params, Path(raw.get("output_dir") or default))
 
 
-def load(path: str | Path, output_dir: str | Path | None = None) -> RunConfig:
-    """Read and resolve a YAML run config."""
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["steps=10", "variants=[mha, mqa]"]`` -> ``{"steps": 10, "variants": ["mha", "mqa"]}``.
+
+    Each value is read as YAML, so numbers, lists and strings come out as in a config
+    file; the parameters are checked with the rest of the config.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ExperimentConfigError(f"override {item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ExperimentConfigError(f"override {item!r}: value is not valid YAML: {err}"
+                                        ) from err
+    return out
+
+
+def load(path: str | Path, output_dir: str | Path | None = None,
+         overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and resolve a YAML run config; ``overrides`` replace entries of its params."""
     path = Path(path)
     if not path.is_file():
         raise ExperimentConfigError(f"config file {path} does not exist")
@@ -119,6 +139,10 @@ def load(path: str | Path, output_dir: str | Path | None = None) -> RunConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ExperimentConfigError(f"{path} is not valid YAML: {err}") from err
+    if overrides:
+        if not isinstance(raw, dict) or not isinstance(raw.get("params") or {}, dict):
+            raise ExperimentConfigError(f"{path}: params must be a mapping")
+        raw = {**raw, "params": {**(raw.get("params") or {}), **overrides}}
     cfg = resolve(raw)
     return dataclasses.replace(cfg, output_dir=Path(output_dir)) if output_dir else cfg
 

@@ -68,3 +68,17 @@ def test_console_script_has_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("kvjax generate: error:")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("batchsize=3", "batchsize"),
+    ("contexts", "not KEY=VALUE"),
+])
+def test_run_bad_override_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                      override: str, message: str) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("experiment: kv-cost\nparams: {batch: 2}\n")
+    code, out, err = _run(capsys, "run", str(cfg), "--output-dir", str(tmp_path / "o"),
+                          "--set", override)
+    assert code == 2 and out == "" and not (tmp_path / "o").exists()
+    assert len(err.strip().splitlines()) == 1 and message in err

@@ -72,3 +72,19 @@ def test_paged_vs_dense_run_writes_consistent_results(tmp_path: Path) -> None:
     assert record["results"]["kv_bytes_per_token"] == bpt == 131072
     with (out / "layouts.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def test_overrides_replace_params_and_are_validated(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"experiment": "kv-cost",
+                             "params": {"batch": 2, "contexts": [64, 128]}})
+    over = runner.parse_overrides(["contexts=[32, 48, 64]", "dtype=bfloat16", "caches=[paged]"])
+    assert over == {"contexts": [32, 48, 64], "dtype": "bfloat16", "caches": ["paged"]}
+    p = runner.load(path, tmp_path / "out", over).params
+    assert (p.batch, p.contexts, p.dtype, p.caches) == (2, (32, 48, 64), "bfloat16", ("paged",))
+    with pytest.raises(runner.ExperimentConfigError, match="batchsize"):
+        runner.load(path, None, runner.parse_overrides(["batchsize=3"]))
+    with pytest.raises(runner.ExperimentConfigError, match="multiple of block_size"):
+        runner.load(path, None, {"caches": ["paged"], "contexts": [40, 64]})
+    for bad in ("steps", "=3", "x=[1,"):
+        with pytest.raises(runner.ExperimentConfigError, match="override"):
+            runner.parse_overrides([bad])
