@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import attend_by_position
+from kvjax.cache.dense import advanced_lengths
 from pallas_kernels.chunked_prefill import paged_prefill_attention
 from pallas_kernels.paged_decode import HEAD_DIMS as KERNEL_HEAD_DIMS
 from pallas_kernels.paged_decode import PAGE_SIZES as KERNEL_PAGE_SIZES
@@ -80,6 +81,20 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
     real = jnp.repeat(_valid_pages(block_tables, num_pages), page_size, axis=1)
     k_pos = jnp.where(real, slot, -1)
     return attend_by_position(q, k, v, q_pos, k_pos)
+
+
+def page_slots(block_tables: jax.Array, positions: jax.Array, page_size: int,
+               num_pages: int) -> tuple[jax.Array, jax.Array]:
+    """Physical page and in-page offset of each position, int32 [B, T] each.
+
+    Padding, positions past the table and "no page" entries get page ``num_pages``, out
+    of bounds (not -1, which would wrap), so a ``mode="drop"`` scatter discards them.
+    """
+    block = positions // page_size
+    ok = (positions >= 0) & (block < block_tables.shape[1])
+    entry = jnp.take_along_axis(block_tables, jnp.where(ok, block, 0), axis=1)
+    ok &= _valid_pages(entry, num_pages)
+    return jnp.where(ok, entry, num_pages), positions % page_size
 
 
 @jax.tree_util.register_dataclass
@@ -144,15 +159,6 @@ class PagedCache:
         """Most tokens one sequence can address: ``max_blocks * page_size``."""
         return self.max_blocks * self.page_size
 
-    def _pages_and_offsets(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Physical page and in-page offset of each position; num_pages where dropped."""
-        block = positions // self.page_size
-        ok = (positions >= 0) & (block < self.max_blocks)
-        entry = jnp.take_along_axis(self.block_tables, jnp.where(ok, block, 0), axis=1)
-        ok &= _valid_pages(entry, self.num_pages)
-        # Out of bounds (not -1, which would wrap around) so mode="drop" discards it.
-        return jnp.where(ok, entry, self.num_pages), positions % self.page_size
-
     def update_and_attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array,
                           positions: jax.Array) -> tuple[jax.Array, PagedCache]:
         """Scatter this step's K/V into their pages, then attend over positions ``<= q``.
@@ -163,7 +169,7 @@ class PagedCache:
         chex.assert_equal_shape([k, v])
         chex.assert_equal_shape_prefix([q, k, positions], 2)
         chex.assert_shape(positions, (self.block_tables.shape[0], None))
-        page, offset = self._pages_and_offsets(positions)
+        page, offset = page_slots(self.block_tables, positions, self.page_size, self.num_pages)
         new_k = self.k_pages.at[layer, page, offset].set(k.astype(self.k_pages.dtype),
                                                          mode="drop")
         new_v = self.v_pages.at[layer, page, offset].set(v.astype(self.v_pages.dtype),
@@ -193,8 +199,8 @@ class PagedCache:
 
     def advance(self, positions: jax.Array) -> PagedCache:
         """lengths <- max(lengths, last written position + 1)."""
-        top = jnp.max(jnp.where(positions < self.capacity, positions, -1), axis=1) + 1
-        return dataclasses.replace(self, lengths=jnp.maximum(self.lengths, top))
+        return dataclasses.replace(self, lengths=advanced_lengths(self.lengths, positions,
+                                                                  self.capacity))
 
 
 def check_attention_backend(attention: str, page_size: int, head_dim: int) -> None:

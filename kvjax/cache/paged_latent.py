@@ -19,20 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.dense import advanced_lengths
-
-
-def page_slots(block_tables: jax.Array, positions: jax.Array, page_size: int,
-               num_pages: int) -> tuple[jax.Array, jax.Array]:
-    """Physical page and in-page offset of each position, int32 [B, T] each.
-
-    Padding, positions past the table and "no page" entries get page ``num_pages``, out
-    of bounds (not -1, which would wrap), so a ``mode="drop"`` scatter discards them.
-    """
-    block = positions // page_size
-    ok = (positions >= 0) & (block < block_tables.shape[1])
-    entry = jnp.take_along_axis(block_tables, jnp.where(ok, block, 0), axis=1)
-    ok &= (entry >= 0) & (entry < num_pages)
-    return jnp.where(ok, entry, num_pages), positions % page_size
+from kvjax.cache.paged import page_slots
 
 
 @jax.tree_util.register_dataclass
