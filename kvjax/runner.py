@@ -17,6 +17,7 @@ unknown experiment, key or parameter is an error naming it), then writes
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime
 import importlib
@@ -25,6 +26,7 @@ import platform
 import time
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +179,16 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
         return obj.item()
     return obj
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Rows as CSV; the header is every key in first-seen order (missing cells empty)."""
+    rows = list(rows)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

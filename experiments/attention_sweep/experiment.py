@@ -25,7 +25,6 @@ model) and after.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from kvjax.engine.generate import generate
 from kvjax.mla_config import MLAConfig
 from kvjax.models.llama import Decoder
 from kvjax.models.mla import MLADecoder
+from kvjax.runner import write_csv
 from kvjax.train.checkpoint import save_checkpoint
 from kvjax.train.evaluate import evaluate
 from kvjax.train.loop import Model, TrainConfig, train
@@ -216,11 +216,11 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
                "accuracy_method": "teacher-forced argmax exact match (= greedy decoding)",
                "variants": variants, "conversions": conversions,
                "accuracy_by_distance_all_tasks": accuracy_table(by_distance)}
-    _write_csv(out_dir / "attention_sweep.csv",
+    write_csv(out_dir / "attention_sweep.csv",
                [{k: v for k, v in r.items() if k != "history"} for r in variants]
                + [{k: v for k, v in r.items() if k not in ("before", "svd_errors")}
                   for r in conversions])
-    _write_csv(out_dir / "accuracy_by_distance.csv", by_distance)
+    write_csv(out_dir / "accuracy_by_distance.csv", by_distance)
     results["accuracy_by_distance"] = by_distance
     _plot(results, p, out_dir / "attention_sweep.png")
     return results
@@ -257,14 +257,6 @@ def _conversions(p: Params, trained: dict[str, tuple[AnyConfig, Any]],
                      "intermediate_size": cfg.intermediate_size, **_sizes(cfg, label, p),
                      **_quality(ev), "before": before, "svd_errors": errors})
     return rows, by_distance
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _plot(res: dict[str, Any], p: Params, path: Path) -> None:

@@ -28,7 +28,6 @@ dense cache attends over its whole capacity (prompt + steps rounded up to 64) ea
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
 import warnings
@@ -47,6 +46,7 @@ from kvjax.config import ModelConfig
 from kvjax.engine.generate import generate
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
+from kvjax.runner import write_csv
 
 KINDS = ("none", "concat", "dense")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -215,10 +215,7 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
             tokens[(kind, n)], tokens[("none", n)], strict=True))
         r["generated_tokens"] = sum(len(t) for t in tokens[(kind, n)])
 
-    with (out_dir / "cache_speedup.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out_dir / "cache_speedup.csv", rows)
     _plot(rows, p, out_dir / "cache_speedup.png")
     return {
         "tokens_identical": all(r["tokens_match_none"] for r in rows),

@@ -16,7 +16,6 @@ weights. Steps are queued back to back (the cache donated from one to the next).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from functools import partial
 from pathlib import Path
@@ -35,6 +34,7 @@ from kvjax.cache import DenseCache, PagedCache
 from kvjax.engine.generate import forward_step, resolve_attention
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
+from kvjax.runner import write_csv
 
 _DTYPES = {"float32": ("fp32", jnp.float32), "bfloat16": ("bf16", jnp.bfloat16)}
 CACHES = ("dense", "paged")
@@ -185,10 +185,7 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
                      "step_seconds": seconds,
                      "step_seconds_theory": (w_bytes + theory_mem) / read_bw})
     slope_theory = p.batch * kv_bytes_per_token(spec, size_dtype) / read_bw
-    with (out_dir / "kv_cost.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out_dir / "kv_cost.csv", rows)
     results = {
         "model": spec.name, "dtype": p.dtype, "batch": p.batch,
         "weight_bytes": w_bytes, "kv_bytes_per_token": kv_bytes_per_token(spec, size_dtype),

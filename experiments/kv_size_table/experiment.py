@@ -10,7 +10,6 @@ model's trained maximum are still sized (as if the model could run them) and fla
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from kvjax.analysis.sizing import (
     param_count,
     weight_bytes,
 )
+from kvjax.runner import write_csv
 
 GIB = 2**30
 
@@ -104,10 +104,8 @@ def table(p: Params) -> list[dict[str, Any]]:
 def run(p: Params, out_dir: Path) -> dict[str, Any]:
     """Size every (model, batch, context); write ``kv_size_table.csv`` and the PNG."""
     rows = table(p)
-    with (out_dir / "kv_size_table.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: ("never" if v is None else v) for k, v in r.items()} for r in rows)
+    write_csv(out_dir / "kv_size_table.csv",
+              ({k: ("never" if v is None else v) for k, v in r.items()} for r in rows))
     _plot(rows, p, out_dir / "kv_size_table.png")
     crossover: dict[str, dict[str, int | None]] = {r["model"]: {} for r in rows}
     for r in rows:

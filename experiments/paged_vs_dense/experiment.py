@@ -11,7 +11,6 @@ fixed memory budget. Bytes use a real model's KV bytes per token.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from kvjax.analysis.presets import get_preset
 from kvjax.analysis.sizing import kv_bytes_per_token
 from kvjax.memory.allocator import BlockAllocator, OutOfBlocksError
+from kvjax.runner import write_csv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +98,7 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
     for r in rows:
         r["reserved_gib"] = r["reserved_tokens"] * bpt / 2**30
         r["held_gib"] = r["held_tokens"] * bpt / 2**30
-    with (out_dir / "layouts.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out_dir / "layouts.csv", rows)
     _plot(rows, p, out_dir / "paged_vs_dense.png")
     return {"kv_bytes_per_token": bpt, "held_tokens": held,
             "prompt_len_mean": float(prompt.mean()), "output_len_mean": float(output.mean()),

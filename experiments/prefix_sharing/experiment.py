@@ -34,7 +34,6 @@ identity is reported, not assumed.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -49,6 +48,7 @@ from kvjax.engine.generate import generate
 from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGenerationStats
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
+from kvjax.runner import write_csv
 
 WORKLOADS = ("system-prompt", "few-shot", "multi-turn")
 MODES = ("cache", "no-cache")
@@ -199,13 +199,6 @@ def _summary(workload: str, pool: int, mode: str, runs: list[list[PrefixGenerati
     return row, per_request
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run(p: Params, out_dir: Path) -> dict[str, Any]:
     """Every (workload, pool, cache on/off); write CSV and PNG into ``out_dir``."""
     spec = get_preset(p.model)
@@ -259,8 +252,8 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
         base = next(r for r in rows if (r["workload"], r["pool_blocks"], r["mode"])
                     == (row["workload"], row["pool_blocks"], "no-cache"))
         row["ttft_speedup"] = base["ttft_mean_s"] / row["ttft_mean_s"]
-    _write_csv(out_dir / "prefix_sharing.csv", rows)
-    _write_csv(out_dir / "requests.csv", per_request)
+    write_csv(out_dir / "prefix_sharing.csv", rows)
+    write_csv(out_dir / "requests.csv", per_request)
     _plot(rows, p, out_dir / "prefix_sharing.png",
           f"prefix cache: {spec.name} shape, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
           f"{p.dtype}, random weights")

@@ -31,7 +31,6 @@ the generator's stats; a plain ``jax.device_put`` / ``jax.device_get`` of
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import statistics
 import tempfile
@@ -52,6 +51,7 @@ from kvjax.memory.disk_store import DEFAULT_BACKEND
 from kvjax.memory.tiered_requests import PREFETCH_POLICIES, TierConfig
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
+from kvjax.runner import write_csv
 
 WORKLOADS = ("few-shot", "multi-turn")
 SETUPS = ("l1-unbounded", "l1-only", "l1+l2", "l1+l2+l3", "l1+l2+l3+prefetch", "l3-restart")
@@ -239,13 +239,6 @@ def _row(workload: str, setup: str, runs: list[list[PrefixGenerationStats]],
     return row
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run(p: Params, out_dir: Path) -> dict[str, Any]:
     """Every (workload, setup); write CSV and PNG into ``out_dir``."""
     spec = get_preset(p.model)
@@ -283,7 +276,7 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
         base = next(r for r in rows if (r["workload"], r["setup"]) == (row["workload"],
                                                                         "l1-only"))
         row["ttft_speedup_vs_l1_only"] = base["ttft_mean_s"] / row["ttft_mean_s"]
-    _write_csv(out_dir / "tiered_cache.csv", rows)
+    write_csv(out_dir / "tiered_cache.csv", rows)
     _plot(rows, p, out_dir / "tiered_cache.png",
           f"tiered prefix cache: {spec.name} shape, {cfg.num_layers} layers, {p.dtype}, "
           f"L1 {p.l1_blocks} / L2 {p.l2_blocks} blocks of {p.block_size} tokens")
