@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_runs.sh GROUP [OUT_DIR]      (OUT_DIR defaults to $OUT, then runs/gpu)
 #
 # Groups (estimated H100 wall time; the estimates marked * are not measured yet):
-#   kernels      paged decode: all columns + generate_paged bf16/fp32      ~ 6 min *
+#   kernels      paged decode (all columns), chunked prefill vs XLA,
+#                generate_paged bf16/fp32                                  ~ 7 min *
 #   sweep        Triton kernel tunables per row                            ~ 4 min *
 #   experiments  kv-cost-gpu (~2.5 min) + cache-speedup-gpu (~2 min)       ~ 5 min
 #   prefix       prefix-sharing-gpu + tiered-cache-gpu                     ~ 8 min *
@@ -33,6 +34,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 case "$group" in
   kernels)
     run paged_decode 330 $py benchmarks/paged_decode.py
+    run chunked_prefill 90 $py benchmarks/chunked_prefill.py
     run generate_paged_bf16 120 $py benchmarks/generate_paged.py --batch 32 --prompt 512 --new 64
     run generate_paged_fp32 100 $py benchmarks/generate_paged.py --batch 8 --prompt 512 --new 32 \
         --dtype float32 ;;
