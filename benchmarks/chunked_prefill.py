@@ -83,7 +83,9 @@ def main() -> None:
         for setting in SETTINGS:
             try:
                 def fn(*a: jax.Array, s: dict[str, int] = setting) -> jax.Array:
-                    return paged_prefill_attention(*a, interpret=interpret, **s)
+                    return paged_prefill_attention(*a, block_q=s["block_q"],
+                                                   pages_per_block=s["pages_per_block"],
+                                                   interpret=interpret)
                 got = fn(q, k, v, tables, q_lens, lengths)
                 t = time_queued(fn, [(q, k, v, tables, q_lens, lengths)], iters=iters, reps=reps)
             except Exception as err:  # a setting that does not compile: report, go on
