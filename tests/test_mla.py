@@ -127,9 +127,27 @@ def test_naive_path_generation_equals_absorbed(v2: LoadedMLAModel) -> None:
 
 
 def test_per_head_caches_are_refused(v2: LoadedMLAModel) -> None:
-    for kind in ("paged", "concat"):
-        with pytest.raises(ValueError, match="MLA model"):
-            generate(v2.model, v2.params, [[5, 6]], max_new_tokens=2, cache=kind)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="MLA model"):
+        generate(v2.model, v2.params, [[5, 6]], max_new_tokens=2, cache="concat")
+    with pytest.raises(ValueError, match="MLA model"):
+        generate(v2.model, v2.params, [[5, 6]], max_new_tokens=2, cache="paged",
+                 attention="pallas")
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_paged_latent_generation_equals_dense(v2: LoadedMLAModel, block_size: int) -> None:
+    """Latent rows in pool pages (partial last blocks, a block larger than
+    every prompt) give the dense latent cache's tokens; the pool is sized in latent rows."""
+    rng = np.random.default_rng(7 + block_size)
+    prompts = [rng.integers(3, v2.config.vocab_size, n).tolist() for n in (13, 1, 22)]
+    dense = generate(v2.model, v2.params, prompts, max_new_tokens=12, cache="dense")
+    paged = generate(v2.model, v2.params, prompts, max_new_tokens=12, cache="paged",
+                     block_size=block_size)
+    assert paged.tokens == dense.tokens
+    need = sum(-(-(len(p) + 12) // block_size) for p in prompts)
+    with pytest.raises(ValueError, match="pool too small"):
+        generate(v2.model, v2.params, prompts, max_new_tokens=12, cache="paged",
+                 block_size=block_size, num_blocks=need - 1)
 
 
 # --------------------------------------------------------- attention paths, float64

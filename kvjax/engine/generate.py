@@ -27,7 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import ConcatCache, DenseCache, LatentCache, NoCache, PagedCache
+from kvjax.cache import (
+    ConcatCache,
+    DenseCache,
+    LatentCache,
+    NoCache,
+    PagedCache,
+    PagedLatentCache,
+)
 from kvjax.cache.paged import (
     KERNEL_HEAD_DIMS,
     KERNEL_PAGE_SIZES,
@@ -316,9 +323,13 @@ def _dense_cache(model: Model, batch: int, max_len: int) -> DenseCache | LatentC
                            model.dtype)
 
 
-def _kv_bytes_per_token(model: Decoder) -> int:
+def _kv_bytes_per_token(model: Model) -> int:
+    """Bytes one token occupies in the cache: per-head K and V, or MLA's latent row."""
     cfg = model.cfg
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+    itemsize = jnp.dtype(model.dtype).itemsize
+    if isinstance(cfg, MLAConfig):
+        return cfg.num_layers * cfg.latent_width * itemsize
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 # Public names of helpers other engines share (kvjax.engine.prefix_generate).
@@ -362,13 +373,20 @@ def resolve_attention(attention: str, block_size: int, head_dim: int) -> str:
     return "triton"
 
 
-def _generate_paged(model: Decoder, args: tuple[Any, ...], prompts: Sequence[Sequence[int]],
+def _generate_paged(model: Model, args: tuple[Any, ...], prompts: Sequence[Sequence[int]],
                     limits: list[int], *, block_size: int, num_blocks: int | None,
                     attention: str, num_steps: int, all_greedy: bool) -> jax.Array:
-    """Reserve every sequence's whole budget in a block pool, then run the device loop."""
+    """Reserve every sequence's whole budget in a block pool, then run the device loop.
+
+    An MLA model's pool holds latent rows (``PagedLatentCache``, XLA attention)."""
     cfg = model.cfg
     _check_block_size(block_size)
-    check_attention_backend(attention, block_size, cfg.head_dim)
+    if isinstance(cfg, MLAConfig):
+        if attention != "xla":
+            raise ValueError(f"an MLA model's paged latent cache attends through XLA; "
+                             f"attention={attention!r} is not available for it")
+    else:
+        check_attention_backend(attention, block_size, cfg.head_dim)
     budgets = [len(p) + n for p, n in zip(prompts, limits, strict=True)]
     per_seq = [_ceil_div(t, block_size) for t in budgets]
     pool = _pool_size(sum(per_seq), num_blocks, block_size,
@@ -381,8 +399,14 @@ def _generate_paged(model: Decoder, args: tuple[Any, ...], prompts: Sequence[Seq
         alloc.allocate_sequence(i, tokens)
     try:
         tables = alloc.block_tables_array(ids, _bucket(max(per_seq), 8), pad=-1)
-        kv = PagedCache.init(cfg.num_layers, pool, block_size, cfg.num_kv_heads, cfg.head_dim,
-                             model.dtype, jnp.asarray(tables), attention=attention)
+        kv: PagedCache | PagedLatentCache
+        if isinstance(cfg, MLAConfig):
+            kv = PagedLatentCache.init(cfg.num_layers, pool, block_size, cfg.latent_width,
+                                       model.dtype, jnp.asarray(tables))
+        else:
+            kv = PagedCache.init(cfg.num_layers, pool, block_size, cfg.num_kv_heads,
+                                 cfg.head_dim, model.dtype, jnp.asarray(tables),
+                                 attention=attention)
         return _generate_cached(*args, kv, num_steps=num_steps, all_greedy=all_greedy)[0]
     finally:
         for i in ids:
@@ -402,7 +426,7 @@ def generate(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
       prompts: B lists of token ids, any lengths >= 1.
       max_new_tokens: one limit for all, or one per prompt.
       cache: "dense" (preallocated), "paged" (block pool), "concat" (grows by
-        concatenation) or "none". An MLA model runs "dense" (its latent cache) or "none".
+        concatenation) or "none". An MLA model runs "dense" or "paged" (latent rows) or "none".
       sampling: one ``SamplingParams`` for all, or one per prompt.
       seed: PRNG seed; the same seed gives the same output.
       stop_token_ids: ids that end a sequence (kept in its output); one list for all or
@@ -451,14 +475,17 @@ def generate(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
         out, _ = _generate_cached(*args, kv, num_steps=num_steps, all_greedy=all_greedy)
     elif cache == "none":
         out = _generate_uncached(*args, num_steps=num_steps, all_greedy=all_greedy)
-    elif isinstance(model, MLADecoder):
-        raise ValueError(f"cache={cache!r} holds per-head K/V; an MLA model runs with "
-                         "'dense' (its latent cache) or 'none'")
     elif cache == "paged":
-        backend = resolve_attention(attention, block_size, model.cfg.head_dim)
+        if isinstance(model, MLADecoder):  # latent pages: XLA attention only
+            backend = "xla" if attention == "auto" else attention
+        else:
+            backend = resolve_attention(attention, block_size, model.cfg.head_dim)
         out = _generate_paged(model, args, prompts, limits, block_size=block_size,
                               num_blocks=num_blocks, attention=backend,
                               num_steps=num_steps, all_greedy=all_greedy)
+    elif isinstance(model, MLADecoder):
+        raise ValueError(f"cache={cache!r} holds per-head K/V; an MLA model runs with "
+                         "'dense' or 'paged' (latent rows) or 'none'")
     else:
         out = _generate_concat(*args, num_steps=num_steps, all_greedy=all_greedy)
     return _to_output(out, per_seq_stops)
