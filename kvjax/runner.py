@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from kvjax.yaml_config import coerce, read_yaml
+
 EXPERIMENTS = ("paged-vs-dense", "kv-cost", "kv-size-table", "cache-speedup", "prefix-sharing",
                "tiered-cache", "attention-sweep")
 _TOP_KEYS = {"experiment", "params", "output_dir"}
@@ -57,31 +59,6 @@ def _module(name: str) -> types.ModuleType:
     return importlib.import_module(f"experiments.{name.replace('-', '_')}.experiment")
 
 
-def _coerce(name: str, value: Any, kind: Any) -> Any:
-    """Check a YAML value against a dataclass field type (int, float, bool, str, tuples)."""
-    origin = typing.get_origin(kind)
-    if origin is tuple:
-        (inner, *_rest) = typing.get_args(kind)
-        if not isinstance(value, list | tuple):
-            raise ExperimentConfigError(f"params.{name} must be a list, got {value!r}")
-        return tuple(_coerce(name, v, inner) for v in value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ExperimentConfigError(f"params.{name} must be true/false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ExperimentConfigError(f"params.{name} must be an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ExperimentConfigError(f"params.{name} must be a number, got {value!r}")
-        return float(value)
-    if kind is str and not isinstance(value, str):
-        raise ExperimentConfigError(f"params.{name} must be a string, got {value!r}")
-    return value
-
-
 def resolve(raw: dict[str, Any], default_dir: Path | None = None) -> RunConfig:
     """Validate a parsed YAML config and fill in defaults; raises ExperimentConfigError."""
     if not isinstance(raw, dict):
@@ -103,7 +80,8 @@ def resolve(raw: dict[str, Any], default_dir: Path | None = None) -> RunConfig:
     if bad:
         raise ExperimentConfigError(
             f"unknown parameter(s) {bad} for experiment {name!r}; known: {sorted(fields)}")
-    values = {k: _coerce(k, v, hints[k]) for k, v in given.items()}
+    values = {k: coerce(f"params.{k}", v, hints[k], ExperimentConfigError)
+              for k, v in given.items()}
     try:
         params = params_cls(**values)
     except (TypeError, ValueError) as err:
@@ -134,13 +112,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load(path: str | Path, output_dir: str | Path | None = None,
          overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and resolve a YAML run config; ``overrides`` replace entries of its params."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExperimentConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ExperimentConfigError(f"{path} is not valid YAML: {err}") from err
+    raw = read_yaml(path, ExperimentConfigError)
     if overrides:
         if not isinstance(raw, dict) or not isinstance(raw.get("params") or {}, dict):
             raise ExperimentConfigError(f"{path}: params must be a mapping")

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import yaml
 
 from kvjax.analysis.presets import get_preset
 from kvjax.cache.paged import ATTENTION_BACKENDS
 from kvjax.config import ModelConfig
 from kvjax.engine.workload import DIST_KEYS, LengthDist, WorkloadConfig
+from kvjax.yaml_config import coerce, read_yaml
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 TINY = "tiny"
@@ -108,24 +108,6 @@ class ServeBenchConfig:
     output_dir: str = "runs/serve-bench"
 
 
-def _coerce(where: str, value: Any, kind: Any) -> Any:
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ServeBenchConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ServeBenchConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ServeBenchConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if kind is str and not isinstance(value, str):
-        raise ServeBenchConfigError(f"{where} must be a string, got {value!r}")
-    return value
-
-
 def _build(cls: Any, raw: Any, where: str) -> Any:
     """``cls(**raw)`` with every key known and every value of its field's type."""
     if raw is None:
@@ -151,7 +133,7 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
         if dataclasses.is_dataclass(kind):
             values[key] = _build(kind, value, f"{prefix}{key}")
         else:
-            values[key] = _coerce(f"{prefix}{key}", value, kind)
+            values[key] = coerce(f"{prefix}{key}", value, kind, ServeBenchConfigError)
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
@@ -186,12 +168,6 @@ def parse_config(raw: Any) -> ServeBenchConfig:
 
 def load_config(path: str | Path, output_dir: str | Path | None = None) -> ServeBenchConfig:
     """Read and validate a YAML config; ``output_dir`` overrides the config's."""
-    path = Path(path)
-    if not path.is_file():
-        raise ServeBenchConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ServeBenchConfigError(f"{path} is not valid YAML: {err}") from None
+    raw = read_yaml(path, ServeBenchConfigError)
     cfg = parse_config(raw)
     return dataclasses.replace(cfg, output_dir=str(output_dir)) if output_dir else cfg
