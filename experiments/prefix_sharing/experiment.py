@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvjax.analysis.presets import get_preset
+from kvjax.analysis.spec import ArchSpec
 from kvjax.engine.generate import generate
 from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGenerationStats
 from kvjax.models.llama import Decoder
@@ -52,7 +53,7 @@ from kvjax.runner import write_csv
 
 WORKLOADS = ("system-prompt", "few-shot", "multi-turn")
 MODES = ("cache", "no-cache")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 Call = list[list[int]]
 
@@ -84,8 +85,8 @@ class Params:
     seed: int = 0  # weights and token ids
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         bad = sorted(set(self.workloads) - set(WORKLOADS))
         if bad or not self.workloads:
             raise ValueError(f"unknown workloads {bad}; known: {list(WORKLOADS)}")
@@ -199,15 +200,21 @@ def _summary(workload: str, pool: int, mode: str, runs: list[list[PrefixGenerati
     return row, per_request
 
 
+def build_model(preset: str, num_layers: int, vocab_size: int, dtype: str, seed: int
+                ) -> tuple[ArchSpec, Decoder, Any]:
+    """The preset's architecture (0 keeps its depth / vocabulary) with random weights."""
+    spec = get_preset(preset)
+    cfg = spec.to_model_config(num_layers=num_layers or None)
+    if vocab_size:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
+    model = Decoder(cfg, dtype=DTYPES[dtype])
+    return spec, model, random_params(cfg, DTYPES[dtype], seed)
+
+
 def run(p: Params, out_dir: Path) -> dict[str, Any]:
     """Every (workload, pool, cache on/off); write CSV and PNG into ``out_dir``."""
-    spec = get_preset(p.model)
-    cfg = spec.to_model_config(num_layers=p.num_layers or None)
-    if p.vocab_size:
-        cfg = dataclasses.replace(cfg, vocab_size=p.vocab_size)
-    dtype = _DTYPES[p.dtype]
-    model = Decoder(cfg, dtype=dtype)
-    params = random_params(model.cfg, dtype, p.seed)
+    spec, model, params = build_model(p.model, p.num_layers, p.vocab_size, p.dtype, p.seed)
+    cfg = model.cfg
     n = p.max_new_tokens
 
     def dense(call: Call) -> tuple[list[list[int]], None]:

@@ -44,18 +44,15 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.prefix_sharing import experiment as sharing
-from kvjax.analysis.presets import get_preset
 from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGenerationStats
 from kvjax.memory.blob_store import BACKENDS
 from kvjax.memory.disk_store import DEFAULT_BACKEND
 from kvjax.memory.tiered_requests import PREFETCH_POLICIES, TierConfig
 from kvjax.models.llama import Decoder
-from kvjax.models.random_init import random_params
 from kvjax.runner import write_csv
 
 WORKLOADS = ("few-shot", "multi-turn")
 SETUPS = ("l1-unbounded", "l1-only", "l1+l2", "l1+l2+l3", "l1+l2+l3+prefetch", "l3-restart")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +87,8 @@ class Params:
     seed: int = 0  # weights and token ids
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in sharing.DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(sharing.DTYPES)}, got {self.dtype!r}")
         for name, known, given in (("workloads", WORKLOADS, self.workloads),
                                    ("setups", SETUPS, self.setups)):
             bad = sorted(set(given) - set(known))
@@ -241,13 +238,9 @@ def _row(workload: str, setup: str, runs: list[list[PrefixGenerationStats]],
 
 def run(p: Params, out_dir: Path) -> dict[str, Any]:
     """Every (workload, setup); write CSV and PNG into ``out_dir``."""
-    spec = get_preset(p.model)
-    cfg = spec.to_model_config(num_layers=p.num_layers or None)
-    if p.vocab_size:
-        cfg = dataclasses.replace(cfg, vocab_size=p.vocab_size)
-    dtype = _DTYPES[p.dtype]
-    model = Decoder(cfg, dtype=dtype)
-    params = random_params(model.cfg, dtype, p.seed)
+    spec, model, params = sharing.build_model(p.model, p.num_layers, p.vocab_size, p.dtype,
+                                              p.seed)
+    cfg, dtype = model.cfg, sharing.DTYPES[p.dtype]
     device_blocks = max(workload_blocks(p, w) for w in p.workloads)
     block_bytes = 2 * cfg.num_layers * p.block_size * cfg.num_kv_heads * cfg.head_dim * (
         jnp.dtype(dtype).itemsize)
