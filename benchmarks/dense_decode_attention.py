@@ -8,26 +8,13 @@ Run: python benchmarks/dense_decode_attention.py [--batch 32 --context 16384 ...
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.analysis.bandwidth import read_bandwidth, time_queued
 from kvjax.attention import sdpa
-
-
-def _median_time(fn: Callable[..., jax.Array], *args: jax.Array, repeats: int = 30) -> float:
-    """Seconds per call, calls queued back to back (arrays passed as arguments, never
-    captured, so nothing is constant-folded)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -48,8 +35,7 @@ def main() -> None:
     slot = jnp.arange(s)[None, :]
     kv_bytes = 2 * k.nbytes
 
-    big = jax.random.normal(ks[0], (512 * 2**20 // 4,), jnp.float32)
-    read_bw = big.nbytes / _median_time(jax.jit(jnp.sum), big)
+    read_bw = read_bandwidth(512)
 
     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # as if stored head-major
     mask = (slot <= q_pos)[:, None, :]
@@ -74,7 +60,7 @@ def main() -> None:
           f"max rel err vs sdpa {err:.2e}")
     print(f"{'variant':<40}{'us':>10}{'% read BW':>12}")
     for name, (fn, fn_args) in variants.items():
-        t = _median_time(fn, *fn_args)
+        t = time_queued(fn, [fn_args], iters=30)
         print(f"{name:<40}{t * 1e6:>10.1f}{100 * kv_bytes / t / read_bw:>11.1f}%")
 
 

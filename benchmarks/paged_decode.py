@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.analysis.bandwidth import read_bandwidth, time_queued
 from kvjax.cache.paged import paged_attention_reference
 from pallas_kernels.paged_decode import paged_decode_attention
 from pallas_kernels.triton_paged_decode import (
@@ -63,27 +64,6 @@ class Budget:
 
     def spent(self) -> bool:
         return time.perf_counter() > self.end
-
-
-def bench(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], iters: int = 30,
-          reps: int = 5) -> float:
-    """Median over reps of the mean time of ``iters`` back-to-back calls."""
-    for a in arg_sets:
-        jax.block_until_ready(fn(*a))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for i in range(iters):
-            out = fn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times)
-
-
-def read_bandwidth() -> float:
-    x = jnp.ones((4 * 2**30 // 2,), jnp.bfloat16)
-    f = jax.jit(lambda x: jnp.sum(x.reshape(-1, 4096).astype(jnp.float32), axis=0))
-    return x.nbytes / bench(f, [(x,)], iters=10)
 
 
 def rel_err(a: jax.Array, b: jax.Array) -> float:
@@ -136,7 +116,7 @@ def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
     try:
         if expected is not None:
             res[name + " err"] = rel_err(fn(*arg_sets[0]), expected)
-        res[name] = bench(fn, arg_sets)
+        res[name] = time_queued(fn, arg_sets, iters=30)
     except Exception as err:  # report and go on: one setting must not sink the table
         res[name] = _error(err)
 
@@ -240,7 +220,7 @@ def main() -> None:
     args = ap.parse_args()
     specs = args.rows.split(",")
     reason = triton_unavailable_reason()
-    bw = read_bandwidth()
+    bw = read_bandwidth(4096)
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"read bandwidth {bw / 1e12:.2f} TB/s (percentages are of this)", flush=True)
     if reason is not None:
