@@ -121,8 +121,8 @@ def _decode_steps(model: Decoder, params: Any, tokens: jax.Array, positions: jax
         _, c = carry
         return forward_step(model, params, tokens, positions, c, index)
 
-    logits0 = jnp.zeros((tokens.shape[0], model.cfg.vocab_size), model.dtype)
-    return jax.lax.fori_loop(0, steps, body, (logits0, cache))
+    first = forward_step(model, params, tokens, positions, cache, index)
+    return jax.lax.fori_loop(1, steps, body, first)
 
 
 def _decode_time(model: Decoder, params: Any, p: Params, dtype: jnp.dtype, layout: str,
