@@ -4,11 +4,13 @@
 #   bash benchmarks/gpu_runs.sh GROUP [OUT_DIR]      (OUT_DIR defaults to $OUT, then runs/gpu)
 #
 # Groups (estimated H100 wall time; the estimates marked * are not measured yet):
-#   kernels      paged decode (all columns), chunked prefill vs XLA,
-#                generate_paged bf16/fp32                                  ~ 7 min *
+#   kernels      paged decode (all columns, ~2.5 min), chunked prefill vs XLA
+#                (~1.3 min), generate_paged bf16/fp32 (fp32 > 90 s)        ~ 8 min *
 #   sweep        Triton kernel tunables per row                            ~ 4 min *
-#   experiments  kv-cost-gpu (~2.5 min) + cache-speedup-gpu (~2 min)       ~ 5 min
-#   prefix       prefix-sharing-gpu + tiered-cache-gpu                     ~ 8 min *
+#   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
+#   prefix       prefix-sharing-gpu + tiered-cache-gpu, few-shot workloads
+#                (prefix-sharing also system-prompt): 1.9 + 3.0 min       ~ 5 min
+#   multiturn    the multi-turn workload of both (compiles per turn length) ~ 9 min *
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   train-a      attention-sweep: mha, gqa-4, gqa-2 + conversions of mha  ~ 9-12 min *
@@ -36,7 +38,7 @@ case "$group" in
     run paged_decode 330 $py benchmarks/paged_decode.py
     run chunked_prefill 90 $py benchmarks/chunked_prefill.py
     run generate_paged_bf16 120 $py benchmarks/generate_paged.py --batch 32 --prompt 512 --new 64
-    run generate_paged_fp32 100 $py benchmarks/generate_paged.py --batch 8 --prompt 512 --new 32 \
+    run generate_paged_fp32 150 $py benchmarks/generate_paged.py --batch 8 --prompt 512 --new 32 \
         --dtype float32 ;;
   sweep)
     run sweep_triton 540 $py benchmarks/paged_decode.py --sweep triton ;;
@@ -45,10 +47,15 @@ case "$group" in
     run cache_speedup 280 $py -m kvjax.cli run configs/cache-speedup-gpu.yaml \
         --output-dir "$out/cache_speedup" ;;
   prefix)
-    run prefix_sharing 270 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
-        --output-dir "$out/prefix_sharing"
-    run tiered_cache 270 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
-        --output-dir "$out/tiered_cache" ;;
+    run prefix_sharing 200 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
+        --output-dir "$out/prefix_sharing" --set "workloads=[system-prompt, few-shot]"
+    run tiered_cache 300 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
+        --output-dir "$out/tiered_cache" --set "workloads=[few-shot]" ;;
+  multiturn)
+    run prefix_sharing_multiturn 270 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
+        --output-dir "$out/prefix_sharing_multiturn" --set "workloads=[multi-turn]"
+    run tiered_cache_multiturn 300 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
+        --output-dir "$out/tiered_cache_multiturn" --set "workloads=[multi-turn]" ;;
   engine)
     run engine_vs_hf 560 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf.json" ;;
   serve)
