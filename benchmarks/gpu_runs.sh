@@ -10,6 +10,7 @@
 #   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
 #   prefix       prefix-sharing-gpu + tiered-cache-gpu, few-shot workloads
 #                (prefix-sharing also system-prompt): 1.9 + 3.0 min       ~ 5 min
+#   pinned       tiered-cache-gpu few-shot with host_staging: pinned       ~ 3 min *
 #   multiturn    the multi-turn workload of both (compiles per turn length) ~ 9 min *
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
@@ -51,6 +52,10 @@ case "$group" in
         --output-dir "$out/prefix_sharing" --set "workloads=[system-prompt, few-shot]"
     run tiered_cache 300 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
         --output-dir "$out/tiered_cache" --set "workloads=[few-shot]" ;;
+  pinned)
+    run tiered_cache_pinned 300 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
+        --output-dir "$out/tiered_cache_pinned" --set "workloads=[few-shot]" \
+        --set host_staging=pinned ;;
   multiturn)
     run prefix_sharing_multiturn 270 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
         --output-dir "$out/prefix_sharing_multiturn" --set "workloads=[multi-turn]"

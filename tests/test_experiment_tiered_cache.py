@@ -15,14 +15,17 @@ from kvjax import runner
 
 def test_params_are_checked_before_any_work() -> None:
     for bad in ({"setups": ("l1-only",)}, {"setups": ("l1-unbounded", "l4")},
-                {"prefetch_policy": "off"}, {"l1_blocks": 4}, {"workloads": ()}):
+                {"prefetch_policy": "off"}, {"l1_blocks": 4}, {"workloads": ()},
+                {"host_staging": "locked"}):
         with pytest.raises(ValueError):
             Params(**bad)
     p = Params(num_requests=10, shots=2, shot_len=32, query_len=16, max_new_tokens=8,
                block_size=16)
     assert workload_blocks(p, "few-shot") == 10 * 6  # (64 + 16 + 8) tokens -> 6 blocks
     gbps = plain_copy_gbps(1 << 20, "float32", reps=2)
-    assert set(gbps) == {"host_to_device", "device_to_host"} and min(gbps.values()) > 0
+    # CPU devices have a pinned_host memory, so both copy paths are measured
+    assert set(gbps) == {"host_to_device", "device_to_host", "pinned_host_to_device",
+                         "pinned_device_to_host"} and min(gbps.values()) > 0
 
 
 @pytest.mark.slow  # 18 generator runs with their compiles: ~25 s on CPU

@@ -24,12 +24,14 @@ from kvjax.memory.blob_store import BACKENDS
 from kvjax.memory.block_hash import block_key, chain_keys
 from kvjax.memory.disk_store import DiskStore
 from kvjax.memory.host_pool import (
+    STAGING,
     HostPool,
     HostPoolFullError,
     InvalidSlotError,
     demote,
     promote,
 )
+from kvjax.memory.tiered_requests import TierConfig
 
 DTYPES = [np.float32, ml_dtypes.bfloat16]
 L, S, K, D = 2, 4, 2, 8
@@ -101,13 +103,15 @@ def test_block_keys_equal_across_processes() -> None:
 
 
 # ---------------------------------------------------------------------------- host pool
+@pytest.mark.parametrize("staging", STAGING)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_device_host_device_round_trip_bit_exact(dtype: object) -> None:
+def test_device_host_device_round_trip_bit_exact(dtype: object, staging: str) -> None:
     rng = np.random.default_rng(1)
     cache = random_cache(rng, 6, dtype)
     before_k = np.asarray(cache.k_pages).copy()
     before_v = np.asarray(cache.v_pages).copy()
-    pool = HostPool.like(cache, 4)
+    pool = HostPool.like(cache, 4, staging=staging)
+    assert pool.staging == staging
     slots = pool.allocate(3)
     pool.save_pages(cache, [4, 0, 2], slots)
     # overwrite those pages on device with fresh data, then restore from host
@@ -139,6 +143,22 @@ def test_demote_shapes_and_checks() -> None:
         promote(cache, [1, 1], np.concatenate([k, k])[:2], np.concatenate([v, v])[:2])
     with pytest.raises(ValueError):
         promote(cache, [1], k[:1].astype(ml_dtypes.bfloat16), v[:1].astype(ml_dtypes.bfloat16))
+
+
+def test_staging_is_checked_before_any_copy() -> None:
+    rng = np.random.default_rng(3)
+    cache = random_cache(rng, 4, np.float32)
+    for bad in ("pagable", "PINNED", ""):
+        with pytest.raises(ValueError, match="staging must be one of"):
+            HostPool(2, L, S, K, D, np.float32, staging=bad)
+        with pytest.raises(ValueError, match="staging must be one of"):
+            demote(cache, [0], staging=bad)
+        with pytest.raises(ValueError, match="staging must be one of"):
+            TierConfig(host_blocks=2, host_staging=bad)
+    # the pinned path returns the same bytes as the pageable one, through either copy
+    k0, v0 = demote(cache, [2, 0], staging="pageable")
+    k1, v1 = demote(cache, [2, 0], staging="pinned")
+    assert k0.tobytes() == k1.tobytes() and v0.tobytes() == v1.tobytes()
 
 
 def test_host_pool_slot_allocator_errors() -> None:

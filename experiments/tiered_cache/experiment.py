@@ -26,7 +26,8 @@ TTFT is the generator's (call start -> first-token logits on device), median ove
 runs per request. Every output is compared with ``l1-unbounded``'s. The tiers' copy
 bandwidths (device -> host on eviction, host -> device on promotion, disk) come from
 the generator's stats; a plain ``jax.device_put`` / ``jax.device_get`` of
-``copy_blocks`` blocks, timed in the same run, is the yardstick.
+``copy_blocks`` blocks, timed in the same run, is the yardstick (pageable and, where
+the device has one, through pinned host memory; ``host_staging`` picks the tiers' path).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from experiments.prefix_sharing import experiment as sharing
 from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGenerationStats
 from kvjax.memory.blob_store import BACKENDS
 from kvjax.memory.disk_store import DEFAULT_BACKEND
+from kvjax.memory.host_pool import STAGING
 from kvjax.memory.tiered_requests import PREFETCH_POLICIES, TierConfig
 from kvjax.models.llama import Decoder
 from kvjax.runner import write_csv
@@ -66,6 +69,7 @@ class Params:
     block_size: int = 16  # tokens per KV block (page)
     l1_blocks: int = 256  # device pool (L1) of the bounded setups, in blocks
     l2_blocks: int = 512  # host slots (L2), in blocks
+    host_staging: str = "pageable"  # L1 <-> L2 copies: one of host_pool.STAGING
     l3_backend: str = DEFAULT_BACKEND  # disk store file I/O: one of blob_store.BACKENDS
     prefetch_policy: str = "wait_complete"  # of the prefetch setups (not "off")
     prefetch_depth: int = 4  # queued requests whose disk blocks are read ahead
@@ -96,6 +100,9 @@ class Params:
                 raise ValueError(f"unknown {name} {bad}; known: {list(known)}")
         if "l1-unbounded" not in self.setups:
             raise ValueError("setups must include l1-unbounded (the reference outputs)")
+        if self.host_staging not in STAGING:
+            raise ValueError(f"host_staging must be one of {STAGING}, got "
+                             f"{self.host_staging!r}")
         if self.l3_backend not in BACKENDS:
             raise ValueError(f"l3_backend must be one of {BACKENDS}, got {self.l3_backend!r}")
         if self.prefetch_policy not in PREFETCH_POLICIES[1:]:
@@ -124,22 +131,39 @@ def workload_blocks(p: Params, workload: str) -> int:
 
 
 def plain_copy_gbps(nbytes: int, dtype: Any, reps: int = 5) -> dict[str, float]:
-    """Median GB/s of ``jax.device_put`` (host -> device) and ``jax.device_get`` (back)
-    of a fresh random array of ``nbytes`` bytes."""
+    """Median GB/s of plain host <-> device copies of a fresh random array of ``nbytes``
+    bytes: ``jax.device_put`` / ``jax.device_get`` of NumPy memory (``host_to_device``,
+    ``device_to_host``) and, where the device has a ``pinned_host`` memory, the same
+    through a pinned buffer (``pinned_*``: NumPy -> pinned -> device and back, the path
+    of ``host_staging: pinned``)."""
     host = np.random.default_rng(0).standard_normal(nbytes // jnp.dtype(dtype).itemsize)
     host = host.astype(jnp.dtype(dtype))
-    to_dev, to_host = [], []
-    for _ in range(reps + 1):  # the first round warms up
-        t0 = time.perf_counter()
-        dev = jax.block_until_ready(jax.device_put(host))
-        t1 = time.perf_counter()
-        back = jax.device_get(dev)
-        t2 = time.perf_counter()
-        assert back.nbytes == host.nbytes
-        to_dev.append(t1 - t0)
-        to_host.append(t2 - t1)
-    return {"host_to_device": host.nbytes / statistics.median(to_dev[1:]) / 1e9,
-            "device_to_host": host.nbytes / statistics.median(to_host[1:]) / 1e9}
+    device = jax.devices()[0]
+    mem = {m.kind for m in device.addressable_memories()}
+    on = {kind: jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+          for kind in ("device", "pinned_host") if kind in mem}
+
+    Copy = tuple[Callable[[], Any], Callable[[Any], Any]]  # (host -> device, back)
+    paths: dict[str, Copy] = {"": (lambda: jax.device_put(host), jax.device_get)}
+    if "pinned_host" in on:
+        paths["pinned_"] = (
+            lambda: jax.device_put(jax.device_put(host, on["pinned_host"]), on["device"]),
+            lambda dev: np.asarray(jax.device_put(dev, on["pinned_host"])))
+    out: dict[str, float] = {}
+    for prefix, (put, get) in paths.items():
+        to_dev, to_host = [], []
+        for _ in range(reps + 1):  # the first round warms up
+            t0 = time.perf_counter()
+            dev = jax.block_until_ready(put())
+            t1 = time.perf_counter()
+            back = get(dev)
+            t2 = time.perf_counter()
+            assert back.nbytes == host.nbytes
+            to_dev.append(t1 - t0)
+            to_host.append(t2 - t1)
+        out[prefix + "host_to_device"] = host.nbytes / statistics.median(to_dev[1:]) / 1e9
+        out[prefix + "device_to_host"] = host.nbytes / statistics.median(to_host[1:]) / 1e9
+    return out
 
 
 class _Runner:
@@ -161,7 +185,8 @@ class _Runner:
         if setup not in ("l1-unbounded", "l1-only"):
             disk = None if setup == "l1+l2" else disk_dir or self._fresh_dir()
             prefetch = "off" if setup in ("l1+l2", "l1+l2+l3") else p.prefetch_policy
-            tiers = TierConfig(host_blocks=p.l2_blocks, disk_dir=disk, disk_backend=p.l3_backend,
+            tiers = TierConfig(host_blocks=p.l2_blocks, host_staging=p.host_staging,
+                               disk_dir=disk, disk_backend=p.l3_backend,
                                namespace=f"random-{p.model}-seed{p.seed}", prefetch=prefetch,
                                prefetch_depth=p.prefetch_depth)
         pool = self.device_blocks if setup == "l1-unbounded" else p.l1_blocks
@@ -276,6 +301,7 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
     return {"model": spec.name, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
             "dtype": p.dtype, "block_size": p.block_size, "block_bytes": block_bytes,
             "l1_blocks": p.l1_blocks, "l2_blocks": p.l2_blocks, "l3_backend": p.l3_backend,
+            "host_staging": p.host_staging,
             "workload_blocks": {w: workload_blocks(p, w) for w in p.workloads},
             "plain_copy_gbps": plain,
             "all_tokens_identical": all(r["tokens_identical"] for r in rows), "rows": rows}

@@ -186,7 +186,7 @@ class TieredPrefixCache:
     def _to_host(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Timed device -> host copy of ``pages``: ``(k, v)`` ``[n, L, S, K, D]``."""
         t0 = time.perf_counter()
-        k, v = demote(self.cache, pages)
+        k, v = demote(self.cache, pages, staging=self.host.staging)
         self.host.stats.seconds_to_host += time.perf_counter() - t0
         self.host.stats.bytes_to_host += k.nbytes + v.nbytes
         return k, v
@@ -194,7 +194,7 @@ class TieredPrefixCache:
     def _to_device(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
         """Timed host -> device copy into ``pages`` (blocks until written; donates the pool)."""
         t0 = time.perf_counter()
-        self.cache = promote(self.cache, pages, k, v)
+        self.cache = promote(self.cache, pages, k, v, staging=self.host.staging)
         jax.block_until_ready((self.cache.k_pages, self.cache.v_pages))
         self.host.stats.seconds_to_device += time.perf_counter() - t0
         self.host.stats.bytes_to_device += k.nbytes + v.nbytes

@@ -8,6 +8,11 @@ A slot holds one device page of every layer, K and V: arrays
 through the pool's slots and time every copy for the bandwidth stats.  Page counts
 are padded to a power of two inside the copies (repeating the first page), so a run
 that moves many different numbers of pages compiles a handful of copy programs.
+
+Staging (``STAGING``): ``"pageable"`` hands NumPy arrays to ``jax.device_put`` /
+``jax.device_get`` directly; ``"pinned"`` passes every copy through a buffer in the
+device's ``pinned_host`` memory (page-locked, so the copy engine can DMA it), then copies
+that buffer to or from the NumPy slots on the host.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.paged import PagedCache
+
+STAGING = ("pageable", "pinned")
 
 
 class HostPoolError(RuntimeError):
@@ -67,8 +74,28 @@ def _padded(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[:1], n - len(x), axis=0)]) if n > len(x) else x
 
 
-def demote(pages: PagedCache, page_ids: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
+def check_staging(staging: str, device: jax.Device | None = None) -> None:
+    """ValueError unless ``staging`` is in ``STAGING`` (and, for ``"pinned"``, ``device``
+    has a ``pinned_host`` memory)."""
+    if staging not in STAGING:
+        raise ValueError(f"staging must be one of {STAGING}, got {staging!r}")
+    if staging == "pinned" and device is not None and "pinned_host" not in {
+            m.kind for m in device.addressable_memories()}:
+        raise ValueError(f"device {device} has no pinned_host memory: use staging='pageable'")
+
+
+def _device_of(pages: PagedCache) -> jax.Device:
+    return next(iter(pages.k_pages.devices()))
+
+
+def _memory(device: jax.Device, kind: str) -> jax.sharding.SingleDeviceSharding:
+    return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+
+
+def demote(pages: PagedCache, page_ids: Iterable[Any], *,
+           staging: str = "pageable") -> tuple[np.ndarray, np.ndarray]:
     """Host copies ``(k, v)`` ``[n, L, S, K, D]`` of device pages ``page_ids`` (blocking)."""
+    check_staging(staging, _device_of(pages))
     ids = _ids(page_ids)
     if ids.size and (ids.min() < 0 or ids.max() >= pages.num_pages):
         raise ValueError(f"page ids {ids.tolist()} out of range [0, {pages.num_pages})")
@@ -76,7 +103,10 @@ def demote(pages: PagedCache, page_ids: Iterable[Any]) -> tuple[np.ndarray, np.n
         shape = (0, *pages.k_pages.shape[:1], *pages.k_pages.shape[2:])
         return np.zeros(shape, pages.k_pages.dtype), np.zeros(shape, pages.v_pages.dtype)
     padded = jnp.asarray(_padded(ids))
-    k, v = jax.device_get((_gather(pages.k_pages, padded), _gather(pages.v_pages, padded)))
+    kv = (_gather(pages.k_pages, padded), _gather(pages.v_pages, padded))
+    if staging == "pinned":
+        kv = jax.device_put(kv, _memory(_device_of(pages), "pinned_host"))
+    k, v = jax.device_get(kv)
     return np.asarray(k)[: len(ids)], np.asarray(v)[: len(ids)]
 
 
@@ -93,12 +123,14 @@ def _scatter(k_pages: jax.Array, v_pages: jax.Array, ids: jax.Array, k: jax.Arra
 
 
 def promote(pages: PagedCache, page_ids: Iterable[Any], k: np.ndarray,
-            v: np.ndarray) -> PagedCache:
+            v: np.ndarray, *, staging: str = "pageable") -> PagedCache:
     """A new cache with device pages ``page_ids`` set to host ``k``/``v`` ``[n, L, S, K, D]``.
 
     The old cache's page buffers are donated: do not use ``pages`` afterwards.
     ``page_ids`` must be distinct.
     """
+    device = _device_of(pages)
+    check_staging(staging, device)
     ids = _ids(page_ids)
     shape = (len(ids), *pages.k_pages.shape[:1], *pages.k_pages.shape[2:])
     if k.shape != shape or v.shape != shape:
@@ -112,21 +144,27 @@ def promote(pages: PagedCache, page_ids: Iterable[Any], k: np.ndarray,
     if not len(ids):
         return pages
     # Padding repeats the first (page, data) pair: a duplicate write of equal values.
-    new_k, new_v = _scatter(pages.k_pages, pages.v_pages, jnp.asarray(_padded(ids)),
-                            _padded(k), _padded(v))
+    kv: Any = (_padded(k), _padded(v))
+    if staging == "pinned":
+        kv = jax.device_put(jax.device_put(kv, _memory(device, "pinned_host")),
+                            _memory(device, "device"))
+    new_k, new_v = _scatter(pages.k_pages, pages.v_pages, jnp.asarray(_padded(ids)), *kv)
     return dataclasses.replace(pages, k_pages=new_k, v_pages=new_v)
 
 
 class HostPool:
-    """``num_slots`` host slots of one page (all layers, K and V) each, with a free list."""
+    """``num_slots`` host slots of one page (all layers, K and V) each, with a free list;
+    copies to and from device pages go through ``staging`` (one of ``STAGING``)."""
 
     def __init__(self, num_slots: int, num_layers: int, page_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: Any) -> None:
+                 head_dim: int, dtype: Any, *, staging: str = "pageable") -> None:
+        check_staging(staging)
         dims = (num_slots, num_layers, page_size, num_kv_heads, head_dim)
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims[1:]) or (
                 isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 0):
             raise ValueError(f"bad host pool dimensions {dims}")
         self.num_slots = num_slots
+        self.staging = staging
         self.dtype = np.dtype(dtype)
         self.k = np.zeros(dims, self.dtype)
         self.v = np.zeros(dims, self.dtype)
@@ -135,11 +173,13 @@ class HostPool:
         self.stats = HostPoolStats()
 
     @classmethod
-    def like(cls, pages: PagedCache, num_slots: int) -> HostPool:
+    def like(cls, pages: PagedCache, num_slots: int, *,
+             staging: str = "pageable") -> HostPool:
         """A pool whose slots match the pages of ``pages``."""
+        check_staging(staging, _device_of(pages))
         num_layers, _, page_size, kv_heads, head_dim = pages.k_pages.shape
         return cls(num_slots, int(num_layers), int(page_size), int(kv_heads), int(head_dim),
-                   pages.k_pages.dtype)
+                   pages.k_pages.dtype, staging=staging)
 
     @property
     def slot_shape(self) -> tuple[int, ...]:
@@ -201,7 +241,7 @@ class HostPool:
         """Device pages -> host slots (timed)."""
         self._check(slot_ids)
         t0 = time.perf_counter()
-        k, v = demote(pages, page_ids)
+        k, v = demote(pages, page_ids, staging=self.staging)
         self.store(slot_ids, k, v)
         self.stats.seconds_to_host += time.perf_counter() - t0
         self.stats.bytes_to_host += k.nbytes + v.nbytes
@@ -211,7 +251,7 @@ class HostPool:
         """Host slots -> device pages (timed; blocks until written); donates ``pages``."""
         t0 = time.perf_counter()
         k, v = self.load(slot_ids)
-        out = promote(pages, page_ids, k, v)
+        out = promote(pages, page_ids, k, v, staging=self.staging)
         jax.block_until_ready((out.k_pages, out.v_pages))
         self.stats.seconds_to_device += time.perf_counter() - t0
         self.stats.bytes_to_device += k.nbytes + v.nbytes

@@ -58,7 +58,7 @@ from kvjax.memory.hicache import (
     TieredPrefixCache,
     TierMatch,
 )
-from kvjax.memory.host_pool import HostPool
+from kvjax.memory.host_pool import STAGING, HostPool
 from kvjax.memory.prefix_cache import PrefixCacheStats
 from kvjax.memory.radix import RadixNode, as_token_array
 
@@ -70,6 +70,7 @@ class TierConfig:
     """The tiers below a generator's device pool (L1) and how requests use them."""
 
     host_blocks: int = 0  # L2: host slots of one block (all layers, K and V); 0 = no L2
+    host_staging: str = "pageable"  # L1 <-> L2 copies: one of host_pool.STAGING
     disk_dir: str | None = None  # L3: directory of block files; None = no L3
     disk_backend: str = DEFAULT_BACKEND  # L3 file I/O: one of blob_store.BACKENDS
     namespace: str = "kvjax"  # names the model weights in L3 keys (never share across models)
@@ -82,6 +83,9 @@ class TierConfig:
         if isinstance(self.host_blocks, bool) or not isinstance(self.host_blocks, int) or (
                 self.host_blocks < 0):
             raise ValueError(f"host_blocks must be an int >= 0, got {self.host_blocks!r}")
+        if self.host_staging not in STAGING:
+            raise ValueError(f"host_staging must be one of {STAGING}, got "
+                             f"{self.host_staging!r}")
         if self.write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got "
                              f"{self.write_policy!r}")
@@ -154,7 +158,7 @@ class TieredRequests:
 
         ``namespace`` keys the L3 entries (``config.namespace`` plus the model's identity).
         """
-        host = HostPool.like(pool, config.host_blocks)
+        host = HostPool.like(pool, config.host_blocks, staging=config.host_staging)
         disk = (DiskStore(config.disk_dir, config.disk_backend)
                 if config.disk_dir is not None else None)
         return cls(TieredPrefixCache(pool, host, disk, namespace=namespace,
