@@ -6,6 +6,7 @@
 # Groups (estimated H100 wall time; the estimates marked * are not measured yet):
 #   kernels      paged decode (all columns, ~2.5 min), chunked prefill vs XLA
 #                (~1.3 min), generate_paged bf16/fp32 (fp32 > 90 s)        ~ 8 min *
+#   mla          absorbed MLA decode kernel vs XLA gather and torch SDPA      ~ 3 min *
 #   sweep        Triton kernel tunables per row                            ~ 4 min *
 #   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
 #   prefix       prefix-sharing-gpu + tiered-cache-gpu, few-shot workloads
@@ -41,6 +42,8 @@ case "$group" in
     run generate_paged_bf16 120 $py benchmarks/generate_paged.py --batch 32 --prompt 512 --new 64
     run generate_paged_fp32 150 $py benchmarks/generate_paged.py --batch 8 --prompt 512 --new 32 \
         --dtype float32 ;;
+  mla)
+    run mla_decode 300 $py benchmarks/mla_decode.py ;;
   sweep)
     run sweep_triton 540 $py benchmarks/paged_decode.py --sweep triton ;;
   experiments)

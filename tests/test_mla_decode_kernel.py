@@ -148,3 +148,22 @@ def test_bad_settings_raise() -> None:
                       ({"layer": 0}, "rank 4")):
         with pytest.raises(ValueError, match=match):
             mla_decode_attention(*args, scale=0.1, interpret=True, **kw)
+
+
+def test_benchmark_smoke_run_writes_small_errors(tmp_path: object, monkeypatch: pytest.MonkeyPatch
+                                                 ) -> None:
+    """benchmarks/mla_decode.py --smoke: every kernel setting runs and matches the XLA path."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mla_decode.py"
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", [str(script), "--smoke"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = json.loads((Path(str(tmp_path)) / "mla_decode.json").read_text())["rows"]
+    errs = [v for k, v in rows[0].items() if k.endswith(" err")]
+    times = [v for k, v in rows[0].items() if k.startswith("kvjax") and not k.endswith(" err")]
+    assert len(errs) == len(times) == 4
+    assert max(errs) < 1e-5 and min(times) > 0
