@@ -29,12 +29,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.paged_decode import (
-    _DTYPES,
     MASKED,
-    PAGE_SIZES,
     auto_num_splits,
+    check_table_args,
     combine_splits,
-    host_value,
+    split_tables,
 )
 
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # o [rows, r], m [rows], den [rows], f32
@@ -113,27 +112,10 @@ def check_mla_args(q_lat: jax.Array, q_rope: jax.Array, pages: jax.Array,
     if not q_lat.dtype == q_rope.dtype == pages.dtype:
         raise ValueError(f"q_lat, q_rope and pages must share a dtype, got {q_lat.dtype}, "
                          f"{q_rope.dtype}, {pages.dtype}")
-    if q_lat.dtype not in _DTYPES:
-        raise ValueError(f"dtype {q_lat.dtype} unsupported; use bfloat16, float16 or float32")
-    for name, x in (("block_tables", block_tables), ("lengths", lengths)):
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be integer, got {x.dtype}")
-    if block_tables.shape[0] != batch or lengths.shape[0] != batch:
-        raise ValueError(f"batch mismatch: q_lat has {batch}, block_tables "
-                         f"{block_tables.shape[0]}, lengths {lengths.shape[0]}")
-    if page_size not in PAGE_SIZES:
-        raise ValueError(f"page_size {page_size} unsupported; use one of {PAGE_SIZES}")
-    if num_pages < 1 or block_tables.shape[1] < 1 or heads < 1:
-        raise ValueError(f"need a page, a table column and a head, got {num_pages} pages, "
-                         f"block_tables {block_tables.shape}, {heads} heads")
-    for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    host = host_value(lengths)
-    capacity = block_tables.shape[1] * page_size
-    if host is not None and host.size and (host.min() < 0 or host.max() > capacity):
-        raise ValueError(f"lengths must lie in [0, max_blocks * page_size = {capacity}], "
-                         f"got min {host.min()} max {host.max()}")
+    if heads < 1:
+        raise ValueError(f"need at least one query head, got q_lat {q_lat.shape}")
+    check_table_args(q_lat.dtype, batch, num_pages, page_size, block_tables, lengths,
+                     pages_per_block, num_splits)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "num_splits",
@@ -144,14 +126,8 @@ def _mla_decode(q_lat: jax.Array, q_rope: jax.Array, pages: jax.Array,
                 layer: int | None, interpret: bool) -> jax.Array:
     batch, heads, rank = q_lat.shape
     num_pages, page_size, width = pages.shape[-3:]
-    max_blocks = block_tables.shape[1]
-    pages_per_split = pl.cdiv(max_blocks, num_splits)
-    pages_per_block = min(pages_per_block, pages_per_split)
-    pages_per_split = pl.cdiv(pages_per_split, pages_per_block) * pages_per_block
-    tables = jnp.pad(block_tables.astype(jnp.int32),
-                     ((0, 0), (0, num_splits * pages_per_split - max_blocks)),
-                     constant_values=-1)
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_blocks * page_size)[:, None]
+    tables, lengths, pages_per_split, pages_per_block = split_tables(
+        block_tables, lengths, page_size, num_splits, pages_per_block)
     rows = heads if interpret else max(16, pl.next_power_of_2(heads))
     pad = ((0, 0), (0, rows - heads), (0, 0))
     q_lat, q_rope = jnp.pad(q_lat, pad), jnp.pad(q_rope, pad)

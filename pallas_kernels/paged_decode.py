@@ -244,34 +244,63 @@ def check_paged_args(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     if not q.dtype == k_pages.dtype == v_pages.dtype:
         raise ValueError(f"q, k_pages and v_pages must share a dtype, got {q.dtype}, "
                          f"{k_pages.dtype}, {v_pages.dtype}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"dtype {q.dtype} unsupported; use bfloat16, float16 or float32")
+    if page_dim != head_dim:
+        raise ValueError(f"head_dim mismatch: q has {head_dim}, pages have {page_dim}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} unsupported; use one of {HEAD_DIMS}")
+    if heads % kv_heads:
+        raise ValueError(f"num query heads {heads} not divisible by num kv heads {kv_heads}")
+    check_table_args(q.dtype, batch, num_pages, page_size, block_tables, lengths,
+                     pages_per_block, num_splits)
+
+
+def check_table_args(dtype: jnp.dtype, batch: int, num_pages: int, page_size: int,
+                     block_tables: jax.Array, lengths: jax.Array, pages_per_block: int,
+                     num_splits: int) -> None:
+    """Raise ValueError on the arguments every paged kernel shares: the dtype, the
+    block tables and lengths of ``batch`` sequences over a pool of ``num_pages`` pages of
+    ``page_size`` tokens, and the split / step settings."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype} unsupported; use bfloat16, float16 or float32")
     for name, x in (("block_tables", block_tables), ("lengths", lengths)):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} must be integer, got {x.dtype}")
     if block_tables.shape[0] != batch or lengths.shape[0] != batch:
         raise ValueError(f"batch mismatch: q has {batch}, block_tables "
                          f"{block_tables.shape[0]}, lengths {lengths.shape[0]}")
-    if page_dim != head_dim:
-        raise ValueError(f"head_dim mismatch: q has {head_dim}, pages have {page_dim}")
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim} unsupported; use one of {HEAD_DIMS}")
     if page_size not in PAGE_SIZES:
         raise ValueError(f"page_size {page_size} unsupported; use one of {PAGE_SIZES}")
-    if heads % kv_heads:
-        raise ValueError(f"num query heads {heads} not divisible by num kv heads {kv_heads}")
     if num_pages < 1 or block_tables.shape[1] < 1:
         raise ValueError(f"need at least one page and one table column, got "
                          f"{num_pages} pages and block_tables {block_tables.shape}")
-    if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
-    if not isinstance(pages_per_block, int) or pages_per_block < 1:
-        raise ValueError(f"pages_per_block must be an int >= 1, got {pages_per_block!r}")
+    for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     host = host_value(lengths)
     capacity = block_tables.shape[1] * page_size
     if host is not None and host.size and (host.min() < 0 or host.max() > capacity):
         raise ValueError(f"lengths must lie in [0, max_blocks * page_size = {capacity}], "
                          f"got min {host.min()} max {host.max()}")
+
+
+def split_tables(block_tables: jax.Array, lengths: jax.Array, page_size: int,
+                 num_splits: int, pages_per_block: int
+                 ) -> tuple[jax.Array, jax.Array, int, int]:
+    """Tables and lengths laid out for a split-K decode grid.
+
+    Returns int32 tables [B, num_splits * pages_per_split] (-1 padded), lengths int32
+    [B, 1] clipped to the table's capacity, ``pages_per_split`` (a multiple of the step)
+    and ``pages_per_block`` (clamped to the split).
+    """
+    max_blocks = block_tables.shape[1]
+    pages_per_split = pl.cdiv(max_blocks, num_splits)
+    pages_per_block = min(pages_per_block, pages_per_split)
+    pages_per_split = pl.cdiv(pages_per_split, pages_per_block) * pages_per_block
+    tables = jnp.pad(block_tables.astype(jnp.int32),
+                     ((0, 0), (0, num_splits * pages_per_split - max_blocks)),
+                     constant_values=-1)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_blocks * page_size)[:, None]
+    return tables, lengths, pages_per_split, pages_per_block
 
 
 @functools.partial(jax.jit, static_argnames=("pages_per_block", "num_splits", "group_rows",
@@ -283,14 +312,8 @@ def _paged_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     """The kernel plus combine; the query group is zero-padded to ``group_rows`` rows."""
     batch, heads, head_dim = q.shape
     page_size, kv_heads = k_pages.shape[-3:-1]
-    max_blocks = block_tables.shape[1]
-    pages_per_split = pl.cdiv(max_blocks, num_splits)
-    pages_per_block = min(pages_per_block, pages_per_split)
-    pages_per_split = pl.cdiv(pages_per_split, pages_per_block) * pages_per_block
-    tables = jnp.pad(block_tables.astype(jnp.int32),
-                     ((0, 0), (0, num_splits * pages_per_split - max_blocks)),
-                     constant_values=-1)
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_blocks * page_size)[:, None]
+    tables, lengths, pages_per_split, pages_per_block = split_tables(
+        block_tables, lengths, page_size, num_splits, pages_per_block)
     group = heads // kv_heads
     qg = q.reshape(batch, kv_heads, group, head_dim)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_rows - group), (0, 0)))

@@ -95,7 +95,8 @@ def _memory(device: jax.Device, kind: str) -> jax.sharding.SingleDeviceSharding:
 def demote(pages: PagedCache, page_ids: Iterable[Any], *,
            staging: str = "pageable") -> tuple[np.ndarray, np.ndarray]:
     """Host copies ``(k, v)`` ``[n, L, S, K, D]`` of device pages ``page_ids`` (blocking)."""
-    check_staging(staging, _device_of(pages))
+    device = _device_of(pages)
+    check_staging(staging, device)
     ids = _ids(page_ids)
     if ids.size and (ids.min() < 0 or ids.max() >= pages.num_pages):
         raise ValueError(f"page ids {ids.tolist()} out of range [0, {pages.num_pages})")
@@ -105,7 +106,7 @@ def demote(pages: PagedCache, page_ids: Iterable[Any], *,
     padded = jnp.asarray(_padded(ids))
     kv = (_gather(pages.k_pages, padded), _gather(pages.v_pages, padded))
     if staging == "pinned":
-        kv = jax.device_put(kv, _memory(_device_of(pages), "pinned_host"))
+        kv = jax.device_put(kv, _memory(device, "pinned_host"))
     k, v = jax.device_get(kv)
     return np.asarray(k)[: len(ids)], np.asarray(v)[: len(ids)]
 
