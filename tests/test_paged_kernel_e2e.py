@@ -67,3 +67,45 @@ def test_auto_on_gpu_prefers_triton(monkeypatch: pytest.MonkeyPatch,
     with caplog.at_level(logging.INFO, logger="kvjax.engine.generate"):
         assert resolve_attention("auto", 16, 128) == "pallas"
     assert "Triton decode kernel unavailable (cannot import jax_triton" in caplog.text
+
+
+def test_triton_backend_sends_chunks_to_the_prefill_kernel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under "triton" a step of several new tokens runs the chunked-prefill kernel (here
+    interpreted) and equals the XLA reference; a one-token step goes to the Triton
+    decode kernel."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from kvjax.cache import paged as paged_module
+    from kvjax.cache.paged import PagedCache
+
+    calls: list[str] = []
+    real_prefill = paged_module.paged_prefill_attention
+
+    def prefill(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("prefill")
+        return real_prefill(*args, **{**kwargs, "interpret": True})
+
+    def decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("decode")
+        raise RuntimeError("decode kernel reached")
+
+    monkeypatch.setattr(paged_module, "paged_prefill_attention", prefill)
+    monkeypatch.setattr(paged_module, "triton_paged_decode_attention", decode)
+    rng = np.random.default_rng(3)
+    batch, new, heads, kv_heads, dim, page = 2, 5, 4, 2, 64, 8
+    tables = jnp.asarray(rng.permutation(8).reshape(batch, 4), jnp.int32)
+    xla = PagedCache.init(1, 8, page, kv_heads, dim, jnp.float32, tables)
+    triton = dataclasses.replace(xla, attention="triton")
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, new, h, dim)), jnp.float32)
+               for h in (heads, kv_heads, kv_heads))
+    positions = jnp.asarray([[0, 1, 2, 3, 4], [0, 1, 2, -1, -1]], jnp.int32)
+    want, _ = xla.update_and_attend(0, q, k, v, positions)
+    got, _ = triton.update_and_attend(0, q, k, v, positions)
+    assert calls == ["prefill"]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="decode kernel reached"):
+        triton.update_and_attend(0, q[:, :1], k[:, :1], v[:, :1], positions[:, :1])
+    assert calls == ["prefill", "decode"]

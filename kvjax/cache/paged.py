@@ -108,7 +108,8 @@ class PagedCache:
         "pallas" (the Pallas decode kernel for one new token per sequence, the Pallas
         chunked-prefill kernel for several; GPU), "pallas-interpret" (the same kernels
         in the Pallas interpreter, CPU) or "triton" (the Triton decode kernel through
-        jax-triton, GPU; steps of several new tokens use the XLA reference). The
+        jax-triton, GPU; steps of several new tokens use the Pallas chunked-prefill
+        kernel). The
         kernels read this step's layer of the pool in place and expect each row's
         valid positions (>= 0) to be one run from the row's start (right padding).
     """
@@ -181,11 +182,13 @@ class PagedCache:
         """q [B, T, H, D] at positions int32 [B, T] over the (written) pool, by backend."""
         tables, k_pages, v_pages = self.block_tables, self.k_pages, self.v_pages
         decode = q.shape[1] == 1
-        if self.attention == "xla" or (self.attention == "triton" and not decode):
+        if self.attention == "xla":
             return paged_attention_reference(q, k_pages[layer], v_pages[layer], tables,
                                              positions)
         interpret = self.attention == "pallas-interpret"
         if not decode:  # a chunk of new tokens per row: valid positions [p0, p0 + q_len)
+            # "triton" too: there is no Triton prefill kernel, and the Pallas one is
+            # 1.5-3.5x the XLA reference on an H100 (docs/paged-decode-kernel.md).
             return paged_prefill_attention(q, k_pages, v_pages, tables,
                                            (positions >= 0).sum(axis=1),
                                            positions.max(axis=1) + 1, layer=layer,
