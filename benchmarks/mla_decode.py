@@ -1,11 +1,13 @@
 """Absorbed MLA decode over paged latent rows on one GPU: kvjax's Pallas kernel against
-the XLA gather path and PyTorch SDPA on a dense latent cache, in one process.
+the XLA gather path and PyTorch absorbed attention (two batched matmuls) on a dense
+latent cache, in one process.
 
 DeepSeek-V2 attention shape: 128 query heads (``--heads``), latent rank 512, RoPE key
 width 64 (rows of 576 values), bf16, page 16, scrambled block tables, every sequence
 full. Each query head scores the rows directly (``q_lat . c + q_rope . k_rope``) and
 attends over the latent, so every row is read once per sequence. Prints time per call
-(queued back to back) and the latent bytes read as a share of the read bandwidth
+(queued back to back), achieved TFLOP/s (at 128 heads the path is compute-bound) and
+the latent bytes read as a share of the read bandwidth
 measured in the same run, plus speedups over the baselines. Writes JSON to $OUT (or /tmp).
 
 Run: python benchmarks/mla_decode.py [--rows 8x4096,...] [--heads 16]
@@ -28,8 +30,11 @@ from kvjax.analysis.bandwidth import read_bandwidth, time_queued
 from pallas_kernels.mla_decode import mla_decode_attention, mla_decode_reference
 
 RANK, ROPE, PAGE = 512, 64, 16
-SETTINGS = ({"pages_per_block": 2, "num_splits": None}, {"pages_per_block": 4, "num_splits": None},
-            {"pages_per_block": 4, "num_splits": 1}, {"pages_per_block": 8, "num_splits": None})
+# heads per program x pages per step x warps; the last is the first H100 run's only
+# compiling launch (every head in one program: 0.3x XLA, docs/mla.md)
+SETTINGS = tuple({"heads_per_block": h, "pages_per_block": p, "num_warps": w}
+                 for h, p, w in ((16, 2, 4), (16, 2, 8), (16, 4, 8), (32, 2, 8), (64, 2, 8),
+                                 (128, 2, 4)))
 
 
 def make_row(batch: int, context: int, heads: int, rank: int, rope: int, page: int,
@@ -45,27 +50,32 @@ def make_row(batch: int, context: int, heads: int, rank: int, rope: int, page: i
     return q_lat, q_rope, pages, tables, jnp.full((batch,), context, jnp.int32)
 
 
-def torch_sdpa_dense(batch: int, context: int, heads: int, rank: int, rope: int) -> Any:
-    """Seconds per call of PyTorch SDPA over a dense latent cache (one shared KV head), or
+def torch_absorbed_dense(batch: int, context: int, heads: int, rank: int, rope: int,
+                         scale: float) -> Any:
+    """Seconds per call of PyTorch absorbed attention over a dense latent cache (two
+    batched matmuls around a float32 softmax; the one latent head is never expanded), or
     a string saying why not."""
     try:
         import torch
-        import torch.nn.functional as F
         if not torch.cuda.is_available():
             return "skipped: no CUDA torch"
-        q = torch.randn(batch, heads, 1, rank + rope, device="cuda", dtype=torch.bfloat16)
-        rows = [torch.randn(batch, 1, context, rank + rope, device="cuda",
-                            dtype=torch.bfloat16) for _ in range(2)]
+        q = torch.randn(batch, heads, rank + rope, device="cuda", dtype=torch.bfloat16)
+        rows = [torch.randn(batch, context, rank + rope, device="cuda", dtype=torch.bfloat16)
+                for _ in range(2)]
+
+        def attend(r: Any) -> Any:
+            s = torch.bmm(q, r.transpose(1, 2)).float() * scale  # [B, H, T]
+            return torch.bmm(torch.softmax(s, dim=-1).to(r.dtype), r[..., :rank])
+
         for r in rows:  # warm up
-            F.scaled_dot_product_attention(q, r, r[..., :rank], enable_gqa=True)
+            attend(r)
         torch.cuda.synchronize()
         times = []
         for _ in range(5):
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
             for i in range(30):
-                r = rows[i % 2]
-                F.scaled_dot_product_attention(q, r, r[..., :rank], enable_gqa=True)
+                attend(rows[i % 2])
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3 / 30)
@@ -81,11 +91,13 @@ def run_row(batch: int, context: int, heads: int, rank: int, rope: int, page: in
     sets = [make_row(batch, context, heads, rank, rope, page, dtype, seed) for seed in range(3)]
     scale = (128 + rope) ** -0.5  # DeepSeek-V2: qk_nope_head_dim 128 + rope 64
     res: dict[str, Any] = {"batch": batch, "context": context, "heads": heads,
-                           "bytes": batch * context * (rank + rope) * jnp.dtype(dtype).itemsize}
+                           "bytes": batch * context * (rank + rope) * jnp.dtype(dtype).itemsize,
+                           # two multiply-adds per cached value: scores (r + dr), output (r)
+                           "flops": 2 * batch * context * heads * (2 * rank + rope)}
     ref = jax.jit(lambda *a: mla_decode_reference(*a, scale=scale))
     want = np.asarray(ref(*sets[0]), np.float32)
     for kw in SETTINGS:
-        name = f"kvjax pallas ppb{kw['pages_per_block']} sp{kw['num_splits'] or 'auto'}"
+        name = f"kvjax pallas hb{kw['heads_per_block']} ppb{kw['pages_per_block']} w{kw['num_warps']}"
         fn = jax.jit(lambda *a, kw=kw: mla_decode_attention(*a, scale=scale, interpret=interpret,
                                                             **kw))
         try:
@@ -96,7 +108,8 @@ def run_row(batch: int, context: int, heads: int, rank: int, rope: int, page: in
             res[name] = f"error: {type(err).__name__}: {str(err)[:160]}"
     if baselines:
         res["xla gather+einsum"] = time_queued(ref, sets, iters=30)
-        res["torch sdpa dense"] = torch_sdpa_dense(batch, context, heads, rank, rope)
+        res["torch absorbed dense"] = torch_absorbed_dense(batch, context, heads, rank, rope,
+                                                         scale)
     return res
 
 
@@ -105,20 +118,20 @@ def print_row(res: dict[str, Any], bw: float | None) -> None:
           f"{res['bytes'] / 2**20:.0f} MiB", flush=True)
     timed = {}
     for k, v in res.items():
-        if k in ("batch", "context", "heads", "bytes"):
+        if k in ("batch", "context", "heads", "bytes", "flops"):
             continue
         if isinstance(v, float) and k.endswith("err"):
             print(f"  {k:<34}{v:9.1e}")
         elif isinstance(v, float):
             timed[k] = v
             share = f"  {100 * res['bytes'] / v / bw:5.1f}%" if bw else ""
-            print(f"  {k:<34}{v * 1e6:9.1f} us{share}")
+            print(f"  {k:<34}{v * 1e6:9.1f} us{share}  {res['flops'] / v / 1e12:6.1f} TFLOP/s")
         else:
             print(f"  {k:<34}{v}")
     ours = {k: v for k, v in timed.items() if k.startswith("kvjax")}
     if ours:
         best = min(ours, key=ours.__getitem__)
-        for base in ("xla gather+einsum", "torch sdpa dense"):
+        for base in ("xla gather+einsum", "torch absorbed dense"):
             if base in timed:
                 print(f"  best ({best}) vs {base}: {timed[base] / ours[best]:.2f}x faster")
 

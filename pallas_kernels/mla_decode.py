@@ -10,9 +10,14 @@ absorbed path the key up-projection is folded into the query, ``q_lat = q_nope W
 
 and attends over the latent itself as the value, ``out_lat[h] = softmax(score[h]) c``
 (``[H, r]``; the caller applies ``W_uv``). All heads share the single latent "KV head",
-so the kernel is MQA-shaped: one program per (sequence, split) takes every query head
-(rows padded to a power of two, >= 16 off the interpreter), reads each page once, and
-computes the two dot products on static column slices of the page (no concatenation).
+so the kernel is MQA-shaped: one program per (sequence, split, head block) takes
+``heads_per_block`` query heads (rows padded to a power of two, >= 16 off the
+interpreter) and computes the two dot products on static column slices of the page (no
+concatenation). Head blocks are the grid's last axis, so the programs that read the same
+pages are launched together and share them through L2; one block of every head reads
+each page once. Blocking exists because the float32 accumulator of all heads at once
+(128 heads x 512 x 4 B = 256 KiB at DeepSeek-V2's shape) is an SM's whole register
+file: the first H100 run with one block per sequence spilled and ran at 0.3x XLA.
 Split partials ``(o, m, den)`` are merged by ``paged_decode.combine_splits``; masking,
 lengths, missing pages and the split rule follow ``paged_decode`` (zeros for empty
 sequences, never NaN). Only one RoPE key head (DeepSeek-V2/V3's layout) is supported.
@@ -47,7 +52,7 @@ def _mla_kernel(table_ref: jax.Ref, length_ref: jax.Ref, q_lat_ref: jax.Ref,
     -> o f32 [rows, r], m and den f32 [rows] of this (sequence, split)."""
     num_pages, page_size, _ = pages_ref.shape
     length = length_ref[0]
-    first = pl.program_id(1) * pages_per_split
+    first = pl.program_id(1) * pages_per_split  # grid (sequence, split, head block)
     stop = jnp.minimum(first + pages_per_split, pl.cdiv(length, page_size))
     num_blocks = pl.cdiv(jnp.maximum(stop - first, 0), pages_per_block)
     q_lat, q_rope = q_lat_ref[...], q_rope_ref[...]
@@ -119,36 +124,44 @@ def check_mla_args(q_lat: jax.Array, q_rope: jax.Array, pages: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "num_splits",
-                                             "num_warps", "num_stages", "layer", "interpret"))
+                                             "heads_per_block", "num_warps", "num_stages",
+                                             "layer", "interpret"))
 def _mla_decode(q_lat: jax.Array, q_rope: jax.Array, pages: jax.Array,
                 block_tables: jax.Array, lengths: jax.Array, *, scale: float,
-                pages_per_block: int, num_splits: int, num_warps: int, num_stages: int,
-                layer: int | None, interpret: bool) -> jax.Array:
+                pages_per_block: int, num_splits: int, heads_per_block: int, num_warps: int,
+                num_stages: int, layer: int | None, interpret: bool) -> jax.Array:
     batch, heads, rank = q_lat.shape
     num_pages, page_size, width = pages.shape[-3:]
     tables, lengths, pages_per_split, pages_per_block = split_tables(
         block_tables, lengths, page_size, num_splits, pages_per_block)
-    rows = heads if interpret else max(16, pl.next_power_of_2(heads))
-    pad = ((0, 0), (0, rows - heads), (0, 0))
-    q_lat, q_rope = jnp.pad(q_lat, pad), jnp.pad(q_rope, pad)
+    block = min(heads_per_block, heads)
+    rows = block if interpret else max(16, pl.next_power_of_2(block))
+    head_blocks = pl.cdiv(heads, block)
+    # head block j holds heads [j * block, (j + 1) * block) in its first `block` rows
+    q_lat, q_rope = (jnp.pad(x, ((0, 0), (0, head_blocks * block - heads), (0, 0)))
+                     .reshape(batch, head_blocks, block, -1) for x in (q_lat, q_rope))
+    pad = ((0, 0), (0, 0), (0, rows - block), (0, 0))
+    q_lat, q_rope = (jnp.pad(x, pad).reshape(batch, head_blocks * rows, -1)
+                     for x in (q_lat, q_rope))
     kernel = functools.partial(_mla_kernel, rank=rank, pages_per_split=pages_per_split,
                                pages_per_block=pages_per_block, scale=scale)
     if layer is None:
-        pool = pl.BlockSpec((num_pages, page_size, width), lambda b, s: (0, 0, 0))
+        pool = pl.BlockSpec((num_pages, page_size, width), lambda b, s, h: (0, 0, 0))
     else:
-        pool = pl.BlockSpec((None, num_pages, page_size, width), lambda b, s: (layer, 0, 0, 0))
-    stat = (batch, num_splits, rows)
+        pool = pl.BlockSpec((None, num_pages, page_size, width),
+                            lambda b, s, h: (layer, 0, 0, 0))
+    stat = (batch, num_splits, head_blocks * rows)
     o, m, den = pl.pallas_call(
         kernel,
-        grid=(batch, num_splits),
-        in_specs=[pl.BlockSpec((None, tables.shape[1]), lambda b, s: (b, 0)),
-                  pl.BlockSpec((None, 1), lambda b, s: (b, 0)),
-                  pl.BlockSpec((None, rows, rank), lambda b, s: (b, 0, 0)),
-                  pl.BlockSpec((None, rows, width - rank), lambda b, s: (b, 0, 0)),
+        grid=(batch, num_splits, head_blocks),
+        in_specs=[pl.BlockSpec((None, tables.shape[1]), lambda b, s, h: (b, 0)),
+                  pl.BlockSpec((None, 1), lambda b, s, h: (b, 0)),
+                  pl.BlockSpec((None, rows, rank), lambda b, s, h: (b, h, 0)),
+                  pl.BlockSpec((None, rows, width - rank), lambda b, s, h: (b, h, 0)),
                   pool],
-        out_specs=[pl.BlockSpec((None, None, rows, rank), lambda b, s: (b, s, 0, 0)),
-                   pl.BlockSpec((None, None, rows), lambda b, s: (b, s, 0)),
-                   pl.BlockSpec((None, None, rows), lambda b, s: (b, s, 0))],
+        out_specs=[pl.BlockSpec((None, None, rows, rank), lambda b, s, h: (b, s, h, 0)),
+                   pl.BlockSpec((None, None, rows), lambda b, s, h: (b, s, h)),
+                   pl.BlockSpec((None, None, rows), lambda b, s, h: (b, s, h))],
         out_shape=[jax.ShapeDtypeStruct((*stat, rank), jnp.float32),
                    jax.ShapeDtypeStruct(stat, jnp.float32),
                    jax.ShapeDtypeStruct(stat, jnp.float32)],
@@ -157,14 +170,17 @@ def _mla_decode(q_lat: jax.Array, q_rope: jax.Array, pages: jax.Array,
                                                                   num_stages=num_stages),
         name="mla_absorbed_decode",
     )(tables, lengths, q_lat, q_rope, pages)
-    # one latent "KV head": [B, 1, splits, rows, ...] for the shared combine
-    return combine_splits(o[:, None], m[:, None], den[:, None], heads, q_lat.dtype)
+    # each head block as a "KV head" of `block` real rows for the shared combine
+    o = o.reshape(batch, num_splits, head_blocks, rows, rank).transpose(0, 2, 1, 3, 4)
+    m, den = (x.reshape(batch, num_splits, head_blocks, rows).transpose(0, 2, 1, 3)
+              for x in (m, den))
+    return combine_splits(o, m, den, block, q_lat.dtype)[:, :heads]
 
 
 def mla_decode_attention(q_lat: jax.Array, q_rope: jax.Array, pages: jax.Array,
                          block_tables: jax.Array, lengths: jax.Array, *, scale: float,
                          pages_per_block: int = 4, num_splits: int | None = None,
-                         num_warps: int = 4, num_stages: int = 2, layer: int | None = None,
+                         heads_per_block: int = 16, num_warps: int = 4, num_stages: int = 2, layer: int | None = None,
                          interpret: bool = False) -> jax.Array:
     """Absorbed MLA decode attention of one new token per sequence over latent pages.
 
@@ -178,7 +194,8 @@ def mla_decode_attention(q_lat: jax.Array, q_rope: jax.Array, pages: jax.Array,
       scale: softmax scale (MLA: ``(dn + dr) ** -0.5``).
       pages_per_block: pages per online-softmax step (clamped to the split).
       num_splits: split-K factor over the table columns; None: about 256 programs
-        (``auto_num_splits`` with one KV head), at most 8.
+        (``auto_num_splits`` counting head blocks as KV heads), at most 8.
+      heads_per_block: query heads per program (the last one may be partial).
       num_warps, num_stages: Triton launch settings (ignored when interpreting).
       interpret: run the Pallas HLO interpreter (needed on CPU).
 
@@ -191,10 +208,15 @@ def mla_decode_attention(q_lat: jax.Array, q_rope: jax.Array, pages: jax.Array,
     """
     check_mla_args(q_lat, q_rope, pages, block_tables, lengths, pages_per_block,
                    1 if num_splits is None else num_splits, layer)
+    if isinstance(heads_per_block, bool) or not isinstance(heads_per_block, int) or (
+            heads_per_block < 1):
+        raise ValueError(f"heads_per_block must be a positive int, got {heads_per_block!r}")
     if num_splits is None:
-        num_splits = auto_num_splits(q_lat.shape[0], 1, block_tables.shape[1])
+        head_blocks = -(-q_lat.shape[1] // heads_per_block)
+        num_splits = auto_num_splits(q_lat.shape[0], head_blocks, block_tables.shape[1])
     return _mla_decode(q_lat, q_rope, pages, block_tables, lengths, scale=float(scale),
                        pages_per_block=pages_per_block, num_splits=num_splits,
+                       heads_per_block=heads_per_block,
                        num_warps=num_warps, num_stages=num_stages, layer=layer,
                        interpret=interpret)
 

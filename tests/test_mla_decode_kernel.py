@@ -46,22 +46,23 @@ def make_case(seed: int, batch: int, heads: int, rank: int, rope: int, page: int
     return q_lat, q_rope, pages, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32)
 
 
-CASES = [  # batch, heads, rank, rope, page, max_blocks, lengths, splits, ppb
-    (3, 16, 64, 16, 16, 5, [80, 1, 37], None, 4),
-    (2, 3, 32, 8, 8, 7, [0, 53], 2, 2),  # empty sequence, odd head count
-    (4, 1, 128, 64, 16, 3, [48, 17, 33, 16], 3, 1),
-    (2, 20, 48, 16, 32, 4, [128, 65], 1, 8),
+CASES = [  # batch, heads, rank, rope, page, max_blocks, lengths, splits, ppb, heads/block
+    (3, 16, 64, 16, 16, 5, [80, 1, 37], None, 4, 16),
+    (2, 3, 32, 8, 8, 7, [0, 53], 2, 2, 2),  # empty sequence, odd heads, partial head block
+    (4, 1, 128, 64, 16, 3, [48, 17, 33, 16], 3, 1, 16),
+    (2, 20, 48, 16, 32, 4, [128, 65], 1, 8, 8),  # blocks of 8, 8, 4 heads
+    (3, 12, 32, 16, 8, 6, [45, 0, 9], None, 2, 4),  # 3 head blocks x auto splits
 ]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_kernel_matches_float64_reference(case: tuple, dtype: jnp.dtype) -> None:
-    batch, heads, rank, rope, page, blocks, lengths, splits, ppb = case
+    batch, heads, rank, rope, page, blocks, lengths, splits, ppb, hpb = case
     args = make_case(len(lengths) + heads, batch, heads, rank, rope, page, blocks, lengths, dtype)
     scale = (rank // 2 + rope) ** -0.5
     out = mla_decode_attention(*args, scale=scale, num_splits=splits, pages_per_block=ppb,
-                               interpret=True)
+                               heads_per_block=hpb, interpret=True)
     assert out.shape == (batch, heads, rank) and out.dtype == dtype
     want = numpy_reference(*(np.asarray(a.astype(jnp.float32)) if a.dtype != jnp.int32
                              else np.asarray(a) for a in args), scale)
@@ -145,7 +146,8 @@ def test_bad_settings_raise() -> None:
     args = make_case(4, 1, 2, 32, 16, 16, 2, [3], jnp.float32)
     for kw, match in (({"num_splits": 0}, "num_splits"), ({"pages_per_block": 0},
                                                           "pages_per_block"),
-                      ({"layer": 0}, "rank 4")):
+                      ({"layer": 0}, "rank 4"), ({"heads_per_block": 0}, "heads_per_block"),
+                      ({"heads_per_block": True}, "heads_per_block")):
         with pytest.raises(ValueError, match=match):
             mla_decode_attention(*args, scale=0.1, interpret=True, **kw)
 
@@ -165,5 +167,5 @@ def test_benchmark_smoke_run_writes_small_errors(tmp_path: object, monkeypatch: 
     rows = json.loads((Path(str(tmp_path)) / "mla_decode.json").read_text())["rows"]
     errs = [v for k, v in rows[0].items() if k.endswith(" err")]
     times = [v for k, v in rows[0].items() if k.startswith("kvjax") and not k.endswith(" err")]
-    assert len(errs) == len(times) == 4
+    assert len(errs) == len(times) == 6
     assert max(errs) < 1e-5 and min(times) > 0
