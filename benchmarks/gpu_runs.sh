@@ -12,7 +12,10 @@
 #   prefix       prefix-sharing-gpu + tiered-cache-gpu, few-shot workloads
 #                (prefix-sharing also system-prompt): 1.9 + 3.0 min       ~ 5 min
 #   pinned       tiered-cache-gpu few-shot with host_staging: pinned       ~ 3 min *
-#   multiturn    the multi-turn workload of both (compiles per turn length) ~ 9 min *
+#   multiturn-prefix   prefix-sharing, multi-turn workload                 ~ 6-8 min *
+#   multiturn-tiers    tiered-cache, multi-turn workload                    ~ 6-8 min *
+#                (the first try ran both in one slot and ran out of time in each:
+#                 4.5 min for 4 of 13 prefix-sharing steps, 15 of 18 tiered steps)
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   train-a      attention-sweep: mha, gqa-4, gqa-2 + conversions of mha  ~ 9-12 min *
@@ -59,10 +62,11 @@ case "$group" in
     run tiered_cache_pinned 300 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
         --output-dir "$out/tiered_cache_pinned" --set "workloads=[few-shot]" \
         --set host_staging=pinned ;;
-  multiturn)
-    run prefix_sharing_multiturn 270 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
-        --output-dir "$out/prefix_sharing_multiturn" --set "workloads=[multi-turn]"
-    run tiered_cache_multiturn 300 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
+  multiturn-prefix)
+    run prefix_sharing_multiturn 570 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
+        --output-dir "$out/prefix_sharing_multiturn" --set "workloads=[multi-turn]" ;;
+  multiturn-tiers)
+    run tiered_cache_multiturn 570 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
         --output-dir "$out/tiered_cache_multiturn" --set "workloads=[multi-turn]" ;;
   engine)
     run engine_vs_hf 560 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf.json" ;;

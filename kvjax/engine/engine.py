@@ -83,16 +83,13 @@ from jax.typing import ArrayLike
 from kvjax.cache.paged import PagedCache, check_attention_backend
 from kvjax.engine.generate import GenerationOutput, kv_bytes_per_token, resolve_attention
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams, sample
+from kvjax.engine.shapes import pow2
 from kvjax.memory.allocator import AllocatorStats, BlockAllocator, OutOfBlocksError
 from kvjax.memory.prefix_cache import PrefixCache
 from kvjax.models.llama import Decoder
 
 Event = tuple[int, int]  # (request id, new token id)
 Detokenize = Callable[[Sequence[int]], str]
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _percentile(xs: Sequence[float], q: float) -> float:
@@ -578,7 +575,7 @@ class Engine:
 
     # ------------------------------------------------------------------ stepping
     def _table_width(self, blocks: int) -> int:
-        return max(blocks, min(self._max_table, _pow2(max(8, blocks))))
+        return max(blocks, min(self._max_table, pow2(max(8, blocks))))
 
     @property
     def chunk_width(self) -> int:
@@ -643,7 +640,7 @@ class Engine:
         _check_count("max_tokens", limit)
         tables = sorted({self._table_width(b)
                          for b in range(1, -(-limit // self.block_size) + 1)})
-        rows = sorted({min(self.max_batch, _pow2(n))
+        rows = sorted({min(self.max_batch, pow2(n))
                        for n in range(1, self.max_chunk_rows + 1)})
         return [(self.max_batch, 1, t) for t in tables] + [
             (r, self.chunk_width, t) for r in rows for t in tables]
@@ -688,7 +685,7 @@ class Engine:
             calls.append((decode_rows, nxt))
             shapes.append(shape)
         if chunk_rows:
-            nxt, shape = self._forward(chunk_rows, min(self.max_batch, _pow2(len(chunk_rows))),
+            nxt, shape = self._forward(chunk_rows, min(self.max_batch, pow2(len(chunk_rows))),
                                        self.chunk_width)
             calls.append((chunk_rows, nxt))
             shapes.append(shape)

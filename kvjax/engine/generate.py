@@ -45,6 +45,7 @@ from kvjax.cache.paged import (
 )
 from kvjax.config import ModelConfig
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams, sample
+from kvjax.engine.shapes import round_up, table_width
 from kvjax.memory.allocator import AllocatorStats, BlockAllocator
 from kvjax.mla_config import MLAConfig
 from kvjax.models.llama import Decoder
@@ -78,10 +79,6 @@ class _DecodeState:
     out: jax.Array  # int32 [B, N], generated ids, -1 where none
     done: jax.Array  # bool [B]
     cache: Any  # the cache pytree (or the token buffer for the no-cache loop)
-
-
-def _bucket(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
 
 
 def _ceil_div(n: int, d: int) -> int:
@@ -333,7 +330,6 @@ def _kv_bytes_per_token(model: Model) -> int:
 
 
 # Public names of helpers other engines share (kvjax.engine.prefix_generate).
-bucket = _bucket  # n rounded up to a multiple (at least one multiple)
 decode = _decode  # the jitted device decode loop, cache donated: returns (ids, cache)
 stop_array = _stop_array  # per-sequence stop lists and their padded [B, S] array
 to_output = _to_output  # generated ids [B, N] -> GenerationOutput
@@ -350,7 +346,7 @@ def _pool_size(needed: int, num_blocks: int | None, block_size: int, what: str,
     """``num_blocks`` (default ``needed`` rounded up to ``bucket``); a clear ValueError if
     it cannot hold ``needed``."""
     if num_blocks is None:
-        return _bucket(needed, bucket)
+        return round_up(needed, bucket)
     if num_blocks < needed:
         raise ValueError(f"paged KV pool too small: {what} need {needed} blocks of "
                          f"{block_size} tokens, but num_blocks={num_blocks}")
@@ -398,7 +394,7 @@ def _generate_paged(model: Model, args: tuple[Any, ...], prompts: Sequence[Seque
     for i, tokens in zip(ids, budgets, strict=True):
         alloc.allocate_sequence(i, tokens)
     try:
-        tables = alloc.block_tables_array(ids, _bucket(max(per_seq), 8), pad=-1)
+        tables = alloc.block_tables_array(ids, table_width(max(per_seq)), pad=-1)
         kv: PagedCache | PagedLatentCache
         if isinstance(cfg, MLAConfig):
             kv = PagedLatentCache.init(cfg.num_layers, pool, block_size, cfg.latent_width,
@@ -462,8 +458,8 @@ def generate(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
         return GenerationOutput(tokens=[[] for _ in prompts], finish_reasons=["length"] * b)
     # Bucketed so nearby budgets share a compiled loop; each sequence still stops at its
     # own limit and the loop exits once all have.
-    num_steps = _bucket(max(limits), 32)
-    width = _bucket(max(len(p) for p in prompts), 16)
+    num_steps = round_up(max(limits), 32)
+    width = round_up(max(len(p) for p in prompts), 16)
     tokens, lengths = _right_padded(prompts, width + (num_steps if cache == "none" else 0))
     args: tuple[Any, ...] = (model, params, jnp.asarray(tokens), jnp.asarray(lengths),
                              jnp.asarray(limits, jnp.int32), jnp.asarray(stops),
@@ -471,7 +467,7 @@ def generate(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
                              jax.random.key(seed) if keys is None else keys)
     all_greedy = all(p.greedy for p in params_list)
     if cache == "dense":
-        kv = _dense_cache(model, b, _bucket(width + num_steps, 64))
+        kv = _dense_cache(model, b, round_up(width + num_steps, 64))
         out, _ = _generate_cached(*args, kv, num_steps=num_steps, all_greedy=all_greedy)
     elif cache == "none":
         out = _generate_uncached(*args, num_steps=num_steps, all_greedy=all_greedy)
@@ -547,7 +543,7 @@ def generate_forked(model: Decoder, params: Any, prompt: Sequence[int], num_samp
 
     parent = n  # children are 0..n-1
     alloc.allocate_sequence(parent, plen)
-    width = _bucket(plen, 16)
+    width = round_up(plen, 16)
     tokens, lengths = _right_padded([prompt], width)
     kv = PagedCache.init(cfg.num_layers, pool, block_size, cfg.num_kv_heads, cfg.head_dim,
                          model.dtype, jnp.asarray(alloc.block_tables_array([parent], total, -1)))

@@ -80,7 +80,6 @@ import numpy as np
 from kvjax.cache.paged import PagedCache
 from kvjax.engine.generate import (
     GenerationOutput,
-    bucket,
     decode,
     forward_step,
     kv_bytes_per_token,
@@ -90,6 +89,7 @@ from kvjax.engine.generate import (
     validate_prompts,
 )
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams
+from kvjax.engine.shapes import pow2, prefill_width, round_up, table_width
 from kvjax.memory.allocator import BlockAllocator, OutOfBlocksError
 from kvjax.memory.prefix_cache import PrefixCache, PrefixCacheStats
 from kvjax.memory.tiered_requests import TierConfig, TieredRequests
@@ -163,15 +163,6 @@ class _Live:
     l3_hit: int = 0
     promote_s: float = 0.0
     prefetch_wait_s: float = 0.0
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _width(n: int) -> int:
-    """Prefill width bucket: a multiple of 16 up to 128, then of 64 (few compiles)."""
-    return bucket(n, 16) if n <= 128 else bucket(n, 64)
 
 
 def _common_full_blocks(a: Sequence[int], b: Sequence[int], block_size: int) -> int:
@@ -279,7 +270,7 @@ class PrefixCachedGenerator:
             table = [self.cache.block_table(r) for r in rids]
         else:
             table = [self.cache.allocator.block_table(r) for r in rids]
-        tables = np.full((rows, bucket(max(map(len, table)), 8)), -1, np.int32)
+        tables = np.full((rows, table_width(max(map(len, table)))), -1, np.int32)
         for row, t in enumerate(table):
             tables[row, : len(t)] = t
         return tables
@@ -334,8 +325,8 @@ class PrefixCachedGenerator:
 
     def _prefill(self, wave: list[_Live]) -> jax.Array:
         """One jitted step over the wave's suffixes; first-token logits [len(wave), V]."""
-        rows = _pow2(len(wave))
-        width = _width(max(len(r.prompt) - r.start for r in wave))
+        rows = pow2(len(wave))
+        width = prefill_width(max(len(r.prompt) - r.start for r in wave))
         tokens = np.zeros((rows, width), np.int32)
         positions = np.full((rows, width), -1, np.int32)
         last = np.zeros((rows,), np.int32)
@@ -354,7 +345,7 @@ class PrefixCachedGenerator:
     def _decode(self, group: list[_Live], logits: list[jax.Array], limits: list[int],
                 sampling: list[SamplingParams], stops: np.ndarray, seed: int) -> jax.Array:
         """The shared device decode loop over the group; ids int32 [len(group), N]."""
-        n, rows = len(group), _pow2(len(group))
+        n, rows = len(group), pow2(len(group))
         idx = [r.index for r in group]
         first = jnp.concatenate(logits, axis=0)
         if rows > n:
@@ -369,7 +360,7 @@ class PrefixCachedGenerator:
         # A fresh lengths array: kv (and so kv.lengths) is donated to the loop.
         out, kv = decode(self.model, self.params, first, jnp.asarray(lengths),
                          jnp.asarray(max_new), jnp.asarray(stop_rows), sp, keys, kv,
-                         num_steps=bucket(max(limits[i] for i in idx), 32),
+                         num_steps=round_up(max(limits[i] for i in idx), 32),
                          all_greedy=all(sampling[i].greedy for i in idx))
         self._keep(kv)
         return out[:n]
