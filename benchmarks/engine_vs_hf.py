@@ -10,7 +10,8 @@ Offline cells (batch x prompt, every request present at t = 0), each warmed up o
 with the same shapes, then timed (best of ``--repeats``):
 
 * kvjax ``Engine`` (continuous batching, paged pool, chunked prefill; max batch = the
-  largest batch, ``prefill_chunk`` = the prompt length, token budget ``--budget``):
+  largest batch, ``prefill_chunk`` = the prompt length, token budget ``--budget``,
+  ``--decode-steps`` decode forwards per step once every request decodes, default 8):
   TTFT "all" = until every request has its first token, "mean" = mean over requests;
   decode tok/s = tokens sampled in the steps after the last first token / the time
   those steps took.
@@ -300,6 +301,9 @@ def main() -> None:
     ap.add_argument("--jax-cache", default="runs/jax_cache",
                     help="persistent XLA compilation cache ('' = none): a rerun skips compiles")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decode-steps", type=int, default=8,
+                    help="offline engine: decode forwards per step once every request is "
+                         "decoding (Engine(decode_steps=...); the online replay uses 1)")
     args = ap.parse_args()
     if args.jax_cache:
         jax.config.update("jax_compilation_cache_dir", args.jax_cache)
@@ -318,7 +322,7 @@ def main() -> None:
                      "transformers": transformers.__version__},
         "hf_static": static_label, "weights": "random (transformers init), bf16, identical "
         "on both sides via save_pretrained -> kvjax load_checkpoint",
-        "offline": [], "phase_s": {}}
+        "engine_decode_steps": args.decode_steps, "offline": [], "phase_s": {}}
 
     def save() -> None:
         if args.out:
@@ -356,7 +360,7 @@ def main() -> None:
         need = -(-(p + s.new) // BLOCK)
         engine = Engine(lm.model, lm.params, num_blocks=max_batch * need + need,
                         block_size=BLOCK, max_batch=max_batch, prefill_chunk=p,
-                        max_tokens_per_step=max(s.budget, p))
+                        max_tokens_per_step=max(s.budget, p), decode_steps=args.decode_steps)
         for b in s.batches:
             row: dict[str, Any] = {"batch": b, "prompt": p, "new": s.new, **hf_rows[b, p]}
             row["engine"] = engine_cell(engine, prompts[b, p], s.new, args.repeats)

@@ -378,3 +378,54 @@ def test_prefix_caching_matches_dense(llama: LoadedModel, num_blocks: int,
         assert m.preemptions > 0
         assert any(r.preemptions and r.cached_tokens for r in per_request)
     _assert_pool_empty(engine)
+
+
+@pytest.mark.parametrize("num_blocks", [96, 12], ids=["roomy", "preempting"])
+def test_decode_bursts_match_dense(llama: LoadedModel,
+                                   cases: list[tuple[list[int], int, list[int]]],
+                                   num_blocks: int) -> None:
+    """decode_steps=3: once nothing waits, decodes run three forwards per step in a device
+    loop; outputs (with a stop id, and with a pool that forces preemption) equal the
+    dense reference, streamed tokens equal the outputs, and nothing leaks."""
+    from kvjax.engine.engine import compiled_programs
+
+    engine = _engine(llama, num_blocks=num_blocks, decode_steps=3)
+    engine.precompile(max_tokens=32)
+    compiled = compiled_programs()
+    stop_tok = cases[2][2][4]
+    rids, streamed = _run_staggered(engine, cases, {2: stop_tok})
+    assert compiled_programs() == compiled  # the burst was precompiled too
+    for i, (_, _, ref) in enumerate(cases):
+        want = ref[: ref.index(stop_tok) + 1] if i == 2 else ref
+        assert engine.finished[rids[i]].tokens[0] == want, i
+        assert streamed[rids[i]] == want
+    bursts = [s for s in engine.step_metrics if s.decode_steps == 3]
+    assert bursts and all(s.prefill_tokens == 0 and s.waiting == 0 for s in bursts)
+    assert max(s.new_tokens for s in bursts) > BATCH  # several tokens per row per step
+    if num_blocks == 12:
+        assert engine.metrics().preemptions > 0
+    _assert_pool_empty(engine)
+
+
+def test_decode_bursts_with_sampling_and_prefix_cache(llama: LoadedModel) -> None:
+    """Sampled requests draw the same tokens in bursts as one step at a time (the i-th
+    draw's key does not depend on how steps are grouped), with prefix caching on."""
+    prompts = [p[:12] for p in _prompts(llama.config.vocab_size)[:5]]
+    prompts[3] = prompts[0][:8] + prompts[3][:6]  # a shared prefix
+    sp = SamplingParams(temperature=0.9, top_k=20)
+    outs = []
+    for steps in (1, 4):
+        engine = _engine(llama, num_blocks=64, prefix_caching=True, decode_steps=steps)
+        outs.append(engine.generate(prompts, max_new_tokens=[9, 14, 3, 11, 6], sampling=sp,
+                                    seed=5).tokens)
+        if steps > 1:
+            assert any(s.decode_steps == 4 for s in engine.step_metrics)
+        _assert_pool_empty(engine)
+    assert outs[0] == outs[1]
+    assert [len(t) for t in outs[0]] == [9, 14, 3, 11, 6]
+
+
+def test_decode_steps_must_be_positive(llama: LoadedModel) -> None:
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ValueError, match="decode_steps"):
+            _engine(llama, num_blocks=16, decode_steps=bad)

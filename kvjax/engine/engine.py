@@ -78,6 +78,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.typing import ArrayLike
 
 from kvjax.cache.paged import PagedCache, check_attention_backend
@@ -157,6 +158,7 @@ class StepMetrics:
     admitted: int
     start: float  # time.perf_counter() when the step began
     duration_s: float
+    decode_steps: int = 1  # decode forwards run (> 1: a device-loop burst)
 
     @property
     def occupancy(self) -> float:
@@ -165,7 +167,8 @@ class StepMetrics:
 
     @property
     def computed_tokens(self) -> int:
-        """Tokens this step computed: what the token budget bounds."""
+        """Tokens this step computed: what the token budget bounds (per forward: a burst
+        of ``decode_steps`` forwards computes up to that many times the budget)."""
         return self.prefill_tokens + self.decode_tokens
 
 
@@ -252,16 +255,64 @@ def _engine_step(model: Decoder, params: Any, k_pages: jax.Array, v_pages: jax.A
     out: Any = model.apply({"params": params}, tokens, positions, cache,
                            logit_index=jnp.asarray(logit_index, jnp.int32))
     logits, cache = out
+    nxt = _sample_rows(logits, sp, seeds, draws, all_greedy=all_greedy)
+    return nxt, cache.k_pages, cache.v_pages
+
+
+def _sample_rows(logits: jax.Array, sp: SamplingArrays, seeds: ArrayLike, draws: ArrayLike,
+                 *, all_greedy: bool) -> jax.Array:
+    """One token per row of ``logits`` [B, V]; row ``b`` draws with
+    ``fold_in(fold_in(key(seeds[b]), 0), draws[b])`` -> int32 [B]."""
     if all_greedy:
-        return sample(logits, jax.random.key(0), sp, all_greedy=True), cache.k_pages, cache.v_pages
+        return sample(logits, jax.random.key(0), sp, all_greedy=True)
 
     def one(row: jax.Array, seed: jax.Array, draw: jax.Array, p: SamplingArrays) -> jax.Array:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), draw)
         p1 = jax.tree.map(lambda a: a[None], p)
         return sample(row[None], key, p1)[0]
 
-    nxt = jax.vmap(one)(logits, jnp.asarray(seeds, jnp.uint32), jnp.asarray(draws, jnp.int32), sp)
-    return nxt, cache.k_pages, cache.v_pages
+    return jax.vmap(one)(logits, jnp.asarray(seeds, jnp.uint32), jnp.asarray(draws, jnp.int32),
+                         sp)
+
+
+@partial(jax.jit, static_argnames=("model", "steps", "attention", "all_greedy"),
+         donate_argnames=("k_pages", "v_pages"))
+def _engine_decode_burst(model: Decoder, params: Any, k_pages: jax.Array, v_pages: jax.Array,
+                         tokens: ArrayLike, positions: ArrayLike, active: ArrayLike,
+                         tables: ArrayLike, sp: SamplingArrays, seeds: ArrayLike,
+                         draws: ArrayLike, *, steps: int, attention: str, all_greedy: bool
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``steps`` decode forwards in one device loop, each feeding back its samples.
+
+    tokens, positions, active, draws int32 [B]: row ``b`` feeds ``tokens[b]`` at
+    ``positions[b]`` and runs ``active[b]`` (0..steps) steps; at step ``j`` an active row
+    sits at ``positions[b] + j`` and draws its ``draws[b] + j``-th token; inactive rows
+    have position -1 (nothing written or read). tables int32 [B, M], seeds uint32 [B],
+    k_pages/v_pages [L, P, S, K, D] (donated). Returns (ids int32 [B, steps]; entries at
+    ``j >= active[b]`` are meaningless), k_pages, v_pages. Equal, token for token, to
+    ``steps`` calls of ``_engine_step`` with width 1.
+    """
+    tokens, positions, active, draws = (jnp.asarray(a, jnp.int32)
+                                        for a in (tokens, positions, active, draws))
+    tables = jnp.asarray(tables, jnp.int32)
+    chex.assert_rank([tokens, positions, active, draws, tables], [1, 1, 1, 1, 2])
+    chex.assert_equal_shape([tokens, positions, active, draws])
+
+    def body(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        tok, k, v, ids = carry
+        live = j < active
+        pos = jnp.where(live, positions + j, -1)
+        cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
+                           lengths=jnp.where(live, pos, 0), attention=attention)
+        logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], cache,
+                                    logit_index=jnp.zeros_like(tok))
+        nxt = _sample_rows(logits, sp, seeds, draws + j, all_greedy=all_greedy)
+        return nxt, cache.k_pages, cache.v_pages, ids.at[:, j].set(nxt)
+
+    ids = jnp.zeros((tokens.shape[0], steps), jnp.int32)
+    _, k_pages, v_pages, ids = lax.fori_loop(0, steps, body, (tokens, k_pages, v_pages, ids))
+    return ids, k_pages, v_pages
 
 
 # The jitted step, for compile-count checks (``step_fn._cache_size()``).
@@ -269,8 +320,8 @@ step_fn = _engine_step
 
 
 def compiled_programs() -> int:
-    """Programs the jitted step has compiled so far (all engines and shapes together)."""
-    return int(cast(Any, _engine_step)._cache_size())
+    """Programs the jitted forwards have compiled so far (all engines and shapes)."""
+    return sum(int(cast(Any, f)._cache_size()) for f in (_engine_step, _engine_decode_burst))
 
 
 def _check_count(name: str, value: object, low: int = 1) -> None:
@@ -307,7 +358,12 @@ class Engine:
         limit beyond ``prefill_chunk`` per row).
       prefix_caching: reuse cached prompt prefixes across requests (radix tree).
       detokenize: token ids -> text; needed for stop strings.
-      attention: paged attention backend ("auto", "xla", "pallas", "pallas-interpret").
+      attention: paged attention backend ("auto", "xla", "pallas", "pallas-interpret",
+        "triton").
+      decode_steps: decode forwards per step when every running request is decoding and
+        none is waiting: a device loop feeds each sampled token back without returning
+        to the host in between (the tokens then arrive ``decode_steps`` at a time).
+        Outputs are the same for any value; 1 (the default) is one forward per step.
 
     Not thread safe: call ``add_request``, ``cancel`` and ``step`` from one thread.
     """
@@ -315,9 +371,11 @@ class Engine:
     def __init__(self, model: Decoder, params: Any, *, num_blocks: int, block_size: int = 16,
                  max_batch: int = 8, prefill_chunk: int = 64,
                  max_tokens_per_step: int | None = None, prefix_caching: bool = False,
-                 detokenize: Detokenize | None = None, attention: str = "auto") -> None:
+                 detokenize: Detokenize | None = None, attention: str = "auto",
+                 decode_steps: int = 1) -> None:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
-                            ("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+                            ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
+                            ("decode_steps", decode_steps)):
             _check_count(name, value)
         budget = max_batch * prefill_chunk if max_tokens_per_step is None else max_tokens_per_step
         _check_count("max_tokens_per_step", budget, low=max_batch)
@@ -332,6 +390,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_tokens_per_step = budget
         self.detokenize = detokenize
+        self.decode_steps = decode_steps
         self.attention = resolve_attention(attention, block_size, cfg.head_dim)
         check_attention_backend(self.attention, block_size, cfg.head_dim)
         self.allocator = BlockAllocator(num_blocks, block_size, kv_bytes_per_token(model))
@@ -654,10 +713,13 @@ class Engine:
         for rows, width, table_width in shapes:
             for sp in variants:
                 zeros = np.zeros((rows,), np.int32)
+                tables = np.full((rows, table_width), -1, np.int32)
                 self._run(np.zeros((rows, width), np.int32),
-                          np.full((rows, width), -1, np.int32),
-                          np.full((rows, table_width), -1, np.int32), zeros, zeros,
+                          np.full((rows, width), -1, np.int32), tables, zeros, zeros,
                           zeros.astype(np.uint32), zeros, [sp] * rows)
+                if self.decode_steps > 1 and width == 1:  # the burst over the same rows
+                    self._run_burst(zeros, zeros, zeros, tables, zeros.astype(np.uint32),
+                                    zeros, [sp] * rows)
         jax.block_until_ready(self._k)
         return len(shapes)
 
@@ -678,6 +740,18 @@ class Engine:
         running = len(self._running)
         decode_rows = [(s, c) for s, c in rows if c == 1]
         chunk_rows = [(s, c) for s, c in rows if c > 1]
+        if (self.decode_steps > 1 and not chunk_rows and not self._waiting
+                and all(not s.prefilling for s, _ in rows)):
+            burst = self._burst([s for s, _ in decode_rows])
+            if burst is not None:
+                events, table_width = burst
+                self.step_metrics.append(StepMetrics(
+                    rows=running, max_batch=self.max_batch, waiting=0, prefill_tokens=0,
+                    decode_tokens=len(events), cached_tokens=cached,
+                    shapes=((self.max_batch, 1, table_width),),
+                    new_tokens=len(events), preempted=preempted, admitted=admitted, start=t0,
+                    duration_s=time.perf_counter() - t0, decode_steps=self.decode_steps))
+                return events
         calls: list[tuple[list[tuple[_State, int]], jax.Array]] = []
         shapes: list[Shape] = []
         if decode_rows:
@@ -720,6 +794,61 @@ class Engine:
             new_tokens=len(events), preempted=preempted, admitted=admitted, start=t0,
             duration_s=time.perf_counter() - t0))
         return events
+
+    def _burst(self, states: list[_State]) -> tuple[list[Event], int] | None:
+        """Run ``decode_steps`` decode forwards over ``states`` (each already holds its
+        next slot) in one device loop; return the new tokens and the table width, or None
+        (nothing done) if the pool cannot hold the extra slots. Rows stop at their ``max_new_tokens``; a stop id or string ends a
+        row on the host, and the tokens computed after it are dropped."""
+        steps = self.decode_steps
+        active = [min(steps, s.request.max_new_tokens - len(s.output)) for s in states]
+        extra = sum(self.allocator.blocks_to_append(
+            s.rid, max(0, s.computed + n - self.allocator.num_tokens(s.rid)))
+            for s, n in zip(states, active, strict=True))
+        if extra > self._available():
+            return None
+        for s, n in zip(states, active, strict=True):
+            self._reserve(s, max(0, s.computed + n - self.allocator.num_tokens(s.rid)))
+        rows = self.max_batch
+        blocks = max(len(self.allocator.block_table(s.rid)) for s in states)
+        table_width = self._table_width(blocks)
+        tables = np.full((rows, table_width), -1, np.int32)
+        tables[: len(states)] = self.allocator.block_tables_array([s.rid for s in states],
+                                                                  table_width, pad=-1)
+        tokens, positions, act, draws = (np.zeros((rows,), np.int32) for _ in range(4))
+        seeds = np.zeros((rows,), np.uint32)
+        params = [GREEDY] * rows
+        for row, (s, n) in enumerate(zip(states, active, strict=True)):
+            tokens[row], positions[row], act[row] = s.output[-1], s.computed, n
+            seeds[row], draws[row], params[row] = s.request.seed, len(s.output), s.request.sampling
+        ids = np.asarray(self._run_burst(tokens, positions, act, tables, seeds, draws, params))
+        now = time.perf_counter()
+        events: list[Event] = []
+        for row, (s, n) in enumerate(zip(states, active, strict=True)):
+            for j in range(n):
+                s.computed += 1
+                token = int(ids[row, j])
+                s.output.append(token)
+                s.token_times.append(now)
+                events.append((s.rid, token))
+                stop = self._stopped(s, token)
+                if stop or len(s.output) >= s.request.max_new_tokens:
+                    self._running.remove(s)
+                    self._retire(s, "stop" if stop else "length")
+                    break
+        return events, table_width
+
+    def _run_burst(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray,
+                   tables: np.ndarray, seeds: np.ndarray, draws: np.ndarray,
+                   params: list[SamplingParams]) -> jax.Array:
+        """Dispatch ``_engine_decode_burst`` (the pool donated and replaced)."""
+        all_greedy = all(p.greedy for p in params)
+        sp = SamplingArrays.from_params(params)
+        ids, self._k, self._v = _engine_decode_burst(
+            self.model, self.params, self._k, self._v, tokens, positions, active, tables, sp,
+            seeds, draws, steps=self.decode_steps, attention=self.attention,
+            all_greedy=all_greedy)
+        return ids
 
     def stream(self, on_token: Callable[[int, int], None] | None = None) -> Iterator[Event]:
         """Step until nothing is unfinished, yielding each ``(request_id, token)``.
