@@ -305,10 +305,11 @@ def _engine_decode_burst(model: Decoder, params: Any, k_pages: jax.Array, v_page
         pos = jnp.where(live, positions + j, -1)
         cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
                            lengths=jnp.where(live, pos, 0), attention=attention)
-        logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], cache,
-                                    logit_index=jnp.zeros_like(tok))
+        out: Any = model.apply({"params": params}, tok[:, None], pos[:, None], cache,
+                               logit_index=jnp.zeros_like(tok))
+        logits, new = out
         nxt = _sample_rows(logits, sp, seeds, draws + j, all_greedy=all_greedy)
-        return nxt, cache.k_pages, cache.v_pages, ids.at[:, j].set(nxt)
+        return nxt, new.k_pages, new.v_pages, ids.at[:, j].set(nxt)
 
     ids = jnp.zeros((tokens.shape[0], steps), jnp.int32)
     _, k_pages, v_pages, ids = lax.fori_loop(0, steps, body, (tokens, k_pages, v_pages, ids))
@@ -744,14 +745,14 @@ class Engine:
                 and all(not s.prefilling for s, _ in rows)):
             burst = self._burst([s for s, _ in decode_rows])
             if burst is not None:
-                events, table_width = burst
+                new_tokens, table_width = burst
                 self.step_metrics.append(StepMetrics(
                     rows=running, max_batch=self.max_batch, waiting=0, prefill_tokens=0,
-                    decode_tokens=len(events), cached_tokens=cached,
+                    decode_tokens=len(new_tokens), cached_tokens=cached,
                     shapes=((self.max_batch, 1, table_width),),
-                    new_tokens=len(events), preempted=preempted, admitted=admitted, start=t0,
+                    new_tokens=len(new_tokens), preempted=preempted, admitted=admitted, start=t0,
                     duration_s=time.perf_counter() - t0, decode_steps=self.decode_steps))
-                return events
+                return new_tokens
         calls: list[tuple[list[tuple[_State, int]], jax.Array]] = []
         shapes: list[Shape] = []
         if decode_rows:
