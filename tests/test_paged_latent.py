@@ -114,3 +114,71 @@ def test_mla_decoder_over_paged_latent_equals_dense() -> None:
         np.testing.assert_allclose(np.asarray(paged_logits), np.asarray(dense_logits),
                                    rtol=1e-5, atol=1e-5)
         assert np.abs(np.asarray(dense_logits)).max() > 0.5
+
+
+def _mla_model() -> tuple[MLAConfig, MLADecoder, Any]:
+    cfg = MLAConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                    num_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                    v_head_dim=8, q_lora_rank=12)
+    model = MLADecoder(cfg)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(1), tokens, jnp.arange(4)[None], LatentCache.init(
+        2, 1, 8, cfg.latent_width, jnp.float32))["params"]
+    return cfg, model, jax.tree.map(lambda p: p * 4.0, params)  # logits far from uniform
+
+
+def test_kernel_backend_decode_steps_equal_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """attention="pallas-interpret": the prompt goes through the gather path, each decode
+    step through the MLA decode kernel (counted), and the logits equal the dense latent
+    cache's, a padding row included."""
+    from kvjax.cache import paged_latent as paged_latent_module
+
+    calls = []
+    kernel = paged_latent_module.mla_decode_attention
+
+    def counting(*args: Any, **kwargs: Any) -> jax.Array:
+        calls.append(kwargs["layer"])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(paged_latent_module, "mla_decode_attention", counting)
+    cfg, model, params = _mla_model()
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(0, 64, (3, 11)), jnp.int32)
+    lens = np.array([[11], [5], [8]])
+    pos = jnp.asarray(np.where(np.arange(11) < lens, np.arange(11), -1), jnp.int32)
+    tables = jnp.asarray(rng.permutation(9).reshape(3, 3), jnp.int32)
+    caches: list[Any] = [
+        LatentCache.init(2, 3, 24, cfg.latent_width, jnp.float32),
+        PagedLatentCache.init(2, 9, 8, cfg.latent_width, jnp.float32, tables,
+                              attention="pallas-interpret")]
+    steps = [(tokens, pos), (tokens[:, :1], jnp.asarray([[11], [5], [-1]], jnp.int32)),
+             (tokens[:, 1:2], jnp.asarray([[12], [6], [8]], jnp.int32))]
+    for i, (toks, p) in enumerate(steps):
+        (dense_logits, caches[0]), (paged_logits, caches[1]) = (
+            model.apply({"params": params}, toks, p, c) for c in caches)
+        np.testing.assert_allclose(np.asarray(paged_logits), np.asarray(dense_logits),
+                                   rtol=1e-5, atol=1e-5)
+        assert calls == [0, 1] * i  # the prompt step does not use the kernel
+
+
+def test_generate_with_mla_kernel_is_token_identical_to_dense() -> None:
+    from kvjax.engine.generate import generate
+
+    _, model, params = _mla_model()
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 64, n).tolist() for n in (1, 9, 16, 5)]
+    limits = [6, 10, 4, 8]
+    dense = generate(model, params, prompts, max_new_tokens=limits, cache="dense")
+    kernel = generate(model, params, prompts, max_new_tokens=limits, cache="paged",
+                      block_size=8, attention="pallas-interpret")
+    assert kernel.tokens == dense.tokens and [len(t) for t in kernel.tokens] == limits
+
+
+def test_latent_backend_errors() -> None:
+    tables = jnp.zeros((1, 2), jnp.int32)
+    for kwargs, match in (({"attention": "triton"}, "one of"),
+                          ({"attention": "pallas", "page_size": 4}, "page_size"),
+                          ({"attention": "pallas", "rope_key_heads": 2}, "one RoPE key head")):
+        args = {"page_size": 8, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            PagedLatentCache.init(1, 4, args.pop("page_size"), 12, jnp.float32, tables, **args)

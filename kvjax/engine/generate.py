@@ -43,6 +43,7 @@ from kvjax.cache.paged import (
     triton_unavailable_reason,
     with_block_tables,
 )
+from kvjax.cache.paged_latent import check_latent_backend
 from kvjax.config import ModelConfig
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams, sample
 from kvjax.engine.shapes import round_up, table_width
@@ -374,13 +375,12 @@ def _generate_paged(model: Model, args: tuple[Any, ...], prompts: Sequence[Seque
                     attention: str, num_steps: int, all_greedy: bool) -> jax.Array:
     """Reserve every sequence's whole budget in a block pool, then run the device loop.
 
-    An MLA model's pool holds latent rows (``PagedLatentCache``, XLA attention)."""
+    An MLA model's pool holds latent rows (``PagedLatentCache``; "xla", or the MLA decode
+    kernel for the absorbed path's decode steps with "pallas" / "pallas-interpret")."""
     cfg = model.cfg
     _check_block_size(block_size)
     if isinstance(cfg, MLAConfig):
-        if attention != "xla":
-            raise ValueError(f"an MLA model's paged latent cache attends through XLA; "
-                             f"attention={attention!r} is not available for it")
+        check_latent_backend(attention, block_size, cfg.rope_key_heads)
     else:
         check_attention_backend(attention, block_size, cfg.head_dim)
     budgets = [len(p) + n for p, n in zip(prompts, limits, strict=True)]
@@ -398,7 +398,8 @@ def _generate_paged(model: Model, args: tuple[Any, ...], prompts: Sequence[Seque
         kv: PagedCache | PagedLatentCache
         if isinstance(cfg, MLAConfig):
             kv = PagedLatentCache.init(cfg.num_layers, pool, block_size, cfg.latent_width,
-                                       model.dtype, jnp.asarray(tables))
+                                       model.dtype, jnp.asarray(tables), attention=attention,
+                                       rope_key_heads=cfg.rope_key_heads)
         else:
             kv = PagedCache.init(cfg.num_layers, pool, block_size, cfg.num_kv_heads,
                                  cfg.head_dim, model.dtype, jnp.asarray(tables),
@@ -472,7 +473,7 @@ def generate(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
     elif cache == "none":
         out = _generate_uncached(*args, num_steps=num_steps, all_greedy=all_greedy)
     elif cache == "paged":
-        if isinstance(model, MLADecoder):  # latent pages: XLA attention only
+        if isinstance(model, MLADecoder):  # "auto": XLA; the kernel lost to it on an H100
             backend = "xla" if attention == "auto" else attention
         else:
             backend = resolve_attention(attention, block_size, model.cfg.head_dim)

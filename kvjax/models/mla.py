@@ -30,7 +30,7 @@ whose RMSNorm, SwiGLU MLP, RoPE tables and output head are reused.
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import chex
 import flax.linen as nn
@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import position_mask, sdpa
+from kvjax.cache.paged_latent import PagedLatentCache
 from kvjax.mla_config import MLAConfig
 from kvjax.models.llama import MLP, RMSNorm, apply_rope, output_logits, rope_tables
 
@@ -120,16 +121,26 @@ def attend_absorbed(q_nope: jax.Array, q_rope: jax.Array, rows: jax.Array, w_kvb
     _check_args(q_nope, q_rope, rows, w_kvb, mask, rope_key_heads)
     b, s, _ = rows.shape
     r = w_kvb.shape[0]
-    dn, dr = q_nope.shape[-1], q_rope.shape[-1]
-    q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_kvb[..., :dn],
-                       preferred_element_type=jnp.float32).astype(q_rope.dtype)
-    q = jnp.concatenate([q_lat, q_rope], axis=-1)  # [B, T, H, r + dr]
+    dr = q_rope.shape[-1]
+    q = jnp.concatenate([absorb_query(q_nope, q_rope, w_kvb), q_rope], axis=-1)
     latent = jnp.broadcast_to(rows[:, :, None, :r], (b, s, rope_key_heads, r))
     k = jnp.concatenate([latent, rows[..., r:].reshape(b, s, rope_key_heads, dr)], axis=-1)
     out_lat = sdpa(q, k, latent, mask, scale=scale)  # [B, T, H, r]
-    out = jnp.einsum("bthr,rhd->bthd", out_lat, w_kvb[..., dn:],
-                     preferred_element_type=jnp.float32)
-    return out.astype(rows.dtype)
+    return absorb_output(out_lat, w_kvb, q_nope.shape[-1]).astype(rows.dtype)
+
+
+def absorb_query(q_nope: jax.Array, q_rope: jax.Array, w_kvb: jax.Array) -> jax.Array:
+    """``q_lat = q_nope W_uk``: q_nope [..., H, dn], w_kvb [r, H, dn + dv] -> [..., H, r]
+    in ``q_rope``'s dtype."""
+    dn = q_nope.shape[-1]
+    return jnp.einsum("...hd,rhd->...hr", q_nope, w_kvb[..., :dn],
+                      preferred_element_type=jnp.float32).astype(q_rope.dtype)
+
+
+def absorb_output(out_lat: jax.Array, w_kvb: jax.Array, dn: int) -> jax.Array:
+    """``out = out_lat W_uv``: out_lat [..., H, r] -> float32 [..., H, dv]."""
+    return jnp.einsum("...hr,rhd->...hd", out_lat, w_kvb[..., dn:],
+                      preferred_element_type=jnp.float32)
 
 
 class MLAttention(nn.Module):
@@ -164,13 +175,22 @@ class MLAttention(nn.Module):
         k_rope = rope_last(kv[..., r:].reshape(b, t, cfg.rope_key_heads, dr), cos, sin,
                            cfg.rope_interleave)
         rows = jnp.concatenate([latent, k_rope.reshape(b, t, -1)], axis=-1)
-        rows, key_pos, cache = cache.update_and_read(  # type: ignore[attr-defined]
-            self.layer, rows, positions)
         w_kvb = KVUp(cfg, self.dtype, name="kv_b_proj")()
-        attend = attend_naive if self.attention == "naive" else attend_absorbed
-        out = attend(q[..., :dn], q_rope, rows.astype(self.dtype), w_kvb,
-                     position_mask(positions, key_pos), rope_key_heads=cfg.rope_key_heads,
-                     scale=cfg.qk_head_dim ** -0.5)
+        scale = cfg.qk_head_dim ** -0.5
+        if self.attention == "absorbed" and isinstance(cache, PagedLatentCache) and (
+                cache.uses_kernel(t)):  # one token per row: the kernel reads the pages
+            paged = cache.update(self.layer, rows, positions)
+            cache = cast(C, paged)
+            q_lat = absorb_query(q[:, 0, :, :dn], q_rope[:, 0], w_kvb)
+            out_lat = paged.decode_absorbed(self.layer, q_lat, q_rope[:, 0], positions, scale)
+            out = absorb_output(out_lat, w_kvb, dn)[:, None]
+        else:
+            rows, key_pos, cache = cache.update_and_read(  # type: ignore[attr-defined]
+                self.layer, rows, positions)
+            attend = attend_naive if self.attention == "naive" else attend_absorbed
+            out = attend(q[..., :dn], q_rope, rows.astype(self.dtype), w_kvb,
+                         position_mask(positions, key_pos), rope_key_heads=cfg.rope_key_heads,
+                         scale=scale)
         out = out.astype(self.dtype).reshape(b, t, h * cfg.v_head_dim)
         return dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(out), cache
 
