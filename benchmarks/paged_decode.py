@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.analysis.bandwidth import read_bandwidth, time_queued
+from kvjax.analysis.bandwidth import read_bandwidth, time_chained, time_queued
 from kvjax.cache.paged import paged_attention_reference
 from pallas_kernels.paged_decode import paged_decode_attention
 from pallas_kernels.triton_paged_decode import (
@@ -105,18 +105,22 @@ def torch_sdpa(b: int, s: int) -> float | str:
         return _error(err)
 
 
+TIMERS = {"chained": time_chained, "queued": time_queued}
+timer = time_chained  # set from --timing in main()
+
+
 def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
                 arg_sets: Sequence[tuple[Any, ...]], expected: jax.Array | None,
                 budget: Budget | None) -> None:
-    """res[name] = seconds per call (and res[name + " err"] vs ``expected``), or why not;
-    kvjax settings pass the row's budget, baselines (always timed) None."""
+    """res[name] = seconds per call by ``timer`` (and res[name + " err"] vs ``expected``),
+    or why not; kvjax settings pass the row's budget, baselines (always timed) None."""
     if budget is not None and budget.spent():
         res[name] = "skipped: time budget spent"
         return
     try:
         if expected is not None:
             res[name + " err"] = rel_err(fn(*arg_sets[0]), expected)
-        res[name] = time_queued(fn, arg_sets, iters=30)
+        res[name] = timer(fn, arg_sets, iters=30)
     except Exception as err:  # report and go on: one setting must not sink the table
         res[name] = _error(err)
 
@@ -217,12 +221,19 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="time budget of the run, shared evenly by the rows: a row stops "
                          "timing new kvjax settings when its share is spent")
+    ap.add_argument("--timing", choices=tuple(TIMERS), default="chained",
+                    help="chained: 30 calls inside one program (no host dispatch between "
+                         "them); queued: 30 jitted calls queued back to back from Python "
+                         "(the 2026-11-23 tables)")
     args = ap.parse_args()
+    global timer
+    timer = TIMERS[args.timing]
     specs = args.rows.split(",")
     reason = triton_unavailable_reason()
     bw = read_bandwidth(4096)
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-          f"read bandwidth {bw / 1e12:.2f} TB/s (percentages are of this)", flush=True)
+          f"read bandwidth {bw / 1e12:.2f} TB/s (percentages are of this), "
+          f"timing {args.timing} (PyTorch: CUDA events)", flush=True)
     if reason is not None:
         print(f"kvjax triton column skipped: {reason}", flush=True)
     pallas = {None: PALLAS, "pallas": PALLAS_SWEEP, "triton": ()}[args.sweep]
@@ -250,7 +261,8 @@ def main() -> None:
     name = f"paged_decode{'_sweep_' + args.sweep if args.sweep else ''}.json"
     with open(os.path.join(out, name), "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                   "triton_unavailable": reason, "read_bandwidth": bw, "rows": rows},
+                   "triton_unavailable": reason, "read_bandwidth": bw,
+                   "timing": args.timing, "rows": rows},
                   f, indent=1)
 
 

@@ -4,7 +4,8 @@ benchmarks so every "share of bandwidth" figure uses the same yardstick.
 Read bandwidth streams a large float32 array through a column reduction (each byte read
 once, almost nothing written); copy bandwidth counts the bytes read plus written by an
 elementwise scale. Calls are queued back to back (no host sync between them) and the
-median over repeats is reported, so host dispatch overlaps device work.
+median over repeats is reported, so host dispatch overlaps device work; for calls
+shorter than their dispatch, ``time_chained`` runs them inside one program instead.
 """
 
 from __future__ import annotations
@@ -36,6 +37,48 @@ def time_queued(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
         for i in range(iters):
             out = fn(*arg_sets[i % len(arg_sets)])
         jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / iters)
+    return statistics.median(samples)
+
+
+def chained_calls(fn: Callable[..., Any], iters: int) -> Callable[..., jax.Array]:
+    """A jitted ``sets -> scalar`` that makes ``iters`` dependent calls of ``fn``, call
+    ``i`` on ``sets[i % len(sets)]`` (see ``time_chained``)."""
+
+    @jax.jit
+    def chain(sets: tuple[tuple[Any, ...], ...]) -> jax.Array:
+        link = jnp.zeros((), jnp.float32)
+        for i in range(iters):
+            args = sets[i % len(sets)]
+            first = args[0] + (link * 0).astype(args[0].dtype)
+            out = jax.tree.leaves(fn(first, *args[1:]))[0]
+            link = jnp.ravel(out)[0].astype(jnp.float32)
+        return link
+
+    return chain
+
+
+def time_chained(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
+                 iters: int = 30, reps: int = 5) -> float:
+    """Median seconds per call of ``fn`` when ``iters`` calls run inside one program.
+
+    Host dispatch (tens of microseconds per jitted call) is out of the measurement:
+    ``time_queued`` only hides it while each call runs longer than its dispatch. The
+    calls are unrolled (no device loop, whose per-iteration predicate costs a sync),
+    cycle through ``arg_sets``, and are chained so that none can be merged or skipped:
+    call ``i``'s first argument is perturbed by ``0 * (a value of call i-1's output)``,
+    one tiny elementwise kernel per call, which the figure includes. ``fn``'s first
+    argument and first output leaf must be floating-point arrays.
+    """
+    if iters < 1 or reps < 1 or not arg_sets:
+        raise ValueError("iters and reps must be >= 1 and arg_sets non-empty")
+    sets = tuple(tuple(a) for a in arg_sets)
+    chain = chained_calls(fn, iters)
+    jax.block_until_ready(chain(sets))  # compile and warm up
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(chain(sets))
         samples.append((time.perf_counter() - start) / iters)
     return statistics.median(samples)
 
