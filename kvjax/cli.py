@@ -199,17 +199,22 @@ def _generate_prefix_cached(lm: Any, prompts: list[list[int]], args: argparse.Na
 
 
 def _add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="build a tiny local model and show the caches at work")
-    p.add_argument("--dir", default=None, help="where to build the tiny checkpoint "
-                   "(default: a temporary directory)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p = sub.add_parser("demo", help="the bundled trained model answers its tasks with "
+                       "every cache")
+    p.add_argument("--random", action="store_true",
+                   help="a tiny random checkpoint built with transformers instead of the "
+                        "bundled trained model")
+    p.add_argument("--dir", default=None, help="where to build the tiny random checkpoint "
+                   "(implies --random; default: a temporary directory)")
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="new tokens per prompt when writing (capped by the context)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from kvjax.demo import run_demo
 
-    return run_demo(args.dir, args.max_new_tokens)
+    return run_demo(args.dir, args.max_new_tokens, random=args.random)
 
 
 def _add_run(sub: Any) -> None:
