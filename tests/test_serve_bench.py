@@ -59,6 +59,7 @@ def test_shipped_configs_parse() -> None:
     ("engine.max_batch", "8", "engine.max_batch must be an integer"),
     ("engine.prefix_caching", 1, "engine.prefix_caching must be true or false"),
     ("engine.max_tokens_per_step", 1, "max_tokens_per_step must be >= max_batch"),
+    ("engine.decode_steps", 0, "decode_steps must be >= 1"),
     ("workload.arrival_rate", -1.0, "arrival_rate must be >= 0"),
     ("model.preset", "gpt-9", "unknown preset"),
     ("model.max_context", 64, "exceeds the model's context of 64"),
@@ -161,3 +162,21 @@ def test_engine_vs_hf_tiny(tmp_path: Path) -> None:
         assert row["engine"]["decode_tok_s"] > 0 and row["hf_static"]["decode_tok_s"] > 0
         # Same weights: greedy first tokens agree with transformers.
         assert row["agreement_vs_hf_dynamic"]["first_token"] >= 0.75
+
+
+def test_serve_bench_with_decode_bursts(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """engine.decode_steps reaches the engine: burst steps appear, every request still
+    gets its own length, and precompiling covers the burst programs."""
+    cfg_path = tmp_path / "bursts.yaml"
+    cfg_path.write_text(yaml.safe_dump(_with("engine.decode_steps", 3)))
+    out = tmp_path / "out"
+    assert main(["serve-bench", "--config", str(cfg_path), "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    s = json.loads((out / "results.json").read_text())["summary"]
+    items = make_workload(load_config(cfg_path).workload, vocab_size=512)
+    with (out / "steps.csv").open() as f:
+        steps = list(csv.DictReader(f))
+    assert s["output_tokens"] == 6 * len(items) and s["compiled_during_run"] == 0
+    assert any(int(x["decode_steps"]) == 3 for x in steps)

@@ -68,7 +68,8 @@ def build_engine(cfg: ServeBenchConfig) -> Engine:
     return Engine(model, params, num_blocks=e.num_blocks, block_size=e.block_size,
                   max_batch=e.max_batch, prefill_chunk=e.prefill_chunk,
                   max_tokens_per_step=e.max_tokens_per_step or None,
-                  prefix_caching=e.prefix_caching, attention=e.attention)
+                  prefix_caching=e.prefix_caching, attention=e.attention,
+                  decode_steps=e.decode_steps)
 
 
 def replay(engine: Engine, items: list[WorkItem], *, progress: bool = True) -> Replay:
@@ -158,11 +159,11 @@ def _write_csvs(out: Path, engine: Engine, items: list[WorkItem], run: Replay) -
         w = csv.writer(f)
         w.writerow(["step", "start_s", "duration_ms", "rows", "waiting", "admitted",
                     "prefill_tokens", "decode_tokens", "cached_tokens", "new_tokens",
-                    "preempted", "shapes"])
+                    "preempted", "decode_steps", "shapes"])
         for i, s in enumerate(engine.step_metrics):
             w.writerow([i, f"{s.start - run.start:.6f}", f"{s.duration_s * 1e3:.3f}", s.rows,
                         s.waiting, s.admitted, s.prefill_tokens, s.decode_tokens,
-                        s.cached_tokens, s.new_tokens, s.preempted,
+                        s.cached_tokens, s.new_tokens, s.preempted, s.decode_steps,
                         " ".join("x".join(map(str, shape)) for shape in s.shapes)])
 
 

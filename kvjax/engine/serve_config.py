@@ -83,9 +83,10 @@ class EngineSpec:
     max_tokens_per_step: int = 0  # 0 = max_batch * prefill_chunk
     prefix_caching: bool = False
     attention: str = "auto"
+    decode_steps: int = 1  # decode forwards per step once every request decodes
 
     def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_size", "max_batch", "prefill_chunk"):
+        for name in ("num_blocks", "block_size", "max_batch", "prefill_chunk", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens_per_step and self.max_tokens_per_step < self.max_batch:
