@@ -169,3 +169,22 @@ def test_benchmark_smoke_run_writes_small_errors(tmp_path: object, monkeypatch: 
     times = [v for k, v in rows[0].items() if k.startswith("kvjax") and not k.endswith(" err")]
     assert len(errs) == len(times) == 6
     assert max(errs) < 1e-5 and min(times) > 0
+
+
+@pytest.mark.parametrize("heads_per_block", [16, 64])
+def test_lowers_for_gpu_through_triton_at_deepseek_shape(heads_per_block: int) -> None:
+    """Lowered for CUDA (no GPU needed) at DeepSeek-V2's shape (128 heads, rank 512,
+    RoPE 64, bf16, page 16, a layer-stacked pool), the head-blocked kernel goes through
+    Pallas's Triton path."""
+    batch, heads, rank, rope, page, blocks = 2, 128, 512, 64, 16, 8
+    q_lat = jnp.zeros((batch, heads, rank), jnp.bfloat16)
+    q_rope = jnp.zeros((batch, heads, rope), jnp.bfloat16)
+    pool = jnp.zeros((2, batch * blocks, page, rank + rope), jnp.bfloat16)
+    tables = jnp.arange(batch * blocks, dtype=jnp.int32).reshape(batch, blocks)
+    lengths = jnp.full((batch,), page * blocks, jnp.int32)
+    run = jax.jit(lambda *a: mla_decode_attention(*a, scale=0.07, layer=1, num_splits=2,
+                                                  pages_per_block=2,
+                                                  heads_per_block=heads_per_block))
+    text = run.trace(q_lat, q_rope, pool, tables, lengths).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and "mosaic" not in text.lower()
