@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.analysis.bandwidth import read_bandwidth, time_queued
+from kvjax.analysis.bandwidth import read_bandwidth, time_cuda_events, time_queued
 from pallas_kernels.mla_decode import mla_decode_attention, mla_decode_reference
 
 RANK, ROPE, PAGE = 512, 64, 16
@@ -67,21 +66,10 @@ def torch_absorbed_dense(batch: int, context: int, heads: int, rank: int, rope: 
             s = torch.bmm(q, r.transpose(1, 2)).float() * scale  # [B, H, T]
             return torch.bmm(torch.softmax(s, dim=-1).to(r.dtype), r[..., :rank])
 
-        for r in rows:  # warm up
-            attend(r)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(5):
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            for i in range(30):
-                attend(rows[i % 2])
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / 30)
+        seconds = time_cuda_events(attend, [(r,) for r in rows])
         del rows
         torch.cuda.empty_cache()
-        return statistics.median(times)
+        return seconds
     except Exception as err:  # report and go on
         return f"error: {type(err).__name__}: {str(err)[:160]}"
 

@@ -24,7 +24,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,7 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.analysis.bandwidth import read_bandwidth, time_chained, time_queued
+from kvjax.analysis.bandwidth import (
+    read_bandwidth,
+    time_chained,
+    time_cuda_events,
+    time_queued,
+)
 from kvjax.cache.paged import paged_attention_reference
 from pallas_kernels.paged_decode import paged_decode_attention
 from pallas_kernels.triton_paged_decode import (
@@ -85,22 +89,12 @@ def torch_sdpa(b: int, s: int) -> float | str:
         q = torch.randn(b, H, 1, D, device="cuda", dtype=torch.bfloat16)
         ks = [torch.randn(b, KV, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
         vs = [torch.randn(b, KV, s, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-        for i in range(3):
-            F.scaled_dot_product_attention(q, ks[i % 2], vs[i % 2], enable_gqa=True)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(5):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(30):
-                F.scaled_dot_product_attention(q, ks[i % 2], vs[i % 2], enable_gqa=True)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / 30)
+        seconds = time_cuda_events(
+            lambda k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+            list(zip(ks, vs, strict=True)))
         del ks, vs
         torch.cuda.empty_cache()
-        return statistics.median(times)
+        return seconds
     except Exception as err:  # report and go on
         return _error(err)
 

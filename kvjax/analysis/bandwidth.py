@@ -83,6 +83,29 @@ def time_chained(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
     return statistics.median(samples)
 
 
+def time_cuda_events(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
+                     iters: int = 30, reps: int = 5) -> float:
+    """``time_queued`` for PyTorch on CUDA: median seconds per call of ``fn`` over
+    ``iters`` calls launched back to back, timed by CUDA events (torch imported here)."""
+    import torch
+
+    if iters < 1 or reps < 1 or not arg_sets:
+        raise ValueError("iters and reps must be >= 1 and arg_sets non-empty")
+    for args in arg_sets:
+        fn(*args)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        for i in range(iters):
+            fn(*arg_sets[i % len(arg_sets)])
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(samples)
+
+
 def read_bandwidth(mib: int = 4096, *, iters: int = 10, reps: int = 5) -> float:
     """Bytes per second read by a column sum over a ``mib`` MiB float32 array."""
     x = jnp.ones((mib * 2**20 // 4,), jnp.float32)

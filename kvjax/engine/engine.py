@@ -653,34 +653,40 @@ class Engine:
              draws: np.ndarray, params: list[SamplingParams]) -> jax.Array:
         """Dispatch one forward (the pool donated and replaced); return the sampled ids
         int32 [rows], not waited for. Arrays as in ``_engine_step``."""
-        all_greedy = all(p.greedy for p in params)
-        rows = len(params)
-        if all_greedy:  # the values are not read: one device copy per row count
-            if rows not in self._greedy:
-                self._greedy[rows] = SamplingArrays.from_params(params)
-            sp = self._greedy[rows]
-        else:
-            sp = SamplingArrays.from_params(params)
+        sp, all_greedy = self._sampling(params)
         nxt, self._k, self._v = _engine_step(
             self.model, self.params, self._k, self._v, tokens, positions, tables, lengths,
             logit_index, sp, seeds, draws, attention=self.attention, all_greedy=all_greedy)
         return nxt
 
+    def _sampling(self, params: list[SamplingParams]) -> tuple[SamplingArrays, bool]:
+        """The rows' sampling arrays and whether every row is greedy (then the values are
+        not read, and one device copy per row count is reused)."""
+        if not all(p.greedy for p in params):
+            return SamplingArrays.from_params(params), False
+        if len(params) not in self._greedy:
+            self._greedy[len(params)] = SamplingArrays.from_params(params)
+        return self._greedy[len(params)], True
+
+    def _tables(self, states: list[_State], num_rows: int) -> np.ndarray:
+        """Block tables int32 [num_rows, table width] of ``states`` (-1 padded)."""
+        width = self._table_width(max(len(self.allocator.block_table(s.rid)) for s in states))
+        tables = np.full((num_rows, width), -1, np.int32)
+        tables[: len(states)] = self.allocator.block_tables_array([s.rid for s in states],
+                                                                  width, pad=-1)
+        return tables
+
     def _forward(self, rows: list[tuple[_State, int]], num_rows: int,
                  width: int) -> tuple[jax.Array, Shape]:
         """Dispatch one forward over ``rows`` in a ``[num_rows, width]`` slot array;
         return the sampled ids (int32 [num_rows], not waited for) and the shape."""
-        blocks = max(len(self.allocator.block_table(s.rid)) for s, _ in rows)
-        table_width = self._table_width(blocks)
+        tables = self._tables([s for s, _ in rows], num_rows)
         tokens = np.zeros((num_rows, width), np.int32)
         positions = np.full((num_rows, width), -1, np.int32)
         logit_index = np.zeros((num_rows,), np.int32)
         lengths = np.zeros((num_rows,), np.int32)
         seeds = np.zeros((num_rows,), np.uint32)
         draws = np.zeros((num_rows,), np.int32)
-        tables = np.full((num_rows, table_width), -1, np.int32)
-        tables[: len(rows)] = self.allocator.block_tables_array([s.rid for s, _ in rows],
-                                                                table_width, pad=-1)
         params = [GREEDY] * num_rows
         for row, (s, c) in enumerate(rows):
             tokens[row, :c] = s.span(s.computed, s.computed + c)
@@ -691,7 +697,7 @@ class Engine:
             draws[row] = len(s.output)
             params[row] = s.request.sampling
         nxt = self._run(tokens, positions, tables, logit_index, lengths, seeds, draws, params)
-        return nxt, (num_rows, width, table_width)
+        return nxt, (num_rows, width, tables.shape[1])
 
     def step_shapes(self, max_tokens: int | None = None) -> list[Shape]:
         """Every ``(rows, width, table width)`` a step can run for requests of at most
@@ -780,14 +786,7 @@ class Engine:
                 if s.prefilling:
                     s.prefilling = False
                     self._commit(s)  # its prompt's full blocks, for later requests
-                token = int(sampled[row])
-                s.output.append(token)
-                s.token_times.append(now)
-                events.append((s.rid, token))
-                stop = self._stopped(s, token)
-                if stop or len(s.output) >= s.request.max_new_tokens:
-                    self._running.remove(s)
-                    self._retire(s, "stop" if stop else "length")
+                self._accept(s, int(sampled[row]), now, events)
         self.step_metrics.append(StepMetrics(
             rows=running,
             max_batch=self.max_batch, waiting=len(self._waiting), prefill_tokens=prefill,
@@ -796,26 +795,36 @@ class Engine:
             duration_s=time.perf_counter() - t0))
         return events
 
+    def _accept(self, s: _State, token: int, now: float, events: list[Event]) -> bool:
+        """Append a sampled token to ``s`` and to ``events``; retire ``s`` if the token
+        stops it or reaches its ``max_new_tokens``. Returns whether ``s`` retired."""
+        s.output.append(token)
+        s.token_times.append(now)
+        events.append((s.rid, token))
+        stop = self._stopped(s, token)
+        if stop or len(s.output) >= s.request.max_new_tokens:
+            self._running.remove(s)
+            self._retire(s, "stop" if stop else "length")
+            return True
+        return False
+
     def _burst(self, states: list[_State]) -> tuple[list[Event], int] | None:
         """Run ``decode_steps`` decode forwards over ``states`` (each already holds its
         next slot) in one device loop; return the new tokens and the table width, or None
-        (nothing done) if the pool cannot hold the extra slots. Rows stop at their ``max_new_tokens``; a stop id or string ends a
-        row on the host, and the tokens computed after it are dropped."""
-        steps = self.decode_steps
-        active = [min(steps, s.request.max_new_tokens - len(s.output)) for s in states]
-        extra = sum(self.allocator.blocks_to_append(
-            s.rid, max(0, s.computed + n - self.allocator.num_tokens(s.rid)))
-            for s, n in zip(states, active, strict=True))
-        if extra > self._available():
+        (nothing done) if the pool cannot hold the extra slots. Rows stop at their
+        ``max_new_tokens``; a stop id or string ends a row on the host, and the tokens
+        computed after it are dropped."""
+        active = [min(self.decode_steps, s.request.max_new_tokens - len(s.output))
+                  for s in states]
+        more = [max(0, s.computed + n - self.allocator.num_tokens(s.rid))
+                for s, n in zip(states, active, strict=True)]
+        if sum(self.allocator.blocks_to_append(s.rid, m)
+               for s, m in zip(states, more, strict=True)) > self._available():
             return None
-        for s, n in zip(states, active, strict=True):
-            self._reserve(s, max(0, s.computed + n - self.allocator.num_tokens(s.rid)))
+        for s, m in zip(states, more, strict=True):
+            self._reserve(s, m)
         rows = self.max_batch
-        blocks = max(len(self.allocator.block_table(s.rid)) for s in states)
-        table_width = self._table_width(blocks)
-        tables = np.full((rows, table_width), -1, np.int32)
-        tables[: len(states)] = self.allocator.block_tables_array([s.rid for s in states],
-                                                                  table_width, pad=-1)
+        tables = self._tables(states, rows)
         tokens, positions, act, draws = (np.zeros((rows,), np.int32) for _ in range(4))
         seeds = np.zeros((rows,), np.uint32)
         params = [GREEDY] * rows
@@ -828,23 +837,15 @@ class Engine:
         for row, (s, n) in enumerate(zip(states, active, strict=True)):
             for j in range(n):
                 s.computed += 1
-                token = int(ids[row, j])
-                s.output.append(token)
-                s.token_times.append(now)
-                events.append((s.rid, token))
-                stop = self._stopped(s, token)
-                if stop or len(s.output) >= s.request.max_new_tokens:
-                    self._running.remove(s)
-                    self._retire(s, "stop" if stop else "length")
+                if self._accept(s, int(ids[row, j]), now, events):
                     break
-        return events, table_width
+        return events, tables.shape[1]
 
     def _run_burst(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray,
                    tables: np.ndarray, seeds: np.ndarray, draws: np.ndarray,
                    params: list[SamplingParams]) -> jax.Array:
         """Dispatch ``_engine_decode_burst`` (the pool donated and replaced)."""
-        all_greedy = all(p.greedy for p in params)
-        sp = SamplingArrays.from_params(params)
+        sp, all_greedy = self._sampling(params)
         ids, self._k, self._v = _engine_decode_burst(
             self.model, self.params, self._k, self._v, tokens, positions, active, tables, sp,
             seeds, draws, steps=self.decode_steps, attention=self.attention,
