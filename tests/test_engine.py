@@ -429,3 +429,71 @@ def test_decode_steps_must_be_positive(llama: LoadedModel) -> None:
     for bad in (0, -2, True, 1.5):
         with pytest.raises(ValueError, match="decode_steps"):
             _engine(llama, num_blocks=16, decode_steps=bad)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix-cache"])
+def test_preemption_swap_matches_dense_and_recomputes_nothing(
+        llama: LoadedModel, cases: list[tuple[list[int], int, list[int]]],
+        prefix_caching: bool) -> None:
+    """preemption="swap" with a 12-block pool: victims' K/V go to host slots and come
+    back at re-admission, so outputs equal the dense reference and no token is prefilled
+    twice (recompute preemption, same pool, prefills more); host slots all come back."""
+    prompts = sum(len(p) for p, _, _ in cases)
+    recompute = _engine(llama, num_blocks=12, prefix_caching=prefix_caching)
+    _run_staggered(recompute, cases, {})
+    engine = _engine(llama, num_blocks=12, prefix_caching=prefix_caching,
+                     preemption="swap", swap_blocks=64)
+    rids, streamed = _run_staggered(engine, cases, {})
+    for i, (_, _, ref) in enumerate(cases):
+        assert engine.finished[rids[i]].tokens[0] == ref, i
+        assert streamed[rids[i]] == ref
+    m = engine.metrics()
+    assert m.preemptions > 0 and m.swapped_out_blocks > 0 and m.swapped_in_blocks > 0
+    assert m.swapped_in_blocks <= m.swapped_out_blocks
+    # The prompts share no prefix: every prompt token is computed exactly once (with the
+    # prefix cache a re-admitted victim may also find its own committed blocks).
+    prefilled = sum(s.prefill_tokens for s in engine.step_metrics)
+    assert prefilled == prompts
+    assert sum(s.prefill_tokens for s in recompute.step_metrics) > prefilled
+    stats = engine.swap_stats()
+    assert stats is not None and stats.bytes_to_host > 0 and stats.bytes_to_device > 0
+    assert engine.host_pool is not None and engine.host_pool.num_free == 64
+    _assert_pool_empty(engine)
+
+
+def test_swap_falls_back_to_recompute_and_cancel_frees_slots(
+        llama: LoadedModel, cases: list[tuple[list[int], int, list[int]]]) -> None:
+    """A host pool too small for a victim makes it recompute (outputs unchanged); a
+    cancelled swapped-out request gives its host slots back."""
+    engine = _engine(llama, num_blocks=12, preemption="swap", swap_blocks=3)
+    rids, _ = _run_staggered(engine, cases, {})
+    for i, (_, _, ref) in enumerate(cases):
+        assert engine.finished[rids[i]].tokens[0] == ref, i
+    assert engine.metrics().preemptions > 0
+    assert engine.host_pool is not None and engine.host_pool.num_free == 3
+    _assert_pool_empty(engine)
+
+    engine = _engine(llama, num_blocks=12, preemption="swap", swap_blocks=64)
+    for p, n, _ in cases:
+        engine.add_request(p, max_new_tokens=n)
+    while not any(s.swap_slots for s in engine._waiting):
+        engine.step()
+    swapped = next(s for s in engine._waiting if s.swap_slots)
+    held = len(swapped.swap_slots)
+    assert engine.host_pool is not None and engine.host_pool.num_free <= 64 - held
+    assert engine.cancel(swapped.rid)
+    for _ in engine.stream():
+        pass
+    assert engine.host_pool.num_free == 64
+    _assert_pool_empty(engine)
+
+
+def test_preemption_arguments_checked(llama: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="preemption must be one of"):
+        _engine(llama, num_blocks=16, preemption="drop")
+    with pytest.raises(ValueError, match="swap_blocks"):
+        _engine(llama, num_blocks=16, preemption="swap")
+    with pytest.raises(ValueError, match="swap_blocks is only used"):
+        _engine(llama, num_blocks=16, swap_blocks=8)
+    with pytest.raises(ValueError, match="staging"):
+        _engine(llama, num_blocks=16, preemption="swap", swap_blocks=8, host_staging="fast")

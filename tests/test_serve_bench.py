@@ -60,6 +60,9 @@ def test_shipped_configs_parse() -> None:
     ("engine.prefix_caching", 1, "engine.prefix_caching must be true or false"),
     ("engine.max_tokens_per_step", 1, "max_tokens_per_step must be >= max_batch"),
     ("engine.decode_steps", 0, "decode_steps must be >= 1"),
+    ("engine.preemption", "drop", "preemption must be one of"),
+    ("engine.swap_blocks", 8, "swap_blocks must be >= 1 with preemption 'swap'"),
+    ("engine.host_staging", "fast", "host_staging must be one of"),
     ("workload.arrival_rate", -1.0, "arrival_rate must be >= 0"),
     ("model.preset", "gpt-9", "unknown preset"),
     ("model.max_context", 64, "exceeds the model's context of 64"),
@@ -180,3 +183,23 @@ def test_serve_bench_with_decode_bursts(tmp_path: Path,
         steps = list(csv.DictReader(f))
     assert s["output_tokens"] == 6 * len(items) and s["compiled_during_run"] == 0
     assert any(int(x["decode_steps"]) == 3 for x in steps)
+
+
+def test_serve_bench_swap_preemption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """engine.preemption: swap with a pool too small for the batch: requests are swapped
+    out and back, every request still gets its full length, and the summary counts it."""
+    raw = _with("engine.num_blocks", 8)
+    raw["engine"].update(preemption="swap", swap_blocks=16, prefix_caching=False)
+    raw["workload"]["output_len"]["value"] = 40  # decodes grow into the other's blocks
+    cfg_path = tmp_path / "swap.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    assert main(["serve-bench", "--config", str(cfg_path), "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    s = json.loads((out / "results.json").read_text())["summary"]
+    items = make_workload(load_config(cfg_path).workload, vocab_size=512)
+    assert s["output_tokens"] == 40 * len(items)
+    assert s["preemptions"] > 0 and s["swapped_out_blocks"] > 0
+    assert 0 < s["swapped_in_blocks"] <= s["swapped_out_blocks"]
+    assert s["swap_gbps_to_host"] > 0 and s["swap_gbps_to_device"] > 0

@@ -30,11 +30,15 @@ samples the next token in the same call (logits at the chunk's last slot).
 Scheduling (host side, per step):
 
 1. Running requests, oldest admission first, reserve blocks for this step's tokens.
-   When the pool is empty the most recently admitted running request is preempted by
-   recompute: its blocks are freed and it goes back to the FRONT of the waiting queue;
-   its prompt becomes prompt + generated tokens (its budget of new tokens is what is
-   left), so re-admitted it prefills them again and continues exactly where it was
-   (greedy outputs are unchanged, up to float rounding order).
+   When the pool is empty the most recently admitted running request is preempted:
+   its blocks are freed and it goes back to the FRONT of the waiting queue; its prompt
+   becomes prompt + generated tokens (its budget of new tokens is what is left). With
+   ``preemption="recompute"`` it prefills them again when re-admitted (greedy outputs
+   are unchanged, up to float rounding order). With ``preemption="swap"`` the K/V it
+   has computed are first copied to slots of a host pool
+   (``kvjax.memory.host_pool.HostPool``, ``swap_blocks`` pages) and copied back into
+   fresh blocks at re-admission, so it continues with bit-identical K/V and computes
+   nothing again; a victim the host pool cannot hold falls back to recompute.
 2. If nothing was preempted this step, waiting requests are admitted FCFS (no
    skipping) while a row and some budget are free and the pool holds the request's
    whole prompt plus one block per running request (a watermark against
@@ -86,6 +90,7 @@ from kvjax.engine.generate import GenerationOutput, kv_bytes_per_token, resolve_
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams, sample
 from kvjax.engine.shapes import pow2
 from kvjax.memory.allocator import AllocatorStats, BlockAllocator, OutOfBlocksError
+from kvjax.memory.host_pool import HostPool, HostPoolStats, check_staging
 from kvjax.memory.prefix_cache import PrefixCache
 from kvjax.models.llama import Decoder
 
@@ -188,6 +193,10 @@ class EngineMetrics:
     itl_p99_s: float
     prefix_lookup_tokens: int  # tokens looked up in the prefix cache at admissions
     prefix_hit_tokens: int  # of those, found cached (block aligned)
+    swapped_out_blocks: int = 0  # pages copied to the host pool by swap preemptions
+    swapped_in_blocks: int = 0  # pages copied back at re-admission
+    swap_gbps_to_host: float = 0.0  # measured copy rates of those swaps
+    swap_gbps_to_device: float = 0.0
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -210,6 +219,8 @@ class _State:
     cached: int = 0  # tokens taken from the prefix cache, all admissions
     admitted: bool = False
     prefilling: bool = False  # admitted and not yet sampled since
+    swap_slots: list[int] = dataclasses.field(default_factory=list)  # host pool, in order
+    swapped: int = 0  # tokens whose K/V the swap slots hold (0: not swapped out)
 
     @property
     def tokens(self) -> list[int]:
@@ -316,6 +327,8 @@ def _engine_decode_burst(model: Decoder, params: Any, k_pages: jax.Array, v_page
     return ids, k_pages, v_pages
 
 
+PREEMPTION = ("recompute", "swap")
+
 # The jitted step, for compile-count checks (``step_fn._cache_size()``).
 step_fn = _engine_step
 
@@ -365,6 +378,10 @@ class Engine:
         none is waiting: a device loop feeds each sampled token back without returning
         to the host in between (the tokens then arrive ``decode_steps`` at a time).
         Outputs are the same for any value; 1 (the default) is one forward per step.
+      preemption: "recompute" (free a victim's blocks; it prefills again) or "swap"
+        (copy its K/V to a host pool first and back at re-admission).
+      swap_blocks: pages the swap host pool holds (needed, >= 1, for "swap").
+      host_staging: how swaps copy: "pageable" or "pinned" (``HostPool``'s staging).
 
     Not thread safe: call ``add_request``, ``cancel`` and ``step`` from one thread.
     """
@@ -373,13 +390,20 @@ class Engine:
                  max_batch: int = 8, prefill_chunk: int = 64,
                  max_tokens_per_step: int | None = None, prefix_caching: bool = False,
                  detokenize: Detokenize | None = None, attention: str = "auto",
-                 decode_steps: int = 1) -> None:
+                 decode_steps: int = 1, preemption: str = "recompute", swap_blocks: int = 0,
+                 host_staging: str = "pageable") -> None:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
                             ("decode_steps", decode_steps)):
             _check_count(name, value)
         budget = max_batch * prefill_chunk if max_tokens_per_step is None else max_tokens_per_step
         _check_count("max_tokens_per_step", budget, low=max_batch)
+        if preemption not in PREEMPTION:
+            raise ValueError(f"preemption must be one of {PREEMPTION}, got {preemption!r}")
+        if preemption == "swap":
+            _check_count("swap_blocks", swap_blocks)
+        elif swap_blocks:
+            raise ValueError("swap_blocks is only used with preemption='swap'")
         if detokenize is not None and not callable(detokenize):
             raise ValueError(f"detokenize must be callable, got {detokenize!r}")
         cfg = model.cfg
@@ -400,6 +424,15 @@ class Engine:
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self._k = jnp.zeros(shape, model.dtype)
         self._v = jnp.zeros(shape, model.dtype)
+        self.preemption = preemption
+        self.host_pool: HostPool | None = None
+        if preemption == "swap":
+            check_staging(host_staging, next(iter(self._k.devices())))
+            self.host_pool = HostPool(swap_blocks, cfg.num_layers, block_size,
+                                      cfg.num_kv_heads, cfg.head_dim, model.dtype,
+                                      staging=host_staging)
+        self.swapped_out_blocks = 0
+        self.swapped_in_blocks = 0
         self._max_table = -(-cfg.max_position_embeddings // block_size)
         self._greedy: dict[int, SamplingArrays] = {}  # all-greedy sampling arrays by rows
         self._next_id = 0
@@ -539,7 +572,50 @@ class Engine:
             state.computed = len(reused) * self.block_size
             state.cached += state.computed
         state.admitted = state.prefilling = True
+        if state.swapped:
+            self._swap_in(state)
         return True
+
+    def _pool_view(self) -> PagedCache:
+        """The pool as a ``PagedCache`` (for the host pool's copies; no tables)."""
+        return PagedCache(k_pages=self._k, v_pages=self._v,
+                          block_tables=jnp.zeros((1, 1), jnp.int32),
+                          lengths=jnp.zeros((1,), jnp.int32))
+
+    def _swap_out(self, state: _State) -> bool:
+        """Copy the pages holding ``state``'s computed tokens to host slots (before its
+        blocks are freed); False (nothing copied) if the host pool has too few free."""
+        pool = self.host_pool
+        n = -(-state.computed // self.block_size)
+        if pool is None or n == 0 or n > pool.num_free:
+            return False
+        slots = pool.allocate(n)
+        pool.save_pages(self._pool_view(), self.allocator.block_table(state.rid)[:n], slots)
+        state.swap_slots, state.swapped = slots, state.computed
+        self.swapped_out_blocks += n
+        return True
+
+    def _swap_in(self, state: _State) -> None:
+        """At re-admission: copy the swapped pages the prefix cache did not already
+        share back into ``state``'s fresh blocks; its computed tokens resume there."""
+        assert self.host_pool is not None
+        first = state.computed // self.block_size  # pages the prefix cache shared
+        if state.swapped > state.computed:
+            n = len(state.swap_slots)
+            table = self.allocator.block_table(state.rid)
+            pages = self.host_pool.restore_pages(self._pool_view(), state.swap_slots[first:],
+                                                 table[first:n])
+            self._k, self._v = pages.k_pages, pages.v_pages
+            self.swapped_in_blocks += n - first
+            state.computed = state.swapped
+        self._drop_swap(state)
+
+    def _drop_swap(self, state: _State) -> None:
+        """Free ``state``'s host slots, if it holds any."""
+        if state.swap_slots:
+            assert self.host_pool is not None
+            self.host_pool.free(state.swap_slots)
+        state.swap_slots, state.swapped = [], 0
 
     def _release(self, state: _State) -> None:
         """Give back ``state``'s blocks, caching its computed full blocks first."""
@@ -558,6 +634,7 @@ class Engine:
 
     def _retire(self, state: _State, reason: str) -> None:
         self._release(state)
+        self._drop_swap(state)
         self._states.pop(state.rid, None)
         now = time.perf_counter()
         times = state.token_times
@@ -571,8 +648,11 @@ class Engine:
 
     # ------------------------------------------------------------------ scheduling
     def _preempt(self, state: _State) -> None:
-        """Recompute preemption: free the blocks, back to the front of the queue."""
+        """Free the blocks (swapping the computed K/V out first with
+        ``preemption="swap"``), back to the front of the queue."""
         self._running.remove(state)
+        if self.preemption == "swap":
+            self._swap_out(state)
         self._release(state)
         state.computed = 0
         state.preemptions += 1
@@ -895,6 +975,10 @@ class Engine:
     def pool_stats(self) -> AllocatorStats:
         return self.allocator.stats()
 
+    def swap_stats(self) -> HostPoolStats | None:
+        """Bytes and seconds of the swap copies (None without ``preemption="swap"``)."""
+        return None if self.host_pool is None else self.host_pool.stats
+
     def metrics(self) -> EngineMetrics:
         steps = self.step_metrics
         busy = sum(s.duration_s for s in steps)
@@ -911,4 +995,7 @@ class Engine:
             ttft_p50_s=_percentile(ttfts, 50), ttft_p99_s=_percentile(ttfts, 99),
             itl_p50_s=_percentile(itls, 50), itl_p99_s=_percentile(itls, 99),
             prefix_lookup_tokens=stats.lookup_tokens if stats else 0,
-            prefix_hit_tokens=stats.hit_tokens if stats else 0)
+            prefix_hit_tokens=stats.hit_tokens if stats else 0,
+            swapped_out_blocks=self.swapped_out_blocks, swapped_in_blocks=self.swapped_in_blocks,
+            swap_gbps_to_host=self.host_pool.stats.gbps_to_host if self.host_pool else 0.0,
+            swap_gbps_to_device=self.host_pool.stats.gbps_to_device if self.host_pool else 0.0)

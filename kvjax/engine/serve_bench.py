@@ -69,7 +69,8 @@ def build_engine(cfg: ServeBenchConfig) -> Engine:
                   max_batch=e.max_batch, prefill_chunk=e.prefill_chunk,
                   max_tokens_per_step=e.max_tokens_per_step or None,
                   prefix_caching=e.prefix_caching, attention=e.attention,
-                  decode_steps=e.decode_steps)
+                  decode_steps=e.decode_steps, preemption=e.preemption,
+                  swap_blocks=e.swap_blocks, host_staging=e.host_staging)
 
 
 def replay(engine: Engine, items: list[WorkItem], *, progress: bool = True) -> Replay:
@@ -133,6 +134,10 @@ def summarize(engine: Engine, items: list[WorkItem], run: Replay) -> dict[str, A
         "busy_fraction": busy / dur,
         "steps": len(steps),
         "preemptions": m.preemptions,
+        "swapped_out_blocks": m.swapped_out_blocks,
+        "swapped_in_blocks": m.swapped_in_blocks,
+        "swap_gbps_to_host": m.swap_gbps_to_host,
+        "swap_gbps_to_device": m.swap_gbps_to_device,
         "prefix_hit_tokens": m.prefix_hit_tokens,
         "prefix_hit_rate": m.prefix_hit_rate,
         "cached_tokens": sum(r.cached_tokens for r in reqs),

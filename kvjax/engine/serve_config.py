@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from kvjax.analysis.presets import get_preset
 from kvjax.cache.paged import ATTENTION_BACKENDS
 from kvjax.config import ModelConfig
+from kvjax.engine.engine import PREEMPTION
 from kvjax.engine.workload import DIST_KEYS, LengthDist, WorkloadConfig
+from kvjax.memory.host_pool import STAGING
 from kvjax.yaml_config import coerce, read_yaml
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -84,6 +86,9 @@ class EngineSpec:
     prefix_caching: bool = False
     attention: str = "auto"
     decode_steps: int = 1  # decode forwards per step once every request decodes
+    preemption: str = "recompute"  # or "swap": victims' K/V wait in a host pool
+    swap_blocks: int = 0  # host pool pages for preemption "swap"
+    host_staging: str = "pageable"  # swap copies: "pageable" or "pinned"
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_batch", "prefill_chunk", "decode_steps"):
@@ -92,6 +97,13 @@ class EngineSpec:
         if self.max_tokens_per_step and self.max_tokens_per_step < self.max_batch:
             raise ValueError(f"max_tokens_per_step must be >= max_batch ({self.max_batch}) "
                              f"or 0, got {self.max_tokens_per_step}")
+        if self.preemption not in PREEMPTION:
+            raise ValueError(f"preemption must be one of {PREEMPTION}, got {self.preemption!r}")
+        if (self.preemption == "swap") != (self.swap_blocks > 0):
+            raise ValueError("swap_blocks must be >= 1 with preemption 'swap' and 0 otherwise, "
+                             f"got {self.swap_blocks}")
+        if self.host_staging not in STAGING:
+            raise ValueError(f"host_staging must be one of {STAGING}, got {self.host_staging!r}")
         if self.attention not in ("auto", *ATTENTION_BACKENDS):
             raise ValueError(f"attention must be auto or one of {ATTENTION_BACKENDS}, got "
                              f"{self.attention!r}")
