@@ -255,6 +255,8 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
                     row, reqs = _summary(w, pool, mode, runs, identical)
                     rows.append(row)
                     per_request += reqs
+                    write_csv(out_dir / "partial.csv", rows)  # what a cut-off run leaves
+    (out_dir / "partial.csv").unlink()
     for row in rows:
         base = next(r for r in rows if (r["workload"], r["pool_blocks"], r["mode"])
                     == (row["workload"], row["pool_blocks"], "no-cache"))

@@ -290,6 +290,8 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
                         runs.append(stats)
                     bar.update()
                 rows.append(_row(w, setup, runs, tiers, identical))
+                write_csv(out_dir / "partial.csv", rows)  # what a cut-off run leaves
+    (out_dir / "partial.csv").unlink()
     for row in rows:
         base = next(r for r in rows if (r["workload"], r["setup"]) == (row["workload"],
                                                                         "l1-only"))
