@@ -1,11 +1,13 @@
-"""Chunked prefill over paged history on one GPU: kvjax's Pallas kernel against the XLA
-gather path the model otherwise takes, in one run.
+"""Chunked prefill over paged history on one GPU: kvjax's Pallas and Triton kernels
+against the XLA gather path the model otherwise takes, in one run.
 
 Llama-3-8B attention shape (32 query heads, 8 KV heads, head_dim 128), bf16, page 16,
 scrambled block tables. Each row is (batch, history, chunk): every sequence holds
 ``history`` tokens, the last ``chunk`` of which are the new queries (what a prefix-cache
 hit or a chunked prefill computes). Columns: the kernel at a few tile settings, and the
-XLA path (``kvjax.cache.paged.paged_attention_reference``: gather pages, masked einsum).
+XLA path (``kvjax.cache.paged.paged_attention_reference``: gather pages, masked einsum);
+the Triton kernel (``pallas_kernels.triton_chunked_prefill``, through jax-triton) runs
+where ``jax_triton`` imports.
 Prints time per call (queued back to back), attention TFLOP/s (causal: only the keys
 each query sees), the kernel's speedup over XLA, and its error against XLA. Writes JSON
 to $OUT (or /tmp).
@@ -28,9 +30,14 @@ import numpy as np
 from kvjax.analysis.bandwidth import time_queued
 from kvjax.cache.paged import paged_attention_reference
 from pallas_kernels.chunked_prefill import paged_prefill_attention
+from pallas_kernels.triton_chunked_prefill import triton_paged_prefill_attention
+from pallas_kernels.triton_paged_decode import triton_unavailable_reason
 
 SETTINGS = ({"block_q": 16, "pages_per_block": 4}, {"block_q": 32, "pages_per_block": 4},
             {"block_q": 64, "pages_per_block": 4}, {"block_q": 64, "pages_per_block": 8})
+TRITON_SETTINGS: tuple[dict[str, int], ...] = (
+    {}, {"block_q": 32}, {"block_q": 32, "num_warps": 8}, {"block_tokens": 32},
+    {"block_tokens": 128, "num_warps": 8}, {"num_stages": 3})
 
 
 def make_row(batch: int, history: int, chunk: int, heads: int, kv_heads: int, head_dim: int,
@@ -66,6 +73,9 @@ def main() -> None:
     iters, reps = (1, 1) if args.smoke else (10, 5)
     print(f"{jax.devices()[0].device_kind}; H={heads} K={kv_heads} D={head_dim} page={page} "
           f"{jnp.dtype(dtype).name}", flush=True)
+    triton_reason = triton_unavailable_reason()
+    if triton_reason is not None:
+        print(f"triton kernel skipped: {triton_reason}")
     results = []
     for spec in rows.split(","):
         b, hist, chunk = (int(x) for x in spec.split("x"))
@@ -80,23 +90,28 @@ def main() -> None:
                                "kernel": []}
         print(f"{spec:>12}  xla {t_xla * 1e6:9.0f} us {row['xla_tflops']:6.1f} TFLOP/s",
               flush=True)
-        for setting in SETTINGS:
+        kernels: list[tuple[str, Any, dict[str, int]]] = [
+            ("pallas", paged_prefill_attention, {**st, "interpret": interpret})
+            for st in SETTINGS]
+        if triton_reason is None:
+            kernels += [("triton", triton_paged_prefill_attention, st) for st in TRITON_SETTINGS]
+        for name, kernel, setting in kernels:
             try:
-                def fn(*a: jax.Array, s: dict[str, int] = setting) -> jax.Array:
-                    return paged_prefill_attention(*a, block_q=s["block_q"],
-                                                   pages_per_block=s["pages_per_block"],
-                                                   interpret=interpret)
+                def fn(*a: jax.Array, kernel: Any = kernel, s: dict[str, int] = setting
+                       ) -> jax.Array:
+                    return kernel(*a, **s)
                 got = fn(q, k, v, tables, q_lens, lengths)
                 t = time_queued(fn, [(q, k, v, tables, q_lens, lengths)], iters=iters, reps=reps)
             except Exception as err:  # a setting that does not compile: report, go on
-                print(f"{'':>12}  kernel {setting}: ERR {type(err).__name__}: {err}"[:300])
+                print(f"{'':>12}  {name} {setting}: ERR {type(err).__name__}: {err}"[:300])
                 continue
             diff = np.asarray(got, np.float32) - np.asarray(want, np.float32)
             rel = float(np.linalg.norm(diff) / np.linalg.norm(np.asarray(want, np.float32)))
-            entry = {**setting, "s": t, "tflops": flops / t / 1e12, "speedup_vs_xla": t_xla / t,
-                     "rel_err_vs_xla": rel}
+            shown = {k: v for k, v in setting.items() if k != "interpret"}
+            entry = {"kernel": name, **shown, "s": t, "tflops": flops / t / 1e12,
+                     "speedup_vs_xla": t_xla / t, "rel_err_vs_xla": rel}
             row["kernel"].append(entry)
-            print(f"{'':>12}  kernel {setting} {t * 1e6:9.0f} us {entry['tflops']:6.1f} "
+            print(f"{'':>12}  {name} {shown} {t * 1e6:9.0f} us {entry['tflops']:6.1f} "
                   f"TFLOP/s  {entry['speedup_vs_xla']:5.2f}x xla  err {rel:.1e}", flush=True)
         results.append(row)
     path = os.path.join(os.environ.get("OUT", "/tmp"), "chunked_prefill.json")

@@ -6,6 +6,7 @@
 # Groups (estimated H100 wall time; the estimates marked * are not measured yet):
 #   kernels      paged decode (all columns, ~2.5 min), chunked prefill vs XLA
 #                (~1.3 min), generate_paged bf16/fp32 (fp32 > 90 s)        ~ 8 min *
+#   prefill      chunked prefill alone: Pallas and Triton kernels vs XLA      ~ 2.5 min *
 #   mla          absorbed MLA decode kernel vs XLA gather and torch SDPA      ~ 3 min *
 #   sweep        Triton kernel tunables per row                            ~ 4 min *
 #   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
@@ -41,10 +42,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 case "$group" in
   kernels)
     run paged_decode 330 $py benchmarks/paged_decode.py
-    run chunked_prefill 90 $py benchmarks/chunked_prefill.py
+    run chunked_prefill 200 $py benchmarks/chunked_prefill.py
     run generate_paged_bf16 120 $py benchmarks/generate_paged.py --batch 32 --prompt 512 --new 64
     run generate_paged_fp32 150 $py benchmarks/generate_paged.py --batch 8 --prompt 512 --new 32 \
         --dtype float32 ;;
+  prefill)
+    run chunked_prefill 200 $py benchmarks/chunked_prefill.py ;;
   mla)
     run mla_decode 300 $py benchmarks/mla_decode.py ;;
   sweep)

@@ -116,6 +116,14 @@ def _prefill_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: 
 # ------------------------------------------------------------ (3) the public wrapper
 
 
+def chunk_meta(q_lens: jax.Array, lengths: jax.Array, t: int, capacity: int) -> jax.Array:
+    """int32 [B, 2] = (lengths clipped to [0, capacity], q_lens clipped to
+    [0, min(t, lengths)]): what a kernel program reads for its sequence."""
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, capacity)
+    return jnp.stack([lengths, jnp.clip(q_lens.astype(jnp.int32), 0,
+                                        jnp.minimum(lengths, t))], axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "pages_per_block", "group_rows",
                                              "num_warps", "num_stages", "layer", "interpret"))
 def _paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -130,8 +138,7 @@ def _paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     pages_per_block = min(pages_per_block, max_blocks)
     tables = jnp.pad(block_tables.astype(jnp.int32),
                      ((0, 0), (0, -max_blocks % pages_per_block)), constant_values=-1)
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, max_blocks * page_size)
-    meta = jnp.stack([lengths, jnp.clip(q_lens.astype(jnp.int32), 0, lengths)], axis=1)
+    meta = chunk_meta(q_lens, lengths, t, max_blocks * page_size)
     t_pad = pl.cdiv(t, block_q) * block_q
     qg = q.reshape(batch, t, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, t_pad - t), (0, group_rows - group), (0, 0)))
@@ -141,6 +148,25 @@ def _paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                         num_stages=num_stages, layer=layer, interpret=interpret)
     out = out.reshape(batch, kv_heads, t_pad, group_rows, head_dim)[:, :, :t, :group]
     return out.transpose(0, 2, 1, 3, 4).reshape(batch, t, heads, head_dim)
+
+
+def check_prefill_args(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                       block_tables: jax.Array, q_lens: jax.Array, lengths: jax.Array,
+                       pages_per_block: int = 1, *, layer: int | None = None) -> None:
+    """Raise ValueError on bad chunked-prefill arguments (q [B, T, H, D]): those of
+    ``check_paged_args`` and ``q_lens`` int [B] in ``[0, min(T, lengths)]`` (checked when
+    concrete). Shared by the Pallas and Triton kernels."""
+    check_paged_args(q, k_pages, v_pages, block_tables, lengths, pages_per_block, 1,
+                     q_rank=4, layer=layer)
+    if q_lens.ndim != 1 or q_lens.shape[0] != q.shape[0]:
+        raise ValueError(f"q_lens must have shape ({q.shape[0]},), got {q_lens.shape}")
+    if not jnp.issubdtype(q_lens.dtype, jnp.integer):
+        raise ValueError(f"q_lens must be integer, got {q_lens.dtype}")
+    q_host, len_host = host_value(q_lens), host_value(lengths)
+    if q_host is not None and len_host is not None and q_host.size and (
+            q_host.min() < 0 or (q_host > q.shape[1]).any() or (q_host > len_host).any()):
+        raise ValueError(f"q_lens must lie in [0, min(T={q.shape[1]}, lengths)], got "
+                         f"{q_host.tolist()} with lengths {len_host.tolist()}")
 
 
 def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -170,19 +196,10 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
       ValueError: on bad ranks, shapes, dtypes or options, before launching; on
         lengths / q_lens out of range when they are concrete.
     """
-    check_paged_args(q, k_pages, v_pages, block_tables, lengths, pages_per_block, 1,
-                     q_rank=4, layer=layer)
-    if q_lens.ndim != 1 or q_lens.shape[0] != q.shape[0]:
-        raise ValueError(f"q_lens must have shape ({q.shape[0]},), got {q_lens.shape}")
-    if not jnp.issubdtype(q_lens.dtype, jnp.integer):
-        raise ValueError(f"q_lens must be integer, got {q_lens.dtype}")
+    check_prefill_args(q, k_pages, v_pages, block_tables, q_lens, lengths, pages_per_block,
+                       layer=layer)
     if not isinstance(block_q, int) or block_q < 1 or block_q & (block_q - 1):
         raise ValueError(f"block_q must be a power of two >= 1, got {block_q!r}")
-    q_host, len_host = host_value(q_lens), host_value(lengths)
-    if q_host is not None and len_host is not None and q_host.size and (
-            q_host.min() < 0 or (q_host > q.shape[1]).any() or (q_host > len_host).any()):
-        raise ValueError(f"q_lens must lie in [0, min(T={q.shape[1]}, lengths)], got "
-                         f"{q_host.tolist()} with lengths {len_host.tolist()}")
     rows = pl.next_power_of_2(q.shape[2] // k_pages.shape[-2])
     return _paged_prefill(q, k_pages, v_pages, block_tables, q_lens, lengths,
                           block_q=block_q, pages_per_block=pages_per_block,

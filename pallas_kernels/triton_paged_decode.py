@@ -48,6 +48,24 @@ def default_block_tokens(head_dim: int, itemsize: int) -> int:
     return max(MIN_BLOCK_TOKENS, min(128, MAX_TILE_BYTES // (head_dim * itemsize)))
 
 
+def check_launch_settings(block_tokens: int, num_warps: int, num_stages: int) -> None:
+    """ValueError unless ``block_tokens`` is a power of two >= 16, ``num_warps`` is in
+    ``WARPS`` and ``num_stages`` >= 1 (shared by the Triton kernels)."""
+    if not _is_power_of_two(block_tokens) or block_tokens < MIN_BLOCK_TOKENS:
+        raise ValueError(f"block_tokens must be a power of two >= {MIN_BLOCK_TOKENS}, "
+                         f"got {block_tokens!r}")
+    if num_warps not in WARPS:
+        raise ValueError(f"num_warps must be one of {WARPS}, got {num_warps!r}")
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+
+
+def dot_precision(dtype: jnp.dtype) -> str:
+    """``tl.dot``'s input precision: exact fp32 products for fp32 pages (tl.dot would
+    use TF32); ignored for 16-bit operands."""
+    return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeLaunch:
     """One launch of ``paged_decode_kernel``, everything but the arrays.
@@ -84,13 +102,7 @@ def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blo
     num_pages, page_size, kv_heads, _ = pool_shape[-4:]
     if block_tokens is None:
         block_tokens = default_block_tokens(head_dim, jnp.dtype(dtype).itemsize)
-    if not _is_power_of_two(block_tokens) or block_tokens < MIN_BLOCK_TOKENS:
-        raise ValueError(f"block_tokens must be a power of two >= {MIN_BLOCK_TOKENS}, "
-                         f"got {block_tokens!r}")
-    if num_warps not in WARPS:
-        raise ValueError(f"num_warps must be one of {WARPS}, got {num_warps!r}")
-    if not isinstance(num_stages, int) or num_stages < 1:
-        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    check_launch_settings(block_tokens, num_warps, num_stages)
     if num_splits is None:
         num_splits = auto_num_splits(batch, kv_heads, max_blocks)
     pages_per_split = -(-max_blocks // num_splits)
@@ -103,9 +115,7 @@ def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blo
             ("LAYER_STRIDE", math.prod(pool_shape[-4:])),
             ("MAX_BLOCKS", max_blocks), ("NUM_SPLITS", num_splits),
             ("PAGES_PER_SPLIT", pages_per_split), ("BLOCK_TOKENS", block_tokens),
-            ("SCALE", head_dim ** -0.5),
-            # fp32 pages: exact fp32 products (tl.dot would use TF32); 16-bit: ignored.
-            ("DOT_PRECISION", "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"))
+            ("SCALE", head_dim ** -0.5), ("DOT_PRECISION", dot_precision(dtype)))
     stats = (batch, kv_heads, num_splits, group)
     return DecodeLaunch(grid=(batch, kv_heads, num_splits), scalars=(layer or 0, num_pages),
                         meta=meta, num_warps=num_warps, num_stages=num_stages,

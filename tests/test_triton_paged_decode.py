@@ -1,25 +1,15 @@
-"""Triton paged decode kernel, run by Triton's interpreter on CPU against the references.
-
-jax-triton needs a GPU build of jaxlib, so here ``jax_triton`` is replaced by a module
-whose ``triton_call`` keeps jax-triton's calling convention (arrays and Python scalars
-in order, then the outputs, then the meta-parameters as keywords) and runs the same
-``@triton.jit`` kernel on torch CPU tensors under ``TRITON_INTERPRET=1`` through
-``jax.pure_callback``. Everything else — argument checks, ``decode_launch``, the combine
-— is the code that runs on the GPU.
+"""Triton paged decode kernel, run by Triton's interpreter on CPU against the references
+(``triton_testing``: jax-triton's call on the interpreter). Everything else —
+argument checks, ``decode_launch``, the combine — is the code that runs on the GPU.
 """
 
 from __future__ import annotations
 
-import os
+# First: sets TRITON_INTERPRET before triton is imported; the autouse fixture.
+from triton_testing import compile_for_h100, interpreted_jax_triton  # noqa: F401
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit interprets
-
-import json
-import subprocess
-import sys
-import types
-from collections.abc import Callable, Iterator
-from pathlib import Path
+# isort: split
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,59 +28,12 @@ from paged_decode_cases import (
     random_case,
 )
 
-triton = pytest.importorskip("triton")
-torch = pytest.importorskip("torch")
-
-from kvjax.cache import paged  # noqa: E402
-from kvjax.engine.generate import generate  # noqa: E402
-from kvjax.models import LoadedModel, load_checkpoint  # noqa: E402
-from kvjax.models.tiny import build_tiny_checkpoint  # noqa: E402
-from pallas_kernels import triton_paged_decode as tpd  # noqa: E402
-from pallas_kernels.triton_decode_kernel import UPCAST_DOTS  # noqa: E402
-
-
-def _to_torch(x: np.ndarray | jax.Array) -> Any:
-    x = np.asarray(x)
-    if x.dtype == jnp.bfloat16:
-        return torch.from_numpy(x.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.array(x))
-
-
-def _interpreted_triton_call(*args: Any, kernel: Any, out_shape: list[jax.ShapeDtypeStruct],
-                             grid: tuple[int, ...], num_warps: int, num_stages: int,
-                             name: str, **meta: Any) -> list[jax.Array]:
-    """``jax_triton.triton_call`` on the Triton interpreter (host callback)."""
-    del name
-    is_scalar = [isinstance(a, bool | int | float) for a in args]
-    arrays = [a for a, s in zip(args, is_scalar, strict=True) if not s]
-
-    def run(*host: jax.Array) -> tuple[np.ndarray, ...]:
-        it = iter(host)
-        launch_args = [a if s else _to_torch(next(it)) for a, s in zip(args, is_scalar,
-                                                                         strict=True)]
-        outs = [torch.empty(o.shape, dtype=torch.float32) for o in out_shape]
-        kernel[grid](*launch_args, *outs, num_warps=num_warps, num_stages=num_stages, **meta)
-        return tuple(o.numpy() for o in outs)
-
-    return list(jax.pure_callback(run, tuple(out_shape), *arrays))
-
-
-@pytest.fixture(autouse=True)
-def interpreted_jax_triton(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """``jax_triton`` -> the interpreter stand-in; numpy >= 2.4 fix for triton 3.6's
-    interpreter (it calls int() on 1-element arrays; triton-lang/triton#9171)."""
-    from triton.runtime import interpreter
-
-    monkeypatch.setitem(sys.modules, "jax_triton",
-                        types.SimpleNamespace(triton_call=_interpreted_triton_call))
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor: Any, scope: Any) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)
-    yield
+from kvjax.cache import paged
+from kvjax.engine.generate import generate
+from kvjax.models import LoadedModel, load_checkpoint
+from kvjax.models.tiny import build_tiny_checkpoint
+from pallas_kernels import triton_paged_decode as tpd
+from pallas_kernels.triton_decode_kernel import UPCAST_DOTS
 
 
 def test_kernel_is_interpreted() -> None:
@@ -208,18 +151,8 @@ def test_default_block_tokens_bounds_the_tile() -> None:
     assert tpd.default_block_tokens(128, 2) == 128
 
 
-def _compile_for_h100(configs: list[list[Any]]) -> list[dict[str, int]]:
-    """Run ``triton_compile_check.py`` (sm_90 compile, no GPU) in a process of its own."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("triton_compile_check.py")
-    done = subprocess.run([sys.executable, str(script), json.dumps(configs)], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return list(json.loads(done.stdout))
-
-
 def _assert_fit_h100(configs: list[list[Any]]) -> None:
-    for config, result in zip(configs, _compile_for_h100(configs), strict=True):
+    for config, result in zip(configs, compile_for_h100(configs), strict=True):
         assert 0 < result["shared"] <= tpd.H100_SHARED_BYTES, (config, result)
 
 

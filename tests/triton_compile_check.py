@@ -1,28 +1,47 @@
-"""Compile the Triton decode kernel for an H100 (sm_90, down to the cubin) on a machine
+"""Compile the Triton kernels for an H100 (sm_90, down to the cubin) on a machine
 without a GPU, the way jax-triton does (arrays 16-byte aligned, Python ints as i32, the
 meta-parameters as constexprs), and print each launch's shared memory as JSON.
 
 Run in its own process: ``TRITON_INTERPRET`` must be unset when triton is imported.
 Usage: python tests/triton_compile_check.py '[[batch, heads, kv_heads, head_dim,
 page_size, max_blocks, dtype, block_tokens|null, num_warps, num_stages], ...]'
+(the decode kernel) or python tests/triton_compile_check.py prefill '[[batch, T, heads,
+kv_heads, head_dim, page_size, max_blocks, dtype, block_q|null, block_tokens|null,
+num_warps, num_stages], ...]' (the chunked-prefill kernel).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import jax.numpy as jnp
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from pallas_kernels.triton_chunked_prefill import prefill_launch
 from pallas_kernels.triton_decode_kernel import paged_decode_kernel
 from pallas_kernels.triton_paged_decode import decode_launch
+from pallas_kernels.triton_prefill_kernel import paged_prefill_kernel
 
 _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _ARRAYS = {"q_ptr": None, "k_ptr": None, "v_ptr": None, "table_ptr": "i32",
-           "length_ptr": "i32", "o_ptr": "fp32", "m_ptr": "fp32", "den_ptr": "fp32"}
+           "length_ptr": "i32", "meta_ptr": "i32", "o_ptr": "fp32", "m_ptr": "fp32",
+           "den_ptr": "fp32"}
+
+
+def _compile(kernel: Any, dtype: str, meta: dict[str, Any], num_warps: int,
+             num_stages: int) -> Any:
+    names = kernel.arg_names
+    signature = {n: "*" + (_ARRAYS[n] or _TRITON_TYPES[dtype]) if n in _ARRAYS else "i32"
+                 for n in names}
+    signature.update({n: "constexpr" for n in meta})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in _ARRAYS}
+    return triton.compile(ASTSource(kernel, signature, constexprs=meta, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def shared_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, page_size: int,
@@ -34,19 +53,29 @@ def shared_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, page_size
                            max_blocks, jnp.dtype(dtype), layer=None,
                            block_tokens=block_tokens, num_splits=None,
                            num_warps=num_warps, num_stages=num_stages)
-    names = paged_decode_kernel.arg_names
-    signature = {n: "*" + (_ARRAYS[n] or _TRITON_TYPES[dtype]) if n in _ARRAYS else "i32"
-                 for n in names}
     meta = dict(launch.meta)
-    signature.update({n: "constexpr" for n in meta})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in _ARRAYS}
-    compiled = triton.compile(ASTSource(paged_decode_kernel, signature, constexprs=meta,
-                                        attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": launch.num_warps,
-                                       "num_stages": launch.num_stages})
+    compiled = _compile(paged_decode_kernel, dtype, meta, launch.num_warps, launch.num_stages)
     return {"shared": int(compiled.metadata.shared), "block_tokens": int(meta["BLOCK_TOKENS"])}
 
 
+def prefill_shared_bytes(batch: int, t: int, heads: int, kv_heads: int, head_dim: int,
+                         page_size: int, max_blocks: int, dtype: str, block_q: int | None,
+                         block_tokens: int | None, num_warps: int,
+                         num_stages: int) -> dict[str, int]:
+    """Compile one chunked-prefill launch for sm_90; its shared memory and tiles."""
+    launch = prefill_launch((batch, t, heads, head_dim),
+                            (batch * max_blocks, page_size, kv_heads, head_dim), max_blocks,
+                            jnp.dtype(dtype), layer=None, block_q=block_q,
+                            block_tokens=block_tokens, num_warps=num_warps,
+                            num_stages=num_stages)
+    meta = dict(launch.meta)
+    compiled = _compile(paged_prefill_kernel, dtype, meta, launch.num_warps, launch.num_stages)
+    return {"shared": int(compiled.metadata.shared), "block_q": int(meta["BLOCK_Q"]),
+            "block_tokens": int(meta["BLOCK_TOKENS"])}
+
+
 if __name__ == "__main__":
-    print(json.dumps([shared_bytes(*config) for config in json.loads(sys.argv[1])]))
+    if sys.argv[1] == "prefill":
+        print(json.dumps([prefill_shared_bytes(*c) for c in json.loads(sys.argv[2])]))
+    else:
+        print(json.dumps([shared_bytes(*config) for config in json.loads(sys.argv[1])]))

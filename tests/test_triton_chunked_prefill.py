@@ -1,0 +1,130 @@
+"""Triton chunked-prefill kernel, run by Triton's interpreter on CPU against both
+references (``triton_testing``); argument checks and ``prefill_launch`` are the
+code that runs on the GPU."""
+
+from __future__ import annotations
+
+# First: sets TRITON_INTERPRET before triton is imported; the autouse fixture.
+from triton_testing import compile_for_h100, interpreted_jax_triton  # noqa: F401
+
+# isort: split
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from chunked_prefill_cases import BF16, CASES, F32, check_output, make_inputs, random_case
+
+from pallas_kernels import triton_chunked_prefill as tcp
+from pallas_kernels.chunked_prefill import paged_prefill_attention
+from pallas_kernels.triton_paged_decode import H100_SHARED_BYTES
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_kernel_matches_references(case: tuple[Any, ...]) -> None:
+    """The Pallas kernel's cases; steps of 16 tokens (parts of pages or several)."""
+    *shape, dtype, block_q, _, q_lens, lengths = case
+    args = make_inputs(sum(lengths) + 7, *shape, dtype, q_lens, lengths)
+    check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
+                                                          block_tokens=16))
+
+
+def _random(seed: int) -> None:
+    *shape, dtype, block_q, q_lens, lengths = random_case(seed)
+    args = make_inputs(seed, *shape, dtype, q_lens, lengths)
+    block_tokens = int(np.random.default_rng(seed).choice([16, 32, 64]))
+    check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
+                                                          block_tokens=block_tokens))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes(seed: int) -> None:
+    _random(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6, 66))
+def test_random_shapes_sweep(seed: int) -> None:
+    _random(seed)
+
+
+def test_defaults_equal_pallas_kernel_and_traced_lengths() -> None:
+    """Default tiles; the same output as the Pallas kernel; lengths traced by an outer jit."""
+    args = make_inputs(3, 2, 7, 64, 16, 6, 21, F32, [21, 0, 9], [70, 12, 9])
+    out = tcp.triton_paged_prefill_attention(*args)
+    check_output(args, out)
+    pallas = paged_prefill_attention(*args, interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(pallas), rtol=1e-5, atol=1e-5)
+    check_output(args, jax.jit(tcp.triton_paged_prefill_attention)(*args))
+
+
+def test_layer_of_stacked_pool_read_in_place() -> None:
+    """``layer=l`` on a stacked [L, P, S, K, D] pool equals the kernel on pool[l]."""
+    q, k, v, tables, q_lens, lengths = make_inputs(2, 2, 2, 64, 8, 4, 6, BF16, [5, 4],
+                                                   [9, 30])
+    rng = np.random.default_rng(5)
+    k_stack = jnp.stack([k, jnp.asarray(rng.standard_normal(k.shape), BF16), k * 2])
+    v_stack = jnp.stack([v, v - 1, jnp.asarray(rng.standard_normal(v.shape), BF16)])
+    for layer in range(3):
+        stacked = tcp.triton_paged_prefill_attention(q, k_stack, v_stack, tables, q_lens,
+                                                     lengths, layer=layer)
+        single = tcp.triton_paged_prefill_attention(q, k_stack[layer], v_stack[layer],
+                                                    tables, q_lens, lengths)
+        np.testing.assert_array_equal(np.asarray(stacked, np.float32),
+                                      np.asarray(single, np.float32))
+        check_output((q, k_stack[layer], v_stack[layer], tables, q_lens, lengths), stacked)
+    with pytest.raises(ValueError, match="layer must be an int in"):
+        tcp.triton_paged_prefill_attention(q, k_stack, v_stack, tables, q_lens, lengths,
+                                           layer=3)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"q_lens": [5, 9]}, "q_lens must lie"),  # > T
+    ({"q_lens": [5, 6]}, "q_lens must lie"),  # > lengths
+    ({"q_lens": [5]}, "q_lens must have shape"),
+    ({"lengths": [6, 99]}, "lengths must lie"),
+    ({"block_q": 3}, "block_q must be a power of two"),
+    ({"block_tokens": 8}, "block_tokens must be a power of two >= 16"),
+    ({"num_warps": 3}, "num_warps must be one of"),
+    ({"num_stages": 0}, "num_stages must be"),
+])
+def test_bad_arguments_raise(change: dict[str, Any], message: str) -> None:
+    q, k, v, tables, q_lens, lengths = make_inputs(0, 1, 2, 64, 8, 4, 6, F32, [5, 4], [9, 5])
+    kwargs: dict[str, Any] = {"q": q, "k_pages": k, "v_pages": v, "block_tables": tables,
+                              "q_lens": q_lens, "lengths": lengths}
+    for key, value in change.items():
+        kwargs[key] = jnp.asarray(value, jnp.int32) if isinstance(value, list) else value
+    with pytest.raises(ValueError, match=message):
+        tcp.triton_paged_prefill_attention(**kwargs)
+
+
+def test_prefill_launch() -> None:
+    """Grid, tiles and constexprs: Qwen2.5-0.5B's GQA 7 (rows padded to 8), 64-row query
+    tiles by default, at least 16 rows, at most T's tokens."""
+    launch = tcp.prefill_launch((4, 100, 14, 64), (2, 500, 16, 2, 64), 40, jnp.bfloat16,
+                                layer=1, block_q=None, block_tokens=None, num_warps=4,
+                                num_stages=2)
+    meta = dict(launch.meta)
+    assert (meta["GROUP"], meta["GROUP_ROWS"], meta["BLOCK_Q"]) == (7, 8, 8)
+    assert launch.grid == (4, 2, 13) and launch.scalars == (1, 500)
+    assert meta["BLOCK_TOKENS"] == 64 and meta["DOT_PRECISION"] == "tf32"
+    assert meta["LAYER_STRIDE"] == 500 * 16 * 2 * 64 and launch.out_shape == (4, 100, 14, 64)
+    one = dict(tcp.prefill_launch((2, 1, 2, 128), (9, 8, 2, 128), 3, jnp.float32, layer=None,
+                                  block_q=64, block_tokens=None, num_warps=4,
+                                  num_stages=2).meta)
+    assert (one["GROUP_ROWS"], one["BLOCK_Q"], one["BLOCK_TOKENS"]) == (1, 16, 64)
+    assert one["DOT_PRECISION"] == "ieee"
+
+
+def test_default_launches_compile_for_h100() -> None:
+    """Default launches compile for sm_90 and fit its shared memory: the benchmark's
+    Qwen2.5-0.5B shape (GQA 7, head_dim 64), GQA 4 at head_dim 128, and the largest
+    tile (float32, head_dim 256, MHA: 64 query rows)."""
+    # batch, T, heads, kv_heads, head_dim, page, max_blocks, dtype, block_q, tokens, warps,
+    # stages
+    configs = [[4, 512, 14, 2, 64, 16, 256, "bfloat16", None, None, 4, 2],
+               [2, 128, 32, 8, 128, 16, 64, "bfloat16", None, None, 4, 2],
+               [2, 64, 8, 8, 256, 64, 16, "float32", None, None, 4, 2]]
+    for config, result in zip(configs, compile_for_h100(configs, "prefill"), strict=True):
+        assert 0 < result["shared"] <= H100_SHARED_BYTES, (config, result)
