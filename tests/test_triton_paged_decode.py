@@ -183,13 +183,16 @@ def wide_heads(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 def test_paged_cache_triton_backend_token_identical_to_dense(
         wide_heads: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Greedy generation with ``attention="triton"`` (decode steps through the kernel,
-    each layer of the stacked pool read in place; the prompt through the Pallas prefill
-    kernel, interpreted here) gives the dense cache's tokens."""
+    """Greedy generation with ``attention="triton"`` (decode steps through the decode
+    kernel, the prompt through the Triton chunked-prefill kernel, each layer of the
+    stacked pool read in place; no Pallas) gives the dense cache's tokens."""
     monkeypatch.setattr(paged, "triton_unavailable_reason", lambda: None)  # as on a GPU
-    prefill = paged.paged_prefill_attention
-    monkeypatch.setattr(paged, "paged_prefill_attention",
-                        lambda *a, **kw: prefill(*a, **{**kw, "interpret": True}))
+
+    def no_pallas(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the triton backend called a Pallas kernel")
+
+    monkeypatch.setattr(paged, "paged_prefill_attention", no_pallas)
+    monkeypatch.setattr(paged, "paged_decode_attention", no_pallas)
     lm = wide_heads
     rng = np.random.default_rng(13)
     prompts = [rng.integers(3, lm.config.vocab_size, n).tolist() for n in (1, 19)]

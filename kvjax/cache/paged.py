@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from kvjax.attention import attend_by_position
 from kvjax.cache.dense import advanced_lengths
 from pallas_kernels.chunked_prefill import paged_prefill_attention
+from pallas_kernels.triton_chunked_prefill import triton_paged_prefill_attention
 from pallas_kernels.paged_decode import HEAD_DIMS as KERNEL_HEAD_DIMS
 from pallas_kernels.paged_decode import PAGE_SIZES as KERNEL_PAGE_SIZES
 from pallas_kernels.paged_decode import paged_decode_attention
@@ -107,9 +108,8 @@ class PagedCache:
       attention: static; how steps attend: "xla" (``paged_attention_reference``),
         "pallas" (the Pallas decode kernel for one new token per sequence, the Pallas
         chunked-prefill kernel for several; GPU), "pallas-interpret" (the same kernels
-        in the Pallas interpreter, CPU) or "triton" (the Triton decode kernel through
-        jax-triton, GPU; steps of several new tokens use the Pallas chunked-prefill
-        kernel). The
+        in the Pallas interpreter, CPU) or "triton" (the Triton decode and chunked-prefill
+        kernels through jax-triton, GPU; no Pallas). The
         kernels read this step's layer of the pool in place and expect each row's
         valid positions (>= 0) to be one run from the row's start (right padding).
     """
@@ -187,12 +187,12 @@ class PagedCache:
                                              positions)
         interpret = self.attention == "pallas-interpret"
         if not decode:  # a chunk of new tokens per row: valid positions [p0, p0 + q_len)
-            # "triton" too: there is no Triton prefill kernel, and the Pallas one is
-            # 1.5-3.5x the XLA reference on an H100 (docs/paged-decode-kernel.md).
-            return paged_prefill_attention(q, k_pages, v_pages, tables,
-                                           (positions >= 0).sum(axis=1),
-                                           positions.max(axis=1) + 1, layer=layer,
-                                           interpret=interpret)
+            q_lens, ends = (positions >= 0).sum(axis=1), positions.max(axis=1) + 1
+            if self.attention == "triton":
+                return triton_paged_prefill_attention(q, k_pages, v_pages, tables, q_lens,
+                                                      ends, layer=layer)
+            return paged_prefill_attention(q, k_pages, v_pages, tables, q_lens, ends,
+                                           layer=layer, interpret=interpret)
         lengths = positions[:, 0] + 1  # padding rows (-1): length 0, zero output
         if self.attention == "triton":
             return triton_paged_decode_attention(q[:, 0], k_pages, v_pages, tables, lengths,
