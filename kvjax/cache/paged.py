@@ -31,10 +31,10 @@ import jax.numpy as jnp
 from kvjax.attention import attend_by_position
 from kvjax.cache.dense import advanced_lengths
 from pallas_kernels.chunked_prefill import paged_prefill_attention
-from pallas_kernels.triton_chunked_prefill import triton_paged_prefill_attention
 from pallas_kernels.paged_decode import HEAD_DIMS as KERNEL_HEAD_DIMS
 from pallas_kernels.paged_decode import PAGE_SIZES as KERNEL_PAGE_SIZES
 from pallas_kernels.paged_decode import paged_decode_attention
+from pallas_kernels.triton_chunked_prefill import triton_paged_prefill_attention
 from pallas_kernels.triton_paged_decode import (
     triton_paged_decode_attention,
     triton_unavailable_reason,
