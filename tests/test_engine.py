@@ -232,14 +232,18 @@ def test_sampled_matches_generate_with_keys(llama: LoadedModel) -> None:
     _assert_pool_empty(engine)
 
 
-@pytest.mark.parametrize(("budget", "prefix_caching"), [(None, False), (5, True)])
+@pytest.mark.parametrize(("budget", "prefix_caching", "swap_blocks"),
+                         [(None, False, 0), (5, True, 0), (None, False, 6), (5, True, 6)])
 def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyPatch,
-                                 budget: int | None, prefix_caching: bool) -> None:
+                                 budget: int | None, prefix_caching: bool,
+                                 swap_blocks: int) -> None:
     """Random arrivals (prompts often starting alike), cancels and a tiny pool, with the
     model replaced by a stub (token = 7 + position of the row's last slot, so no
     compile): the pool invariants hold after every step, no step exceeds the token
     budget, the oldest running request is never preempted, every request that is not
-    cancelled gets exactly its tokens, and nothing leaks."""
+    cancelled gets exactly its tokens, and nothing leaks. With swap preemption (a host
+    pool of 6 pages, so some victims fall back to recompute) only waiting requests hold
+    host slots, the slots held always equal the pool's used ones, and all return."""
     import jax.numpy as jnp
 
     import kvjax.engine.engine as eng
@@ -254,7 +258,9 @@ def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyP
     rng = np.random.default_rng(1)
     engine = Engine(llama.model, llama.params, num_blocks=10, block_size=BS, max_batch=3,
                     prefill_chunk=CHUNK, max_tokens_per_step=budget,
-                    prefix_caching=prefix_caching)
+                    prefix_caching=prefix_caching,
+                    preemption="swap" if swap_blocks else "recompute",
+                    swap_blocks=swap_blocks)
     heads = [rng.integers(0, 50, 12).tolist() for _ in range(3)]
     want: dict[int, int] = {}
     prompt_len: dict[int, int] = {}
@@ -275,6 +281,10 @@ def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyP
         before = oldest.preemptions if oldest else 0
         engine.step()
         _check_pool(engine)
+        if engine.host_pool is not None:
+            assert not any(st.swap_slots for st in engine._running)
+            held = [slot for st in engine._waiting for slot in st.swap_slots]
+            assert len(set(held)) == len(held) == swap_blocks - engine.host_pool.num_free
         if engine.step_metrics:
             assert engine.step_metrics[-1].computed_tokens <= engine.max_tokens_per_step
         if oldest is not None:
@@ -284,6 +294,9 @@ def test_scheduler_fuzz_no_leaks(llama: LoadedModel, monkeypatch: pytest.MonkeyP
     _assert_pool_empty(engine)
     assert engine.metrics().preemptions > 0
     assert (engine.metrics().prefix_hit_tokens > 0) == prefix_caching
+    if swap_blocks:
+        assert engine.host_pool is not None and engine.host_pool.num_free == swap_blocks
+        assert engine.metrics().swapped_in_blocks > 0
     for rid, n in want.items():
         out = engine.finished[rid].tokens[0]
         if rid in cancelled:
