@@ -12,7 +12,8 @@
 #   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
 #   prefix       prefix-sharing-gpu + tiered-cache-gpu, few-shot workloads
 #                (prefix-sharing also system-prompt): 1.9 + 3.0 min       ~ 5 min
-#   pinned       tiered-cache-gpu few-shot with host_staging: pinned       ~ 3 min *
+#   pinned       tiered-cache-gpu few-shot with host_staging: pinned       ~ 3 min
+#   pinned-slots the same with host_staging: pinned-slots (L2 in pinned memory) ~ 3 min *
 #   multiturn-prefix   prefix-sharing, multi-turn workload                 ~ 6-8 min *
 #   multiturn-tiers    tiered-cache, multi-turn workload                    ~ 6-8 min *
 #                (the first try ran both in one slot and ran out of time in each:
@@ -65,6 +66,10 @@ case "$group" in
     run tiered_cache_pinned 300 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
         --output-dir "$out/tiered_cache_pinned" --set "workloads=[few-shot]" \
         --set host_staging=pinned ;;
+  pinned-slots)
+    run tiered_cache_pinned_slots 300 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
+        --output-dir "$out/tiered_cache_pinned_slots" --set "workloads=[few-shot]" \
+        --set host_staging=pinned-slots ;;
   multiturn-prefix)
     run prefix_sharing_multiturn 570 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
         --output-dir "$out/prefix_sharing_multiturn" --set "workloads=[multi-turn]" ;;

@@ -97,11 +97,14 @@ def _tiered(lm: LoadedModel, **tiers: Any) -> PrefixCachedGenerator:
       "write_policy": "write_through"}, True),
     ({"host_blocks": 6, "host_staging": "pinned", "disk": True, "prefetch": "wait_complete"},
      True),
+    ({"host_blocks": 6, "host_staging": "pinned-slots", "disk": True,
+      "prefetch": "wait_complete"}, True),
     ({"host_blocks": 0, "disk": True, "prefetch": "wait_complete"}, True),  # L1 + L3
     ({"host_blocks": 6, "disk": True, "prefetch": "best_effort"}, False),
     ({"host_blocks": 6, "disk": True, "prefetch": "timeout", "prefetch_timeout_s": 0.5},
      False),
-], ids=["l2", "l3-off", "l3-wait-through", "l3-wait-pinned", "l3-only-wait",
+], ids=["l2", "l3-off", "l3-wait-through", "l3-wait-pinned", "l3-wait-pinned-slots",
+        "l3-only-wait",
         "l3-best-effort", "l3-timeout"])
 def test_tiers_are_token_identical_to_an_unbounded_pool(
         llama: LoadedModel, tmp_path: Path, reference: tuple[list[Any], list[Any]],

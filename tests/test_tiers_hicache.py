@@ -18,7 +18,7 @@ from kvjax.memory.allocator import OutOfBlocksError
 from kvjax.memory.blob_store import BACKENDS
 from kvjax.memory.disk_store import DEFAULT_BACKEND, DiskStore
 from kvjax.memory.hicache import L1, L2, L3, WRITE_POLICIES, Prefetch, TieredPrefixCache
-from kvjax.memory.host_pool import HostPool, demote, promote
+from kvjax.memory.host_pool import STAGING, HostPool, demote, promote
 from kvjax.memory.radix import RadixNode
 from kvjax.memory.tiered_requests import PREFETCH_POLICIES, TierConfig, TieredRequests
 
@@ -35,14 +35,15 @@ def block_data(key: str, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make(tmp_path: Path | None, pages: int, slots: int, ns: str = "m",
-         policy: str = "write_back", backend: str = DEFAULT_BACKEND) -> TieredPrefixCache:
+         policy: str = "write_back", backend: str = DEFAULT_BACKEND,
+         staging: str = "pageable") -> TieredPrefixCache:
     cache = PagedCache.init(L, pages, S, K, D, jnp.bfloat16, jnp.zeros((1, 1), jnp.int32))
     rng = np.random.default_rng(99)  # garbage in every page: unwritten data is never zeros
     cache = promote(cache, range(pages), rng.standard_normal((pages, L, S, K, D)).astype(DTYPE),
                     rng.standard_normal((pages, L, S, K, D)).astype(DTYPE))
     disk = DiskStore(tmp_path, backend) if tmp_path is not None else None
-    return TieredPrefixCache(cache, HostPool.like(cache, slots), disk, namespace=ns,
-                             write_policy=policy)
+    return TieredPrefixCache(cache, HostPool.like(cache, slots, staging=staging), disk,
+                             namespace=ns, write_policy=policy)
 
 
 def write(tc: TieredPrefixCache, tokens: list[int]) -> tuple[int, RadixNode]:
@@ -180,15 +181,17 @@ def test_restart_reads_blocks_written_by_another_instance(tmp_path: Path, backen
     assert other_model.match(a).length == 0  # namespaces never share blocks
 
 
-@given(st.integers(0, 2**32 - 1), DISKS, st.sampled_from(WRITE_POLICIES))
-@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), DISKS, st.sampled_from(WRITE_POLICIES),
+       st.sampled_from(STAGING))
+@settings(max_examples=30, deadline=None)
 def test_random_operations_never_lose_or_garble_blocks(tmp_path_factory: pytest.TempPathFactory,
                                                        seed: int, disk: str | None,
-                                                       policy: str) -> None:
+                                                       policy: str, staging: str) -> None:
     rng = np.random.default_rng(seed)
     with_disk = disk is not None
     tc = make(tmp_path_factory.mktemp("l3") if disk else None, pages=int(rng.integers(2, 7)),
-              slots=int(rng.integers(0, 4)), policy=policy, backend=disk or DEFAULT_BACKEND)
+              slots=int(rng.integers(0, 4)), policy=policy, backend=disk or DEFAULT_BACKEND,
+              staging=staging)
     locked: list[tuple[RadixNode, list[int], list[str]]] = []
     jobs: list[Prefetch] = []
     known: set[str] = set()  # every block ever cached

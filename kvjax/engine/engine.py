@@ -381,7 +381,7 @@ class Engine:
       preemption: "recompute" (free a victim's blocks; it prefills again) or "swap"
         (copy its K/V to a host pool first and back at re-admission).
       swap_blocks: pages the swap host pool holds (needed, >= 1, for "swap").
-      host_staging: how swaps copy: "pageable" or "pinned" (``HostPool``'s staging).
+      host_staging: how swaps copy: one of ``kvjax.memory.host_pool.STAGING``.
 
     Not thread safe: call ``add_request``, ``cancel`` and ``step`` from one thread.
     """

@@ -88,7 +88,7 @@ class EngineSpec:
     decode_steps: int = 1  # decode forwards per step once every request decodes
     preemption: str = "recompute"  # or "swap": victims' K/V wait in a host pool
     swap_blocks: int = 0  # host pool pages for preemption "swap"
-    host_staging: str = "pageable"  # swap copies: "pageable" or "pinned"
+    host_staging: str = "pageable"  # swap copies: "pageable", "pinned" or "pinned-slots"
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_batch", "prefill_chunk", "decode_steps"):

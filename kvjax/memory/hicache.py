@@ -55,14 +55,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
 import numpy as np
 
 from kvjax.cache.paged import PagedCache
 from kvjax.memory.allocator import OutOfBlocksError
 from kvjax.memory.block_hash import chain_keys
 from kvjax.memory.disk_store import DiskStore
-from kvjax.memory.host_pool import HostPool, demote, promote
+from kvjax.memory.host_pool import Block, HostPool
 from kvjax.memory.radix import RadixNode, RadixTree, as_token_array
 
 L1, L2, L3 = "L1", "L2", "L3"
@@ -183,27 +182,19 @@ class TieredPrefixCache:
         return len(self._free)
 
     # ------------------------------------------------------------------ copies
-    def _to_host(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Timed device -> host copy of ``pages``: ``(k, v)`` ``[n, L, S, K, D]``."""
-        t0 = time.perf_counter()
-        k, v = demote(self.cache, pages, staging=self.host.staging)
-        self.host.stats.seconds_to_host += time.perf_counter() - t0
-        self.host.stats.bytes_to_host += k.nbytes + v.nbytes
-        return k, v
+    def _to_host(self, pages: list[int]) -> list[Block]:
+        """Timed device -> host copy of ``pages``: one ``(k, v)`` block per page."""
+        return self.host.copy_out(self.cache, pages)
 
-    def _to_device(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
+    def _to_device(self, pages: list[int], blocks: list[Block]) -> None:
         """Timed host -> device copy into ``pages`` (blocks until written; donates the pool)."""
-        t0 = time.perf_counter()
-        self.cache = promote(self.cache, pages, k, v, staging=self.host.staging)
-        jax.block_until_ready((self.cache.k_pages, self.cache.v_pages))
-        self.host.stats.seconds_to_device += time.perf_counter() - t0
-        self.host.stats.bytes_to_device += k.nbytes + v.nbytes
+        self.cache = self.host.copy_in(self.cache, pages, blocks)
 
     # ------------------------------------------------------------------ eviction
-    def _to_l3(self, keys: Sequence[str], k: np.ndarray, v: np.ndarray) -> None:
-        for i, key in enumerate(keys):
+    def _to_l3(self, keys: Sequence[str], blocks: Sequence[Block]) -> None:
+        for key, (k, v) in zip(keys, blocks, strict=True):
             if self._disk_on and self.disk is not None:
-                self.disk.put(key, k[i], v[i])
+                self.disk.put(key, np.asarray(k), np.asarray(v))
                 if self.disk.enabled:
                     self.stats.spilled_to_l3 += 1
                     continue
@@ -220,18 +211,18 @@ class TieredPrefixCache:
         self.host.free([slot for key, slot in victims if key in in_l1])
         victims = [(key, slot) for key, slot in victims if key not in in_l1]
         keys, slots = [key for key, _ in victims], [slot for _, slot in victims]
-        k, v = self.host.load(slots)
+        blocks = self.host.take(slots)
         self.host.free(slots)
-        self._to_l3(keys, k, v)
+        self._to_l3(keys, blocks)
 
-    def _into_l2(self, keys: list[str], k: np.ndarray, v: np.ndarray) -> None:
+    def _into_l2(self, keys: list[str], blocks: list[Block]) -> None:
         """Store blocks as L2 entries (most recent last), spilling LRU entries to make room.
 
         At most ``num_slots`` minus the slots reserved by prefetches.
         """
         self._spill_l2(len(keys) - self.host.num_free)
         slots = self.host.allocate(len(keys))
-        self.host.store(slots, k, v)
+        self.host.put(slots, blocks)
         for key, slot in zip(keys, slots, strict=True):
             self._l2[key] = slot
         self.stats.demoted_to_l2 += len(keys)
@@ -247,14 +238,14 @@ class TieredPrefixCache:
         copy = [i for i, key in enumerate(keys) if key not in self._l2]
         if copy:
             keys = [keys[i] for i in copy]
-            k, v = self._to_host([pages[i] for i in copy])
+            blocks = self._to_host([pages[i] for i in copy])
             # Pages come tail first.  If L2 cannot take them all it keeps the last ones
             # (nearest the root: a tail block is unreachable without its prefix), and
             # they enter L2's LRU order after the tails, which therefore spill first.
             fit = min(len(keys), self.host.num_slots - len(self._inflight))  # not reserved
             cut = len(keys) - fit
-            self._to_l3(keys[:cut], k[:cut], v[:cut])
-            self._into_l2(keys[cut:], k[cut:], v[cut:])
+            self._to_l3(keys[:cut], blocks[:cut])
+            self._into_l2(keys[cut:], blocks[cut:])
         self._free.extend(pages)
 
     def allocate_pages(self, n: int) -> list[int]:
@@ -296,9 +287,10 @@ class TieredPrefixCache:
         l1 = [(page, key) for page, key in self._page_key.items() if not disk.contains(key)]
         l2 = [(key, slot) for key, slot in self._l2.items() if not disk.contains(key)]
         written = 0
-        for keys, (k, v) in (([key for _, key in l1], self._to_host([p for p, _ in l1])),
-                             ([key for key, _ in l2], self.host.load([s for _, s in l2]))):
-            written += sum(disk.put(key, k[i], v[i]) for i, key in enumerate(keys))
+        for keys, blocks in (([key for _, key in l1], self._to_host([p for p, _ in l1])),
+                             ([key for key, _ in l2], self.host.take([s for _, s in l2]))):
+            written += sum(disk.put(key, np.asarray(k), np.asarray(v))
+                           for key, (k, v) in zip(keys, blocks, strict=True))
         self.stats.persisted += written
         return written
 
@@ -335,8 +327,7 @@ class TieredPrefixCache:
             copy = [i for i in range(lo, hi) if keys[i] not in self._l2]
             copy = copy[: self.host.num_slots - len(self._inflight)]  # prefix first
             if copy:
-                k, v = self._to_host([pages[i] for i in copy])
-                self._into_l2([keys[i] for i in copy], k, v)
+                self._into_l2([keys[i] for i in copy], self._to_host([pages[i] for i in copy]))
         return new
 
     def find(self, token_ids: Any) -> TierMatch:
@@ -379,19 +370,17 @@ class TieredPrefixCache:
         node = match.node
         self.tree.lock(node)  # ValueError if evicted since the match
         try:
-            ks, vs, keys = [], [], []
+            blocks: list[Block] = []
+            keys = []
             for key, tier in match.lower:
                 if tier == L2 and key in self._l2:
-                    k, v = self.host.load([self._l2[key]])
-                    ks.append(k[0])
-                    vs.append(v[0])
+                    blocks += self.host.take([self._l2[key]])
                 else:
                     got = self.disk.get(key) if self.disk is not None else None
                     if got is None:
                         self.stats.promote_misses += 1
                         break
-                    ks.append(got[0])
-                    vs.append(got[1])
+                    blocks.append((got[0], got[1]))
                 keys.append(key)
             n = min(len(keys), len(self._free) + self.tree.evictable_blocks)
             for _, tier in match.lower[:n]:
@@ -400,7 +389,7 @@ class TieredPrefixCache:
                 return match.l1_tokens, node, list(match.l1_pages)
             # Data is in private arrays now: evictions below cannot take it away.
             new_pages = self.allocate_pages(n)
-            self._to_device(new_pages, np.stack(ks[:n]), np.stack(vs[:n]))
+            self._to_device(new_pages, blocks[:n])
             end = match.l1_tokens + n * self.block_size
             self.insert(match.tokens[:end], self.tree.path_blocks(node) + new_pages)
         finally:
@@ -444,7 +433,7 @@ class TieredPrefixCache:
         for key, slot in job.entries:
             got = self.disk.get(key) if self.disk is not None else None
             if got is not None:
-                self.host.store([slot], got[0][None], got[1][None])
+                self.host.put([slot], [(got[0], got[1])])
             job.loaded[key] = got is not None
         job.read_s = time.perf_counter() - t0
 
