@@ -71,9 +71,11 @@ def test_auto_on_gpu_prefers_triton(monkeypatch: pytest.MonkeyPatch,
 
 def test_triton_backend_sends_chunks_to_the_prefill_kernel(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under "triton" a step of several new tokens runs the chunked-prefill kernel (here
-    interpreted) and equals the XLA reference; a one-token step goes to the Triton
-    decode kernel."""
+    """Under "triton" a step of several new tokens runs the Triton chunked-prefill kernel
+    (here stood in for by the Pallas one, interpreted: same contract) with the step's
+    chunk lengths and ends, and equals the XLA reference; a one-token step goes to the
+    Triton decode kernel. (The Triton kernels themselves run in Triton's interpreter in
+    ``test_triton_*``.)"""
     import dataclasses
 
     import jax.numpy as jnp
@@ -88,11 +90,15 @@ def test_triton_backend_sends_chunks_to_the_prefill_kernel(
         calls.append("prefill")
         return real_prefill(*args, **{**kwargs, "interpret": True})
 
+    def pallas(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the triton backend called a Pallas kernel")
+
     def decode(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append("decode")
         raise RuntimeError("decode kernel reached")
 
-    monkeypatch.setattr(paged_module, "paged_prefill_attention", prefill)
+    monkeypatch.setattr(paged_module, "triton_paged_prefill_attention", prefill)
+    monkeypatch.setattr(paged_module, "paged_prefill_attention", pallas)
     monkeypatch.setattr(paged_module, "triton_paged_decode_attention", decode)
     rng = np.random.default_rng(3)
     batch, new, heads, kv_heads, dim, page = 2, 5, 4, 2, 64, 8
