@@ -59,7 +59,6 @@ def paged_decode_kernel(
     split = tl.program_id(2)
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM)
-    tok = tl.arange(0, BLOCK_TOKENS)
     real_row = rows < GROUP
 
     q_rows = (seq.to(tl.int64) * KV_HEADS + head) * GROUP + rows  # [ROWS]
@@ -79,28 +78,65 @@ def paged_decode_kernel(
     m = tl.full((ROWS,), MASKED, tl.float32)
     den = tl.zeros((ROWS,), tl.float32)
     for start in range(first, stop, BLOCK_TOKENS):
-        pos = start + tok  # [BLOCK_TOKENS] token positions
-        entry = tl.load(table_ptr + seq * MAX_BLOCKS + pos // PAGE_SIZE, mask=pos < stop,
-                        other=-1)
-        valid = (pos < stop) & (entry >= 0) & (entry < num_pages)
-        token_off = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
-                     + (pos % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
-        kv_off = token_off[:, None] + dims[None, :]  # [BLOCK_TOKENS, HEAD_DIM]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
-        if UPCAST_DOTS:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * SCALE  # [ROWS, tokens]
-        s = tl.where(valid[None, :], s, MASKED)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)  # m, m_new finite
-        p = tl.where(valid[None, :], tl.exp(s - m_new[:, None]), 0.0)
-        den = den * alpha + tl.sum(p, 1)
-        o = o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        o, m, den = attend_tile(q, o, m, den, m, k_ptr, v_ptr, table_ptr, seq, head, start,
+                                stop, layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS,
+                                MAX_BLOCKS, BLOCK_TOKENS, SCALE, DOT_PRECISION, False)
 
     out_rows = ((seq.to(tl.int64) * KV_HEADS + head) * NUM_SPLITS + split) * GROUP + rows
     tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=real_row[:, None])
     tl.store(m_ptr + out_rows, m, mask=real_row)
     tl.store(den_ptr + out_rows, den, mask=real_row)
+
+
+@triton.jit
+def attend_tile(
+    q: tl.tensor,  # [ROWS, HEAD_DIM] queries of one KV head (float32 under the interpreter)
+    o: tl.tensor,  # f32 [ROWS, HEAD_DIM] unnormalised output so far
+    m: tl.tensor,  # f32 [ROWS] running max
+    den: tl.tensor,  # f32 [ROWS] running denominator
+    q_pos: tl.tensor,  # int [ROWS] last position each row sees (read when CAUSAL)
+    k_ptr: tl.tensor,
+    v_ptr: tl.tensor,
+    table_ptr: tl.tensor,
+    seq: tl.tensor,
+    head: tl.tensor,
+    start: tl.tensor,  # first position of this step
+    stop: tl.tensor,  # positions >= stop are not read
+    layer_off: tl.tensor,  # int64 element offset of the layer read
+    num_pages: tl.tensor,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
+    """One online-softmax step of the paged kernels: gather positions ``[start, start +
+    BLOCK_TOKENS)`` (below ``stop``, on real pages) of sequence ``seq``'s KV head ``head``
+    through its block table as one ``[BLOCK_TOKENS, HEAD_DIM]`` K and V tile, score them
+    against ``q`` (row ``r`` sees positions ``<= q_pos[r]`` when ``CAUSAL``) and fold them
+    into ``(o, m, den)``. Returns the new ``(o, m, den)``."""
+    tok = tl.arange(0, BLOCK_TOKENS)
+    dims = tl.arange(0, HEAD_DIM)
+    pos = start + tok  # [BLOCK_TOKENS] token positions
+    entry = tl.load(table_ptr + seq * MAX_BLOCKS + pos // PAGE_SIZE, mask=pos < stop, other=-1)
+    valid = (pos < stop) & (entry >= 0) & (entry < num_pages)
+    token_off = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
+                 + (pos % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
+    kv_off = token_off[:, None] + dims[None, :]  # [BLOCK_TOKENS, HEAD_DIM]
+    k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+    if UPCAST_DOTS:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * SCALE  # [ROWS, tokens]
+    seen = valid[None, :] & (pos[None, :] <= q_pos[:, None]) if CAUSAL else valid[None, :]
+    s = tl.where(seen, s, MASKED)
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp(m - m_new)  # m, m_new finite
+    p = tl.where(seen, tl.exp(s - m_new[:, None]), 0.0)
+    den = den * alpha + tl.sum(p, 1)
+    o = o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return o, m_new, den

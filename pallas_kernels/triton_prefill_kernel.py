@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pallas_kernels.triton_decode_kernel import MASKED, UPCAST_DOTS
+from pallas_kernels.triton_decode_kernel import MASKED, UPCAST_DOTS, attend_tile
 
 
 @triton.jit
@@ -52,7 +52,6 @@ def paged_prefill_kernel(
     first_tok = tl.program_id(2) * BLOCK_Q
     rows = tl.arange(0, BLOCK_Q * GROUP_ROWS)
     dims = tl.arange(0, HEAD_DIM)
-    tok = tl.arange(0, BLOCK_TOKENS)
 
     length = tl.load(meta_ptr + seq * 2)
     q_len = tl.load(meta_ptr + seq * 2 + 1)
@@ -75,27 +74,9 @@ def paged_prefill_kernel(
     m = tl.full((BLOCK_Q * GROUP_ROWS,), MASKED, tl.float32)
     den = tl.zeros((BLOCK_Q * GROUP_ROWS,), tl.float32)
     for start in range(0, stop, BLOCK_TOKENS):
-        pos = start + tok  # [BLOCK_TOKENS] token positions
-        entry = tl.load(table_ptr + seq * MAX_BLOCKS + pos // PAGE_SIZE, mask=pos < stop,
-                        other=-1)
-        valid = (pos < stop) & (entry >= 0) & (entry < num_pages)
-        token_off = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
-                     + (pos % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
-        kv_off = token_off[:, None] + dims[None, :]  # [BLOCK_TOKENS, HEAD_DIM]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
-        if UPCAST_DOTS:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * SCALE  # [ROWS, tokens]
-        seen = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        s = tl.where(seen, s, MASKED)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)  # m, m_new finite
-        p = tl.where(seen, tl.exp(s - m_new[:, None]), 0.0)
-        den = den * alpha + tl.sum(p, 1)
-        o = o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, table_ptr, seq, head,
+                                start, stop, layer_off, num_pages, HEAD_DIM, PAGE_SIZE,
+                                KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, SCALE, DOT_PRECISION, True)
 
     o = o / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(o_ptr + qo_off, o, mask=in_out[:, None])

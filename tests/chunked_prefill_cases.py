@@ -84,3 +84,24 @@ def random_case(seed: int) -> tuple[Any, ...]:
     block_q = int(rng.choice([1, 2, 4, 8, 16]))
     return (kv_heads, group, head_dim, page_size, max_blocks, t, dtype, block_q, q_lens,
             lengths)
+
+
+# (change to the good arguments, expected error): shared by both kernels' tests
+BAD_ARGUMENTS: list[tuple[dict[str, Any], str]] = [
+    ({"q_lens": [5, 9]}, "q_lens must lie"),  # > T
+    ({"q_lens": [5, 6]}, "q_lens must lie"),  # > lengths
+    ({"q_lens": [5]}, "q_lens must have shape"),
+    ({"lengths": [6, 99]}, "lengths must lie"),
+    ({"block_q": 3}, "block_q must be a power of two"),
+]
+
+
+def prefill_arguments(change: dict[str, Any]) -> dict[str, Any]:
+    """Good keyword arguments (F32, GQA 2, T = 6) with ``change`` applied (lists become
+    int32 arrays)."""
+    q, k, v, tables, q_lens, lengths = make_inputs(0, 1, 2, 64, 8, 4, 6, F32, [5, 4], [9, 5])
+    kwargs: dict[str, Any] = {"q": q, "k_pages": k, "v_pages": v, "block_tables": tables,
+                              "q_lens": q_lens, "lengths": lengths, "block_q": 2}
+    for key, value in change.items():
+        kwargs[key] = jnp.asarray(value, jnp.int32) if isinstance(value, list) else value
+    return kwargs

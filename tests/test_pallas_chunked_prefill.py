@@ -8,7 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from chunked_prefill_cases import BF16, CASES, F32, check_output, make_inputs
+from chunked_prefill_cases import (
+    BAD_ARGUMENTS,
+    BF16,
+    CASES,
+    F32,
+    check_output,
+    make_inputs,
+    prefill_arguments,
+)
 
 from pallas_kernels.chunked_prefill import paged_prefill_attention
 
@@ -23,21 +31,10 @@ def test_kernel_matches_references(case: tuple[Any, ...]) -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"q_lens": [5, 9]}, "q_lens must lie"),  # > T
-    ({"q_lens": [5, 6]}, "q_lens must lie"),  # > lengths
-    ({"q_lens": [5]}, "q_lens must have shape"),
-    ({"lengths": [6, 99]}, "lengths must lie"),
-    ({"block_q": 3}, "block_q must be a power of two"),
-    ({"pages_per_block": 0}, "pages_per_block must be"),
-])
+    *BAD_ARGUMENTS, ({"pages_per_block": 0}, "pages_per_block must be")])
 def test_bad_arguments_raise(change: dict[str, Any], message: str) -> None:
-    q, k, v, tables, q_lens, lengths = make_inputs(0, 1, 2, 64, 8, 4, 6, F32, [5, 4], [9, 5])
-    kwargs: dict[str, Any] = {"q": q, "k_pages": k, "v_pages": v, "block_tables": tables,
-                              "q_lens": q_lens, "lengths": lengths, "block_q": 2}
-    for key, value in change.items():
-        kwargs[key] = jnp.asarray(value, jnp.int32) if isinstance(value, list) else value
     with pytest.raises(ValueError, match=message):
-        paged_prefill_attention(**kwargs, interpret=True)
+        paged_prefill_attention(**prefill_arguments(change), interpret=True)
 
 
 def test_rank_check() -> None:

@@ -14,7 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from chunked_prefill_cases import BF16, CASES, F32, check_output, make_inputs, random_case
+from chunked_prefill_cases import (
+    BAD_ARGUMENTS,
+    BF16,
+    CASES,
+    F32,
+    check_output,
+    make_inputs,
+    prefill_arguments,
+    random_case,
+)
 
 from pallas_kernels import triton_chunked_prefill as tcp
 from pallas_kernels.chunked_prefill import paged_prefill_attention
@@ -80,23 +89,14 @@ def test_layer_of_stacked_pool_read_in_place() -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"q_lens": [5, 9]}, "q_lens must lie"),  # > T
-    ({"q_lens": [5, 6]}, "q_lens must lie"),  # > lengths
-    ({"q_lens": [5]}, "q_lens must have shape"),
-    ({"lengths": [6, 99]}, "lengths must lie"),
-    ({"block_q": 3}, "block_q must be a power of two"),
+    *BAD_ARGUMENTS,
     ({"block_tokens": 8}, "block_tokens must be a power of two >= 16"),
     ({"num_warps": 3}, "num_warps must be one of"),
     ({"num_stages": 0}, "num_stages must be"),
 ])
 def test_bad_arguments_raise(change: dict[str, Any], message: str) -> None:
-    q, k, v, tables, q_lens, lengths = make_inputs(0, 1, 2, 64, 8, 4, 6, F32, [5, 4], [9, 5])
-    kwargs: dict[str, Any] = {"q": q, "k_pages": k, "v_pages": v, "block_tables": tables,
-                              "q_lens": q_lens, "lengths": lengths}
-    for key, value in change.items():
-        kwargs[key] = jnp.asarray(value, jnp.int32) if isinstance(value, list) else value
     with pytest.raises(ValueError, match=message):
-        tcp.triton_paged_prefill_attention(**kwargs)
+        tcp.triton_paged_prefill_attention(**prefill_arguments(change))
 
 
 def test_prefill_launch() -> None:

@@ -73,8 +73,15 @@ class HostPoolStats:
                 if self.seconds_to_device else 0.0)
 
 
-def _ids(page_ids: Iterable[Any]) -> np.ndarray:
-    return np.asarray(list(page_ids), dtype=np.int32).reshape(-1)
+def _ids(page_ids: Iterable[Any], pages: PagedCache, *, distinct: bool = False) -> np.ndarray:
+    """``page_ids`` as int32 [n]; ValueError if one is outside the pool (or repeats, when
+    the copy writes them: ``distinct``)."""
+    ids = np.asarray(list(page_ids), dtype=np.int32).reshape(-1)
+    if distinct and len(set(ids.tolist())) != len(ids):
+        raise ValueError(f"duplicate page id in {ids.tolist()}")
+    if ids.size and (ids.min() < 0 or ids.max() >= pages.num_pages):
+        raise ValueError(f"page ids {ids.tolist()} out of range [0, {pages.num_pages})")
+    return ids
 
 
 def _padded(x: np.ndarray) -> np.ndarray:
@@ -106,9 +113,7 @@ def demote(pages: PagedCache, page_ids: Iterable[Any], *,
     """Host copies ``(k, v)`` ``[n, L, S, K, D]`` of device pages ``page_ids`` (blocking)."""
     device = _device_of(pages)
     check_staging(staging, device)
-    ids = _ids(page_ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= pages.num_pages):
-        raise ValueError(f"page ids {ids.tolist()} out of range [0, {pages.num_pages})")
+    ids = _ids(page_ids, pages)
     if not ids.size:
         shape = (0, *pages.k_pages.shape[:1], *pages.k_pages.shape[2:])
         return np.zeros(shape, pages.k_pages.dtype), np.zeros(shape, pages.v_pages.dtype)
@@ -141,16 +146,12 @@ def promote(pages: PagedCache, page_ids: Iterable[Any], k: np.ndarray,
     """
     device = _device_of(pages)
     check_staging(staging, device)
-    ids = _ids(page_ids)
+    ids = _ids(page_ids, pages, distinct=True)
     shape = (len(ids), *pages.k_pages.shape[:1], *pages.k_pages.shape[2:])
     if k.shape != shape or v.shape != shape:
         raise ValueError(f"k/v must be {shape}, got {k.shape} and {v.shape}")
     if k.dtype != pages.k_pages.dtype or v.dtype != pages.v_pages.dtype:
         raise ValueError(f"dtype mismatch: pages {pages.k_pages.dtype}, got {k.dtype}/{v.dtype}")
-    if len(set(ids.tolist())) != len(ids):
-        raise ValueError(f"duplicate page id in {ids.tolist()}")
-    if ids.size and (ids.min() < 0 or ids.max() >= pages.num_pages):
-        raise ValueError(f"page ids {ids.tolist()} out of range [0, {pages.num_pages})")
     if not len(ids):
         return pages
     # Padding repeats the first (page, data) pair: a duplicate write of equal values.
@@ -168,9 +169,7 @@ def demote_blocks(pages: PagedCache, page_ids: Sequence[int]) -> list[Block]:
     program on the device, then one batch of device -> host DMAs (blocking)."""
     device = _device_of(pages)
     check_staging("pinned-slots", device)
-    ids = _ids(page_ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= pages.num_pages):
-        raise ValueError(f"page ids {ids.tolist()} out of range [0, {pages.num_pages})")
+    ids = _ids(page_ids, pages)
     if not ids.size:
         return []
     ks, vs = _split_pages(pages.k_pages, pages.v_pages, jnp.asarray(ids))
@@ -202,7 +201,7 @@ def promote_blocks(pages: PagedCache, page_ids: Sequence[int],
     copies, then one scatter program (per power-of-two count: padding repeats the first
     pair). Donates ``pages``'s buffers; ``page_ids`` must be distinct."""
     device = _device_of(pages)
-    ids = _ids(page_ids)
+    ids = _ids(page_ids, pages, distinct=True)
     shape = (*pages.k_pages.shape[:1], *pages.k_pages.shape[2:])
     if len(blocks) != len(ids):
         raise ValueError(f"{len(ids)} page ids but {len(blocks)} blocks")
@@ -212,10 +211,6 @@ def promote_blocks(pages: PagedCache, page_ids: Sequence[int],
         if k.dtype != pages.k_pages.dtype or v.dtype != pages.v_pages.dtype:
             raise ValueError(f"dtype mismatch: pages {pages.k_pages.dtype}, got "
                              f"{k.dtype}/{v.dtype}")
-    if len(set(ids.tolist())) != len(ids):
-        raise ValueError(f"duplicate page id in {ids.tolist()}")
-    if ids.size and (ids.min() < 0 or ids.max() >= pages.num_pages):
-        raise ValueError(f"page ids {ids.tolist()} out of range [0, {pages.num_pages})")
     if not len(ids):
         return pages
     ks, vs = jax.device_put(([k for k, _ in blocks], [v for _, v in blocks]),
