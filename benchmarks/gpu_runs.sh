@@ -20,6 +20,7 @@
 #                 4.5 min for 4 of 13 prefix-sharing steps, 15 of 18 tiered steps)
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
+#   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
 #   train-a      attention-sweep: mha, gqa-4, gqa-2 + conversions of mha  ~ 9-12 min *
 #   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 9-12 min *
 # Where the GPU machine lacks packages (flax, chex, jax-triton ...), install wheels first
@@ -81,6 +82,14 @@ case "$group" in
   serve)
     run serve_bench 540 $py -m kvjax.cli serve-bench --config configs/serve-bench-gpu.yaml \
         --output-dir "$out/serve_bench" --no-progress ;;
+  preempt)  # the serve workload at 32 req/s in a pool of 1024 blocks: recompute vs swap
+    for mode in recompute swap; do
+      run "serve_bench_$mode" 290 $py -m kvjax.cli serve-bench \
+          --config configs/serve-bench-gpu.yaml --output-dir "$out/serve_bench_$mode" \
+          --no-progress --set engine.num_blocks=1024 --set engine.preemption=$mode \
+          --set engine.swap_blocks=$([ $mode = swap ] && echo 8192 || echo 0) \
+          --set workload.num_requests=128 --set workload.arrival_rate=32
+    done ;;
   train-a)
     run attention_sweep_a 590 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
         --output-dir "$out/attention_sweep_a" --set "variants=[mha, gqa-4, gqa-2]" ;;

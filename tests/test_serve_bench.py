@@ -186,20 +186,35 @@ def test_serve_bench_with_decode_bursts(tmp_path: Path,
 
 
 def test_serve_bench_swap_preemption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """engine.preemption: swap with a pool too small for the batch: requests are swapped
-    out and back, every request still gets its full length, and the summary counts it."""
-    raw = _with("engine.num_blocks", 8)
-    raw["engine"].update(preemption="swap", swap_blocks=16, prefix_caching=False)
-    raw["workload"]["output_len"]["value"] = 40  # decodes grow into the other's blocks
-    cfg_path = tmp_path / "swap.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
+    """engine.preemption: swap (set from the command line) with a pool too small for the
+    batch: requests are swapped out and back, every request still gets its full length,
+    and the summary counts it."""
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(yaml.safe_dump(SMALL))
     out = tmp_path / "out"
+    sets = ["engine.num_blocks=8", "engine.preemption=swap", "engine.swap_blocks=16",
+            "engine.prefix_caching=false", "workload.output_len.value=40"]
     assert main(["serve-bench", "--config", str(cfg_path), "--output-dir", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", *[a for x in sets for a in ("--set", x)]]) == 0
     capsys.readouterr()
     s = json.loads((out / "results.json").read_text())["summary"]
-    items = make_workload(load_config(cfg_path).workload, vocab_size=512)
-    assert s["output_tokens"] == 40 * len(items)
+    assert s["requests"] == 10 and s["output_tokens"] == 40 * 10  # decodes grow: preempt
     assert s["preemptions"] > 0 and s["swapped_out_blocks"] > 0
     assert 0 < s["swapped_in_blocks"] <= s["swapped_out_blocks"]
     assert s["swap_gbps_to_host"] > 0 and s["swap_gbps_to_device"] > 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["config"]["engine"]["preemption"] == "swap"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("engine.preemption=bogus", "preemption must be one of"),
+    ("engine.num_blocks.x=3", "num_blocks is not a mapping"),
+    ("engine", "is not KEY=VALUE"),
+    ("engine.surprise=1", "unknown key engine.surprise"),
+])
+def test_serve_bench_bad_override(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  override: str, message: str) -> None:
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(yaml.safe_dump(SMALL))
+    assert main(["serve-bench", "--config", str(cfg_path), "--set", override]) == 2
+    assert message in capsys.readouterr().err

@@ -41,6 +41,7 @@ from kvjax.engine.serve_config import (
 from kvjax.engine.workload import WorkItem, make_workload
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
+from kvjax.runner import ExperimentConfigError, parse_overrides
 
 EXIT_BAD_INPUT = 2
 
@@ -238,6 +239,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                             "and throughput")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/serve-bench.yaml")
     p.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one entry of the config (value read as YAML), e.g. "
+                        "engine.preemption=swap; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_cli)
     return p
@@ -246,8 +250,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run_cli(args: argparse.Namespace) -> int:
     """Handler of ``serve-bench``: a config error is one line and exit status 2."""
     try:
-        cfg = load_config(args.config, args.output_dir)
-    except ServeBenchConfigError as err:
+        cfg = load_config(args.config, args.output_dir, parse_overrides(args.set))
+    except (ServeBenchConfigError, ExperimentConfigError) as err:
         print(f"kvjax serve-bench: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     record = run(cfg, progress=not args.no_progress)

@@ -179,8 +179,30 @@ def parse_config(raw: Any) -> ServeBenchConfig:
     return cfg
 
 
-def load_config(path: str | Path, output_dir: str | Path | None = None) -> ServeBenchConfig:
-    """Read and validate a YAML config; ``output_dir`` overrides the config's."""
+def with_overrides(raw: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the config mapping ``raw`` with dotted keys set (``engine.num_blocks``,
+    ``workload.prompt_len.max``); a missing section is created, a non-mapping on the way
+    is an error. The result is checked by ``parse_config`` like any config."""
+    out: dict[str, Any] = dict(raw or {})
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for key in parents:
+            child = node.get(key)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ServeBenchConfigError(f"override {dotted}: {key} is not a mapping")
+            node[key] = child = dict(child)
+            node = child
+        node[leaf] = value
+    return out
+
+
+def load_config(path: str | Path, output_dir: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> ServeBenchConfig:
+    """Read and validate a YAML config; ``output_dir`` overrides the config's, and
+    ``overrides`` (dotted keys, see ``with_overrides``) its entries."""
     raw = read_yaml(path, ServeBenchConfigError)
-    cfg = parse_config(raw)
+    cfg = parse_config(with_overrides(raw, overrides or {}))
     return dataclasses.replace(cfg, output_dir=str(output_dir)) if output_dir else cfg
