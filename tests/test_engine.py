@@ -444,10 +444,12 @@ def test_decode_steps_must_be_positive(llama: LoadedModel) -> None:
             _engine(llama, num_blocks=16, decode_steps=bad)
 
 
-@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix-cache"])
+@pytest.mark.parametrize(("prefix_caching", "staging"),
+                         [(False, "pageable"), (True, "pageable"), (False, "pinned-slots")],
+                         ids=["plain", "prefix-cache", "pinned-slots"])
 def test_preemption_swap_matches_dense_and_recomputes_nothing(
         llama: LoadedModel, cases: list[tuple[list[int], int, list[int]]],
-        prefix_caching: bool) -> None:
+        prefix_caching: bool, staging: str) -> None:
     """preemption="swap" with a 12-block pool: victims' K/V go to host slots and come
     back at re-admission, so outputs equal the dense reference and no token is prefilled
     twice (recompute preemption, same pool, prefills more); host slots all come back."""
@@ -455,7 +457,7 @@ def test_preemption_swap_matches_dense_and_recomputes_nothing(
     recompute = _engine(llama, num_blocks=12, prefix_caching=prefix_caching)
     _run_staggered(recompute, cases, {})
     engine = _engine(llama, num_blocks=12, prefix_caching=prefix_caching,
-                     preemption="swap", swap_blocks=64)
+                     preemption="swap", swap_blocks=64, host_staging=staging)
     rids, streamed = _run_staggered(engine, cases, {})
     for i, (_, _, ref) in enumerate(cases):
         assert engine.finished[rids[i]].tokens[0] == ref, i
