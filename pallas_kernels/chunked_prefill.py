@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.paged_decode import (
     MASKED,
@@ -36,6 +35,7 @@ from pallas_kernels.paged_decode import (
     check_paged_args,
     host_value,
     pool_spec,
+    triton_compiler_params,
 )
 
 # ---------------------------------------------------------------- (1) the kernel
@@ -107,8 +107,7 @@ def _prefill_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: 
         interpret=interpret,
         # Triton lowering chosen explicitly, as for the decode kernel (Mosaic GPU, the
         # default, does not fit the whole-pool blocks in shared memory).
-        compiler_params=None if interpret else plt.CompilerParams(num_warps=num_warps,
-                                                                  num_stages=num_stages),
+        compiler_params=None if interpret else triton_compiler_params(num_warps, num_stages),
         name="paged_chunked_prefill",
     )(tables, meta, q, k_pages, v_pages)
 

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.paged_decode import (
     MASKED,
@@ -39,6 +38,7 @@ from pallas_kernels.paged_decode import (
     check_table_args,
     combine_splits,
     split_tables,
+    triton_compiler_params,
 )
 
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # o [rows, r], m [rows], den [rows], f32
@@ -166,8 +166,7 @@ def _mla_decode(q_lat: jax.Array, q_rope: jax.Array, pages: jax.Array,
                    jax.ShapeDtypeStruct(stat, jnp.float32),
                    jax.ShapeDtypeStruct(stat, jnp.float32)],
         interpret=interpret,
-        compiler_params=None if interpret else plt.CompilerParams(num_warps=num_warps,
-                                                                  num_stages=num_stages),
+        compiler_params=None if interpret else triton_compiler_params(num_warps, num_stages),
         name="mla_absorbed_decode",
     )(tables, lengths, q_lat, q_rope, pages)
     # each head block as a "KV head" of `block` real rows for the shared combine

@@ -36,13 +36,13 @@ Triton lowering needs power-of-two tiles and ``tl.dot`` wants M >= 16.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 MASKED = -1e30
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -182,8 +182,7 @@ def _decode_partials(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         interpret=interpret,
         # Triton chosen explicitly: the default GPU lowering of a pl.pallas_call may be
         # Mosaic GPU, whose copies this kernel's small table/length blocks do not fit.
-        compiler_params=None if interpret else plt.CompilerParams(num_warps=num_warps,
-                                                                  num_stages=num_stages),
+        compiler_params=None if interpret else triton_compiler_params(num_warps, num_stages),
         name="paged_decode_attention",
     )(tables, lengths, q, k_pages, v_pages)
 
@@ -220,6 +219,22 @@ def host_value(x: jax.Array) -> np.ndarray | None:
         return np.asarray(x)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
+
+
+def triton_compiler_params(num_warps: int, num_stages: int) -> Any:
+    """Compiler params selecting Pallas's Triton lowering for a ``pl.pallas_call`` on GPU.
+
+    Imported here, not at module load: that lowering is deprecated as of JAX 0.11 and will
+    be removed. Without it the Pallas GPU kernels raise a clear error while everything
+    else (the CPU interpreter path, the jax-triton kernels, the XLA path) still imports
+    and runs.
+    """
+    try:
+        from jax.experimental.pallas import triton as plt
+    except ImportError as err:
+        raise RuntimeError("this JAX has no Pallas Triton lowering: use attention='triton' "
+                           "(the jax-triton kernels) or 'xla'") from err
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def check_paged_args(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,

@@ -115,3 +115,35 @@ def test_triton_backend_sends_chunks_to_the_prefill_kernel(
     with pytest.raises(RuntimeError, match="decode kernel reached"):
         triton.update_and_attend(0, q[:, :1], k[:, :1], v[:, :1], positions[:, :1])
     assert calls == ["prefill", "decode"]
+
+
+def test_survives_removal_of_pallas_triton_lowering() -> None:
+    """With ``jax.experimental.pallas.triton`` gone (as JAX will remove it), the package
+    still imports, the XLA path and the interpreter run, and a Pallas GPU kernel raises a
+    clear error naming the backends that remain."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None  # import now fails
+import jax.numpy as jnp
+import numpy as np
+import kvjax.engine.engine, pallas_kernels.triton_chunked_prefill, pallas_kernels.mla_decode
+from kvjax.cache.paged import PagedCache
+from pallas_kernels.paged_decode import triton_compiler_params
+tables = jnp.arange(4, dtype=jnp.int32).reshape(1, 4)
+for attention in ("xla", "pallas-interpret"):
+    cache = PagedCache.init(1, 4, 8, 2, 64, jnp.float32, tables, attention=attention)
+    q = jnp.ones((1, 3, 4, 64)); kv = jnp.ones((1, 3, 2, 64))
+    out, _ = cache.update_and_attend(0, q, kv, kv, jnp.arange(3, dtype=jnp.int32)[None])
+    assert np.isfinite(np.asarray(out)).all()
+try:
+    triton_compiler_params(4, 2)
+except RuntimeError as err:
+    print("clear error:", err)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "clear error: this JAX has no Pallas Triton lowering" in done.stdout
