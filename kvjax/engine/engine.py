@@ -90,7 +90,7 @@ from kvjax.engine.generate import GenerationOutput, kv_bytes_per_token, resolve_
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams, sample
 from kvjax.engine.shapes import pow2
 from kvjax.memory.allocator import AllocatorStats, BlockAllocator, OutOfBlocksError
-from kvjax.memory.host_pool import HostPool, HostPoolStats, check_staging
+from kvjax.memory.host_pool import HostPool, HostPoolStats
 from kvjax.memory.prefix_cache import PrefixCache
 from kvjax.models.llama import Decoder
 
@@ -427,10 +427,7 @@ class Engine:
         self.preemption = preemption
         self.host_pool: HostPool | None = None
         if preemption == "swap":
-            check_staging(host_staging, next(iter(self._k.devices())))
-            self.host_pool = HostPool(swap_blocks, cfg.num_layers, block_size,
-                                      cfg.num_kv_heads, cfg.head_dim, model.dtype,
-                                      staging=host_staging)
+            self.host_pool = HostPool.like(self._pool_view(), swap_blocks, staging=host_staging)
         self.swapped_out_blocks = 0
         self.swapped_in_blocks = 0
         self._max_table = -(-cfg.max_position_embeddings // block_size)
@@ -582,18 +579,17 @@ class Engine:
                           block_tables=jnp.zeros((1, 1), jnp.int32),
                           lengths=jnp.zeros((1,), jnp.int32))
 
-    def _swap_out(self, state: _State) -> bool:
+    def _swap_out(self, state: _State) -> None:
         """Copy the pages holding ``state``'s computed tokens to host slots (before its
-        blocks are freed); False (nothing copied) if the host pool has too few free."""
+        blocks are freed); nothing if the host pool has too few free (it recomputes)."""
         pool = self.host_pool
         n = -(-state.computed // self.block_size)
         if pool is None or n == 0 or n > pool.num_free:
-            return False
+            return
         slots = pool.allocate(n)
         pool.save_pages(self._pool_view(), self.allocator.block_table(state.rid)[:n], slots)
         state.swap_slots, state.swapped = slots, state.computed
         self.swapped_out_blocks += n
-        return True
 
     def _swap_in(self, state: _State) -> None:
         """At re-admission: copy the swapped pages the prefix cache did not already
