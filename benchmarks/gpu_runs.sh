@@ -21,8 +21,11 @@
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
-#   train-a      attention-sweep: mha, gqa-4, gqa-2 + conversions of mha  ~ 9-12 min *
+#   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 9-12 min *
 #   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 9-12 min *
+#                (each finished variant lands in attention_sweep/finished/; commit those
+#                 to experiments/attention_sweep/results-gpu/finished/ and a later group,
+#                 or a CPU run of the config, reuses them and writes the whole table)
 # Where the GPU machine lacks packages (flax, chex, jax-triton ...), install wheels first
 # and put them on PYTHONPATH; the script only sets PYTHONPATH to the repository root.
 set -uo pipefail
@@ -90,12 +93,12 @@ case "$group" in
           --set engine.swap_blocks=$([ $mode = swap ] && echo 8192 || echo 0) \
           --set workload.num_requests=128 --set workload.arrival_rate=32
     done ;;
-  train-a)
-    run attention_sweep_a 590 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
-        --output-dir "$out/attention_sweep_a" --set "variants=[mha, gqa-4, gqa-2]" ;;
-  train-b)
-    run attention_sweep_b 590 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
-        --output-dir "$out/attention_sweep_b" --set "variants=[mqa, mla-64, mla-128]" \
-        --set "conversions=[]" ;;
+  train-a|train-b)  # one sweep in two runs: finished variants are kept and reused
+    mkdir -p "$out/attention_sweep"
+    cp -r experiments/attention_sweep/results-gpu/finished "$out/attention_sweep/" 2>/dev/null
+    part=(--set "variants=[mha, gqa-4, gqa-2]")
+    [ "$group" = train-b ] && part=(--set "variants=[mqa, mla-64, mla-128]" --set "conversions=[]")
+    run "attention_sweep_${group#train-}" 590 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
+        --output-dir "$out/attention_sweep" "${part[@]}" ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac

@@ -139,13 +139,15 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types: dataclasses and tuples to dicts and lists, numpy
+    scalars to Python numbers, paths to strings."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
+        return jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
@@ -168,11 +170,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     module = _module(cfg.experiment)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"experiment": cfg.experiment, "output_dir": str(cfg.output_dir),
-                "params": _jsonable(cfg.params)}
+                "params": jsonable(cfg.params)}
     (cfg.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     start = time.perf_counter()
     results = module.run(cfg.params, cfg.output_dir)
     record = {"experiment": cfg.experiment, "config": resolved, "environment": environment(),
-              "seconds": round(time.perf_counter() - start, 3), "results": _jsonable(results)}
+              "seconds": round(time.perf_counter() - start, 3), "results": jsonable(results)}
     (cfg.output_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -26,10 +26,12 @@ model) and after.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -40,9 +42,10 @@ from kvjax.data.synthetic import TASKS, Example, SyntheticCorpus, Task
 from kvjax.data.vocab import Vocab
 from kvjax.engine.generate import generate
 from kvjax.mla_config import MLAConfig
+from kvjax.models import load_checkpoint
 from kvjax.models.llama import Decoder
 from kvjax.models.mla import MLADecoder
-from kvjax.runner import write_csv
+from kvjax.runner import jsonable, write_csv
 from kvjax.train.checkpoint import save_checkpoint
 from kvjax.train.evaluate import evaluate
 from kvjax.train.loop import Model, TrainConfig, train
@@ -183,35 +186,99 @@ def _sizes(cfg: AnyConfig, name: str, p: Params) -> dict[str, Any]:
                                    int(p.memory_budget_gib * 2**30), context)}
 
 
+FINISHED = "finished"  # out_dir/FINISHED/<model>.json: a finished variant or conversion
+
+
+def _fingerprint(p: Params) -> dict[str, Any]:
+    """Every parameter a variant's or conversion's result depends on (not which variants
+    and conversions are run, nor whether checkpoints are saved)."""
+    d = jsonable(p)
+    for key in ("variants", "conversions", "save_checkpoints"):
+        d.pop(key)
+    return d
+
+
+def _finished_path(out_dir: Path, model: str) -> Path:
+    return out_dir / FINISHED / f"{model.replace('->', '-to-')}.json"
+
+
+def load_finished(out_dir: Path, model: str, fingerprint: dict[str, Any]
+                  ) -> dict[str, Any] | None:
+    """The saved ``{"row", "by_distance"}`` of ``model`` if it was made with the same
+    parameters, else None (a stale record is reported and recomputed)."""
+    path = _finished_path(out_dir, model)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("params") != fingerprint:
+        tqdm.write(f"{path}: made with other parameters; recomputing {model}")
+        return None
+    tqdm.write(f"{model}: reusing the result in {path}")
+    return {"row": record["row"], "by_distance": record["by_distance"]}
+
+
+def _save_finished(out_dir: Path, model: str, fingerprint: dict[str, Any],
+                   result: dict[str, Any]) -> None:
+    path = _finished_path(out_dir, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(jsonable({"params": fingerprint, **result}), indent=1) + "\n")
+    tmp.replace(path)  # a run killed mid-write leaves no half record
+
+
+def _train_variant(p: Params, name: str, corpus: SyntheticCorpus, examples: list[Example],
+                   prompts: list[list[int]], out_dir: Path) -> tuple[dict[str, Any], Any]:
+    """Train, evaluate, size and time one variant -> ({"row", "by_distance"}, params)."""
+    cfg = match_budget(Variant.parse(name, p.num_heads), p.shape(), p.target_params(),
+                       multiple=p.mlp_multiple, tolerance=p.budget_tolerance)
+    model = _model(cfg)
+    result = train(model, corpus, p.train_config(), log_every=max(1, p.steps // 20))
+    ev = evaluate(model, result.params, examples, p.seq_len)
+    if p.save_checkpoints:
+        save_checkpoint(out_dir / "checkpoints" / name, cfg, result.params, corpus.vocab)
+    row = {
+        "model": name, "kind": "trained", "intermediate_size": cfg.intermediate_size,
+        **_sizes(cfg, name, p), **_quality(ev),
+        "train_seconds": result.seconds, "train_tokens_per_s": result.tokens_per_second,
+        "first_train_loss": result.history[0]["loss"],
+        "final_train_loss": result.history[-1]["loss"],
+        "decode_tokens_per_s": decode_tokens_per_second(model, result.params, prompts,
+                                                        p.decode_new_tokens),
+        "device": jax.devices()[0].device_kind, "history": list(result.history)}
+    return {"row": row, "by_distance": [{"model": name, **r} for r in ev["by_distance"]]}, (
+        cfg, result.params)
+
+
 def run(p: Params, out_dir: Path) -> dict[str, Any]:
-    """Train and evaluate every variant, convert the MHA model; write CSVs and the plot."""
+    """Train and evaluate every variant, convert the MHA model; write CSVs and the plot.
+
+    Each finished variant and conversion is saved under ``out_dir/finished`` as it
+    completes; a later run into the same folder with the same parameters reuses it, so a
+    sweep cut off by a time limit, or split over several runs (different ``variants``),
+    resumes where it stopped and the last run writes the whole table. The conversions
+    run right after the MHA model; when its result is reused, its weights come from
+    ``out_dir/checkpoints/mha`` (``save_checkpoints``).
+    """
     corpus = p.corpus()
     examples = corpus.eval_examples(p.eval_distances, p.eval_per_distance, p.seed)
     prompts = [list(ex.tokens[:p.decode_prompt_len]) for ex in examples[:p.decode_batch]]
-    shape, target = p.shape(), p.target_params()
-    variants, by_distance, trained = [], [], {}
+    fingerprint = _fingerprint(p)
+    variants: list[dict[str, Any]] = []
+    conversions: list[dict[str, Any]] = []
+    by_distance: list[dict[str, Any]] = []
     for name in tqdm(p.variants, desc="variants", unit="variant"):
-        variant = Variant.parse(name, p.num_heads)
-        cfg = match_budget(variant, shape, target, multiple=p.mlp_multiple,
-                           tolerance=p.budget_tolerance)
-        model = _model(cfg)
-        result = train(model, corpus, p.train_config(), log_every=max(1, p.steps // 20))
-        ev = evaluate(model, result.params, examples, p.seq_len)
-        trained[name] = (cfg, result.params)
-        if p.save_checkpoints:
-            save_checkpoint(out_dir / "checkpoints" / name, cfg, result.params, corpus.vocab)
-        variants.append({
-            "model": name, "kind": "trained", "intermediate_size": cfg.intermediate_size,
-            **_sizes(cfg, name, p), **_quality(ev),
-            "train_seconds": result.seconds, "train_tokens_per_s": result.tokens_per_second,
-            "first_train_loss": result.history[0]["loss"],
-            "final_train_loss": result.history[-1]["loss"],
-            "decode_tokens_per_s": decode_tokens_per_second(model, result.params, prompts,
-                                                            p.decode_new_tokens),
-            "history": list(result.history)})
-        by_distance += [{"model": name, **row} for row in ev["by_distance"]]
-    conversions, converted_by_distance = _conversions(p, trained, examples, variants)
-    by_distance += converted_by_distance
+        done = load_finished(out_dir, name, fingerprint)
+        trained = None
+        if done is None:
+            done, trained = _train_variant(p, name, corpus, examples, prompts, out_dir)
+            _save_finished(out_dir, name, fingerprint, done)
+        variants.append(done["row"])
+        by_distance += done["by_distance"]
+        if name == "mha" and p.conversions:
+            for conv in _conversions(p, done["row"], trained, examples, out_dir, fingerprint):
+                conversions.append(conv["row"])
+                by_distance += conv["by_distance"]
+    target = p.target_params()
     results = {"target_params": target, "eval_examples": len(examples),
                "accuracy_method": "teacher-forced argmax exact match (= greedy decoding)",
                "variants": variants, "conversions": conversions,
@@ -226,37 +293,56 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
     return results
 
 
-def _conversions(p: Params, trained: dict[str, tuple[AnyConfig, Any]],
-                 examples: list[Example], variants: list[dict[str, Any]]
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Each conversion of the trained MHA model, evaluated without fine-tuning -> (rows,
-    by-distance rows)."""
-    if not p.conversions:
-        return [], []
-    mha_cfg, mha_params = trained["mha"]
-    assert isinstance(mha_cfg, ModelConfig)
-    mha_row = next(r for r in variants if r["model"] == "mha")
+def _conversions(p: Params, mha_row: dict[str, Any], trained: tuple[AnyConfig, Any] | None,
+                 examples: list[Example], out_dir: Path, fingerprint: dict[str, Any]
+                 ) -> list[dict[str, Any]]:
+    """Each conversion of the trained MHA model (``trained``: its config and weights when
+    trained in this run), evaluated without fine-tuning -> [{"row", "by_distance"}]."""
     before = {k: mha_row[k] for k in ("eval_loss", "answer_loss", "accuracy")}
-    rows, by_distance = [], []
+    out = []
     for name in p.conversions:
-        target = Variant.parse(name, p.num_heads)
-        errors: list[float] = []
-        cfg: AnyConfig
-        if target.kv_lora_rank is None:
-            assert target.kv_heads is not None
-            cfg, params = mean_pool_kv_heads(mha_cfg, mha_params, target.kv_heads)
-            method = "mean-pool"
-        else:
-            conv = to_mla(mha_cfg, mha_params, target.kv_lora_rank, rope_dim=p.convert_rope_dim)
-            cfg, params, errors = conv.config, conv.params, list(conv.errors)
-            method = f"svd (rope_dim {p.convert_rope_dim})"
         label = f"mha->{name}"
-        ev = evaluate(_model(cfg), params, examples, p.seq_len)
-        by_distance += [{"model": label, **row} for row in ev["by_distance"]]
-        rows.append({"model": label, "kind": f"converted: {method}, no fine-tuning",
-                     "intermediate_size": cfg.intermediate_size, **_sizes(cfg, label, p),
-                     **_quality(ev), "before": before, "svd_errors": errors})
-    return rows, by_distance
+        done = load_finished(out_dir, label, fingerprint)
+        if done is None:
+            if trained is None:
+                trained = _load_mha(out_dir)
+            done = _convert(p, name, label, trained, before, examples)
+            _save_finished(out_dir, label, fingerprint, done)
+        out.append(done)
+    return out
+
+
+def _load_mha(out_dir: Path) -> tuple[AnyConfig, Any]:
+    path = out_dir / "checkpoints" / "mha"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"the conversions need the trained mha model: its result was reused but "
+            f"{path} does not exist (run with save_checkpoints: true, or delete "
+            f"{_finished_path(out_dir, 'mha')} to train it again)")
+    loaded = load_checkpoint(path)
+    return loaded.config, loaded.params
+
+
+def _convert(p: Params, name: str, label: str, mha: tuple[AnyConfig, Any],
+             before: dict[str, Any], examples: list[Example]) -> dict[str, Any]:
+    mha_cfg, mha_params = mha
+    assert isinstance(mha_cfg, ModelConfig)
+    target = Variant.parse(name, p.num_heads)
+    errors: list[float] = []
+    cfg: AnyConfig
+    if target.kv_lora_rank is None:
+        assert target.kv_heads is not None
+        cfg, params = mean_pool_kv_heads(mha_cfg, mha_params, target.kv_heads)
+        method = "mean-pool"
+    else:
+        conv = to_mla(mha_cfg, mha_params, target.kv_lora_rank, rope_dim=p.convert_rope_dim)
+        cfg, params, errors = conv.config, conv.params, list(conv.errors)
+        method = f"svd (rope_dim {p.convert_rope_dim})"
+    ev = evaluate(_model(cfg), params, examples, p.seq_len)
+    row = {"model": label, "kind": f"converted: {method}, no fine-tuning",
+           "intermediate_size": cfg.intermediate_size, **_sizes(cfg, label, p),
+           **_quality(ev), "before": before, "svd_errors": errors}
+    return {"row": row, "by_distance": [{"model": label, **r} for r in ev["by_distance"]]}
 
 
 def _plot(res: dict[str, Any], p: Params, path: Path) -> None:

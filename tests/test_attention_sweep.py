@@ -1,0 +1,95 @@
+"""The attention-sweep experiment end to end at toy size: its table against the sizing
+calculator, and resuming from finished records (a sweep split over runs, a stale record,
+conversions whose MHA model was trained in an earlier run)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import experiments.attention_sweep.experiment as sweep
+from kvjax import runner
+
+TINY: dict[str, Any] = {
+    "hidden_size": 32, "num_layers": 1, "num_heads": 4, "head_dim": 8,
+    "mha_intermediate_size": 64, "mla_rope_head_dim": 4, "budget_tolerance": 0.1,
+    "seq_len": 64, "tasks": ["copy", "grammar"], "steps": 3, "batch_size": 2,
+    "warmup_steps": 1, "eval_distances": [4, 16], "eval_per_distance": 2,
+    "convert_rope_dim": 4, "decode_batch": 2, "decode_prompt_len": 8,
+    "decode_new_tokens": 4, "budget_context": 64, "seed": 3}
+
+
+def _run(tmp_path: Path, **params: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "attention-sweep",
+                                    "params": {**TINY, **params}}))
+    record = runner.run(runner.load(path, tmp_path / "out"))
+    with (tmp_path / "out" / "attention_sweep.csv").open() as f:
+        return record, list(csv.DictReader(f))
+
+
+def _count_training(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    trained: list[str] = []
+    real = sweep._train_variant
+
+    def counting(p: sweep.Params, name: str, *args: Any) -> Any:
+        trained.append(name)
+        return real(p, name, *args)
+
+    monkeypatch.setattr(sweep, "_train_variant", counting)
+    return trained
+
+
+def test_sweep_rows_follow_the_sizing_calculator(tmp_path: Path) -> None:
+    record, rows = _run(tmp_path, variants=["mha", "gqa-2", "mla-8"], conversions=["mqa"])
+    assert [r["model"] for r in rows] == ["mha", "gqa-2", "mla-8", "mha->mqa"]
+    bytes_per_token = {r["model"]: int(r["kv_bytes_per_token"]) for r in rows}
+    # K and V, bf16, one layer; MLA: the latent plus the shared RoPE key
+    assert bytes_per_token == {"mha": 2 * 4 * 8 * 2, "gqa-2": 2 * 2 * 8 * 2,
+                               "mla-8": (8 + 4) * 2, "mha->mqa": 2 * 1 * 8 * 2}
+    target = record["results"]["target_params"]
+    for r in rows[:3]:
+        assert abs(int(r["params"]) - target) <= 0.1 * target
+    assert rows[0]["device"] and 0 <= float(rows[1]["accuracy"]) <= 1
+
+
+def test_sweep_resumes_from_finished_records(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    trained = _count_training(monkeypatch)
+    first, _ = _run(tmp_path, variants=["mha", "gqa-2"], conversions=["mqa"],
+                    save_checkpoints=True)
+    assert trained == ["mha", "gqa-2"]
+    # a second part of the sweep: only the new variant and the new conversion are computed
+    second, rows = _run(tmp_path, variants=["mha", "gqa-2", "mqa"],
+                        conversions=["mqa", "gqa-2"], save_checkpoints=True)
+    assert trained == ["mha", "gqa-2", "mqa"]
+    assert [r["model"] for r in rows] == ["mha", "gqa-2", "mqa", "mha->mqa", "mha->gqa-2"]
+    old, new = first["results"], second["results"]
+    assert new["variants"][:2] == old["variants"]
+    assert new["conversions"][0] == old["conversions"][0]
+    # the converted model from the mha checkpoint = the one made from the trained weights
+    mean_pooled = sweep.load_finished(tmp_path / "out", "mha->gqa-2",
+                                      sweep._fingerprint(runner.load(
+                                          tmp_path / "cfg.yaml").params))
+    assert mean_pooled is not None and mean_pooled["row"]["kv_bytes_per_token"] == 64
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    fresh, _ = _run(fresh_dir, variants=["mha"], conversions=["gqa-2"])
+    assert fresh["results"]["conversions"][0]["eval_loss"] == pytest.approx(
+        new["conversions"][1]["eval_loss"], rel=1e-5)
+    # any other parameter makes the records stale: everything is trained again
+    _run(tmp_path, variants=["mha", "gqa-2"], conversions=[], seed=4)
+    assert trained[3:] == ["mha", "mha", "gqa-2"]
+    record = json.loads((tmp_path / "out" / "finished" / "mha.json").read_text())
+    assert record["params"]["seed"] == 4
+
+
+def test_conversion_without_the_mha_weights_is_a_clear_error(tmp_path: Path) -> None:
+    _run(tmp_path, variants=["mha"], conversions=[])
+    with pytest.raises(FileNotFoundError, match="checkpoints/mha"):
+        _run(tmp_path, variants=["mha"], conversions=["mqa"])
