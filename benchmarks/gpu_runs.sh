@@ -14,15 +14,21 @@
 #                (prefix-sharing also system-prompt): 1.9 + 3.0 min       ~ 5 min
 #   pinned       tiered-cache-gpu few-shot with host_staging: pinned       ~ 3 min
 #   pinned-slots the same with host_staging: pinned-slots (L2 in pinned memory) ~ 3 min *
-#   multiturn-prefix   prefix-sharing, multi-turn workload                 ~ 6-8 min *
+#   multiturn-prefix   prefix-sharing, multi-turn workload                 > 9.5 min
+#                (2026-12-06: 3 of 4 settings in 570 s; the pool-1536 no-cache warm-up
+#                 ran > 5.5 min. Finished settings are kept: commit the run's
+#                 finished/ to experiments/prefix_sharing/results-gpu-multiturn/ and
+#                 run the group again to do the rest)
 #   multiturn-tiers    tiered-cache, multi-turn workload                    ~ 6-8 min *
 #                (the first try ran both in one slot and ran out of time in each:
 #                 4.5 min for 4 of 13 prefix-sharing steps, 15 of 18 tiered steps)
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
-#   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 9-12 min *
-#   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 9-12 min *
+#   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 10 min
+#   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 10 min
+#                (measured 2026-12-06: ~3.2 min per variant; a 560 s slot holds two
+#                 and a half, so each group needs a second run to finish)
 #                (each finished variant lands in attention_sweep/finished/; commit those
 #                 to experiments/attention_sweep/results-gpu/finished/ and a later group,
 #                 or a CPU run of the config, reuses them and writes the whole table)
@@ -42,6 +48,11 @@ run() {  # name, seconds, command...: a step that cannot sink the others
     echo "=== $name"
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | grep -v 'it/s\]$' | tail -40
     echo "=== $name: exit ${PIPESTATUS[0]}"
+}
+resume() {  # committed finished parts -> the run's output folder, so a run picks up there
+    mkdir -p "$2"
+    [ -d "$1/finished" ] && cp -r "$1/finished" "$2/"
+    return 0
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "$group" in
@@ -74,11 +85,12 @@ case "$group" in
     run tiered_cache_pinned_slots 300 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
         --output-dir "$out/tiered_cache_pinned_slots" --set "workloads=[few-shot]" \
         --set host_staging=pinned-slots ;;
-  multiturn-prefix)
-    run prefix_sharing_multiturn 570 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
+  multiturn-prefix)  # JAX_LOG_COMPILES: the log shows what each compile costs
+    resume experiments/prefix_sharing/results-gpu-multiturn "$out/prefix_sharing_multiturn"
+    run prefix_sharing_multiturn 560 env JAX_LOG_COMPILES=1 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
         --output-dir "$out/prefix_sharing_multiturn" --set "workloads=[multi-turn]" ;;
   multiturn-tiers)
-    run tiered_cache_multiturn 570 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
+    run tiered_cache_multiturn 560 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
         --output-dir "$out/tiered_cache_multiturn" --set "workloads=[multi-turn]" ;;
   engine)
     run engine_vs_hf 560 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf.json" ;;
@@ -94,11 +106,10 @@ case "$group" in
           --set workload.num_requests=128 --set workload.arrival_rate=32
     done ;;
   train-a|train-b)  # one sweep in two runs: finished variants are kept and reused
-    mkdir -p "$out/attention_sweep"
-    cp -r experiments/attention_sweep/results-gpu/finished "$out/attention_sweep/" 2>/dev/null
+    resume experiments/attention_sweep/results-gpu "$out/attention_sweep"
     part=(--set "variants=[mha, gqa-4, gqa-2]")
     [ "$group" = train-b ] && part=(--set "variants=[mqa, mla-64, mla-128]" --set "conversions=[]")
-    run "attention_sweep_${group#train-}" 590 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
+    run "attention_sweep_${group#train-}" 560 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
         --output-dir "$out/attention_sweep" "${part[@]}" ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac

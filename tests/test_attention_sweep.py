@@ -73,9 +73,8 @@ def test_sweep_resumes_from_finished_records(tmp_path: Path,
     assert new["variants"][:2] == old["variants"]
     assert new["conversions"][0] == old["conversions"][0]
     # the converted model from the mha checkpoint = the one made from the trained weights
-    mean_pooled = sweep.load_finished(tmp_path / "out", "mha->gqa-2",
-                                      sweep._fingerprint(runner.load(
-                                          tmp_path / "cfg.yaml").params))
+    mean_pooled = sweep.finished_parts(runner.load(tmp_path / "cfg.yaml").params,
+                                       tmp_path / "out").load("mha->gqa-2")
     assert mean_pooled is not None and mean_pooled["row"]["kv_bytes_per_token"] == 64
     fresh_dir = tmp_path / "fresh"
     fresh_dir.mkdir()
@@ -86,7 +85,7 @@ def test_sweep_resumes_from_finished_records(tmp_path: Path,
     _run(tmp_path, variants=["mha", "gqa-2"], conversions=[], seed=4)
     assert trained[3:] == ["mha", "mha", "gqa-2"]
     record = json.loads((tmp_path / "out" / "finished" / "mha.json").read_text())
-    assert record["params"]["seed"] == 4
+    assert record["params"]["seed"] == 4 and record["name"] == "mha"
 
 
 def test_conversion_without_the_mha_weights_is_a_clear_error(tmp_path: Path) -> None:

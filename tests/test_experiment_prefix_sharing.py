@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
+import experiments.prefix_sharing.experiment as experiment
 from kvjax import runner
 
 
@@ -36,3 +39,41 @@ def test_system_prompt_hits_are_the_shared_full_blocks(tmp_path: Path) -> None:
         assert int(r["prefill_tokens_saved"]) + int(r["prefill_tokens_computed"]) == n * prompt
         assert r["tokens_identical"] == "True"
     assert (out / "prefix_sharing.png").stat().st_size > 10_000
+
+
+def test_a_sweep_split_by_pool_resumes_from_finished_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[tuple[str, int, str]] = []
+    real = experiment._setting
+
+    def counting(p: experiment.Params, model: Any, params: Any, workload: str, pool: int,
+                 mode: str, *args: Any) -> dict[str, Any]:
+        ran.append((workload, pool, mode))
+        return real(p, model, params, workload, pool, mode, *args)
+
+    monkeypatch.setattr(experiment, "_setting", counting)
+    base = {"model": "qwen2.5-0.5b", "num_layers": 1, "vocab_size": 256, "dtype": "float32",
+            "block_size": 16, "workloads": ["multi-turn"], "max_new_tokens": 2,
+            "repeats": 1, "system_len": 40, "num_conversations": 2, "num_turns": 2,
+            "user_len": 8}
+
+    def run(**params: Any) -> list[dict[str, str]]:
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump({"experiment": "prefix-sharing",
+                                        "params": {**base, **params}}))
+        runner.run(runner.load(path, tmp_path / "out"))
+        with (tmp_path / "out" / "prefix_sharing.csv").open() as f:
+            return list(csv.DictReader(f))
+
+    run(pool_blocks=[12])
+    assert ran == [("multi-turn", 12, "cache"), ("multi-turn", 12, "no-cache")]
+    both = run(pool_blocks=[12, 24])  # only the new pool is run
+    assert ran[2:] == [("multi-turn", 24, "cache"), ("multi-turn", 24, "no-cache")]
+    assert [(r["pool_blocks"], r["mode"]) for r in both] == [
+        ("12", "cache"), ("12", "no-cache"), ("24", "cache"), ("24", "no-cache")]
+    assert all(r["tokens_identical"] == "True" and r["device"] for r in both)
+    with (tmp_path / "out" / "requests.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4 * 2 * 2  # settings x chats x turns
+    assert run(pool_blocks=[12, 24]) == both and len(ran) == 4  # all reused
+    run(pool_blocks=[12], max_new_tokens=3)  # another parameter: recomputed
+    assert ran[4:] == [("multi-turn", 12, "cache"), ("multi-turn", 12, "no-cache")]

@@ -26,7 +26,6 @@ model) and after.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from kvjax.mla_config import MLAConfig
 from kvjax.models import load_checkpoint
 from kvjax.models.llama import Decoder
 from kvjax.models.mla import MLADecoder
+from kvjax.resume import FinishedParts
 from kvjax.runner import jsonable, write_csv
 from kvjax.train.checkpoint import save_checkpoint
 from kvjax.train.evaluate import evaluate
@@ -186,44 +186,13 @@ def _sizes(cfg: AnyConfig, name: str, p: Params) -> dict[str, Any]:
                                    int(p.memory_budget_gib * 2**30), context)}
 
 
-FINISHED = "finished"  # out_dir/FINISHED/<model>.json: a finished variant or conversion
-
-
-def _fingerprint(p: Params) -> dict[str, Any]:
-    """Every parameter a variant's or conversion's result depends on (not which variants
-    and conversions are run, nor whether checkpoints are saved)."""
-    d = jsonable(p)
+def finished_parts(p: Params, out_dir: Path) -> FinishedParts:
+    """Finished variants and conversions in ``out_dir/finished``, keyed by every parameter
+    their results depend on (not which variants and conversions run, nor checkpoints)."""
+    params = jsonable(p)
     for key in ("variants", "conversions", "save_checkpoints"):
-        d.pop(key)
-    return d
-
-
-def _finished_path(out_dir: Path, model: str) -> Path:
-    return out_dir / FINISHED / f"{model.replace('->', '-to-')}.json"
-
-
-def load_finished(out_dir: Path, model: str, fingerprint: dict[str, Any]
-                  ) -> dict[str, Any] | None:
-    """The saved ``{"row", "by_distance"}`` of ``model`` if it was made with the same
-    parameters, else None (a stale record is reported and recomputed)."""
-    path = _finished_path(out_dir, model)
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    if record.get("params") != fingerprint:
-        tqdm.write(f"{path}: made with other parameters; recomputing {model}")
-        return None
-    tqdm.write(f"{model}: reusing the result in {path}")
-    return {"row": record["row"], "by_distance": record["by_distance"]}
-
-
-def _save_finished(out_dir: Path, model: str, fingerprint: dict[str, Any],
-                   result: dict[str, Any]) -> None:
-    path = _finished_path(out_dir, model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(jsonable({"params": fingerprint, **result}), indent=1) + "\n")
-    tmp.replace(path)  # a run killed mid-write leaves no half record
+        params.pop(key)
+    return FinishedParts(out_dir / "finished", params)
 
 
 def _train_variant(p: Params, name: str, corpus: SyntheticCorpus, examples: list[Example],
@@ -262,20 +231,20 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
     corpus = p.corpus()
     examples = corpus.eval_examples(p.eval_distances, p.eval_per_distance, p.seed)
     prompts = [list(ex.tokens[:p.decode_prompt_len]) for ex in examples[:p.decode_batch]]
-    fingerprint = _fingerprint(p)
+    finished = finished_parts(p, out_dir)
     variants: list[dict[str, Any]] = []
     conversions: list[dict[str, Any]] = []
     by_distance: list[dict[str, Any]] = []
     for name in tqdm(p.variants, desc="variants", unit="variant"):
-        done = load_finished(out_dir, name, fingerprint)
+        done = finished.load(name)
         trained = None
         if done is None:
             done, trained = _train_variant(p, name, corpus, examples, prompts, out_dir)
-            _save_finished(out_dir, name, fingerprint, done)
+            finished.save(name, done)
         variants.append(done["row"])
         by_distance += done["by_distance"]
         if name == "mha" and p.conversions:
-            for conv in _conversions(p, done["row"], trained, examples, out_dir, fingerprint):
+            for conv in _conversions(p, done["row"], trained, examples, out_dir, finished):
                 conversions.append(conv["row"])
                 by_distance += conv["by_distance"]
     target = p.target_params()
@@ -294,7 +263,7 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
 
 
 def _conversions(p: Params, mha_row: dict[str, Any], trained: tuple[AnyConfig, Any] | None,
-                 examples: list[Example], out_dir: Path, fingerprint: dict[str, Any]
+                 examples: list[Example], out_dir: Path, finished: FinishedParts
                  ) -> list[dict[str, Any]]:
     """Each conversion of the trained MHA model (``trained``: its config and weights when
     trained in this run), evaluated without fine-tuning -> [{"row", "by_distance"}]."""
@@ -302,23 +271,23 @@ def _conversions(p: Params, mha_row: dict[str, Any], trained: tuple[AnyConfig, A
     out = []
     for name in p.conversions:
         label = f"mha->{name}"
-        done = load_finished(out_dir, label, fingerprint)
+        done = finished.load(label)
         if done is None:
             if trained is None:
-                trained = _load_mha(out_dir)
+                trained = _load_mha(out_dir, finished)
             done = _convert(p, name, label, trained, before, examples)
-            _save_finished(out_dir, label, fingerprint, done)
+            finished.save(label, done)
         out.append(done)
     return out
 
 
-def _load_mha(out_dir: Path) -> tuple[AnyConfig, Any]:
+def _load_mha(out_dir: Path, finished: FinishedParts) -> tuple[AnyConfig, Any]:
     path = out_dir / "checkpoints" / "mha"
     if not path.is_dir():
         raise FileNotFoundError(
             f"the conversions need the trained mha model: its result was reused but "
             f"{path} does not exist (run with save_checkpoints: true, or delete "
-            f"{_finished_path(out_dir, 'mha')} to train it again)")
+            f"{finished.path('mha')} to train it again)")
     loaded = load_checkpoint(path)
     return loaded.config, loaded.params
 

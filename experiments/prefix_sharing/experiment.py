@@ -30,6 +30,10 @@ groups' decoding. Every
 output is compared with plain dense generation (``generate(..., cache="dense")``)
 of the same prompts; in bfloat16 a different summation order may flip a near tie, so
 identity is reported, not assumed.
+
+Each finished setting is saved in ``out_dir/finished`` (:class:`kvjax.resume.FinishedParts`)
+and reused by a later run with the same parameters (the workloads and pools may differ):
+a run cut off by a time limit resumes where it stopped, and a sweep can be split by pool.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -49,7 +54,8 @@ from kvjax.engine.generate import generate
 from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGenerationStats
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
-from kvjax.runner import write_csv
+from kvjax.resume import FinishedParts
+from kvjax.runner import jsonable, write_csv
 
 WORKLOADS = ("system-prompt", "few-shot", "multi-turn")
 MODES = ("cache", "no-cache")
@@ -211,6 +217,46 @@ def build_model(preset: str, num_layers: int, vocab_size: int, dtype: str, seed:
     return spec, model, random_params(cfg, DTYPES[dtype], seed)
 
 
+def finished_parts(p: Params, out_dir: Path) -> FinishedParts:
+    """Finished (workload, pool, mode) settings in ``out_dir/finished``, keyed by every
+    parameter but the workloads and pools run (the compiled steps, and so the timings,
+    do not depend on the pool size; see the module docstring)."""
+    params = jsonable(p)
+    for key in ("workloads", "pool_blocks"):
+        params.pop(key)
+    return FinishedParts(out_dir / "finished", params)
+
+
+def _setting(p: Params, model: Decoder, params: Any, workload: str, pool: int, mode: str,
+             reference: tuple[list[list[int]], list[list[int]]], bar: tqdm
+             ) -> dict[str, Any]:
+    """Warm-up + ``repeats`` measured runs of one setting, each on a fresh generator ->
+    {"row", "requests"} (see :func:`_summary`)."""
+    ref_prompts, ref_out = reference
+    runs: list[list[PrefixGenerationStats]] = []
+    identical = [True] * len(ref_prompts)
+    for rep in range(1 + p.repeats):  # a fresh pool each time
+        phase = "warm-up" if rep == 0 else f"run {rep}/{p.repeats}"
+        bar.set_postfix_str(f"{workload} pool={pool} {mode} {phase}")
+        gen = PrefixCachedGenerator(model, params, num_blocks=pool, block_size=p.block_size,
+                                    prefix_caching=mode == "cache",
+                                    device_blocks=max(p.pool_blocks))
+
+        def cached(call: Call, gen: PrefixCachedGenerator = gen
+                   ) -> tuple[list[list[int]], PrefixGenerationStats]:
+            out, st = gen.generate(call, max_new_tokens=p.max_new_tokens)
+            return out.tokens, st
+
+        prompts, outs, stats = drive(p, workload, model.cfg.vocab_size, cached)
+        identical = [same and pr == rp and o == ro for same, pr, o, rp, ro in
+                     zip(identical, prompts, outs, ref_prompts, ref_out, strict=True)]
+        if rep:
+            runs.append(stats)
+    row, requests = _summary(workload, pool, mode, runs, identical)
+    row["device"] = jax.devices()[0].device_kind
+    return {"row": row, "requests": requests}
+
+
 def run(p: Params, out_dir: Path) -> dict[str, Any]:
     """Every (workload, pool, cache on/off); write CSV and PNG into ``out_dir``."""
     spec, model, params = build_model(p.model, p.num_layers, p.vocab_size, p.dtype, p.seed)
@@ -220,43 +266,28 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
     def dense(call: Call) -> tuple[list[list[int]], None]:
         return generate(model, params, call, max_new_tokens=n, cache="dense").tokens, None
 
+    finished = finished_parts(p, out_dir)
     rows: list[dict[str, Any]] = []
     per_request: list[dict[str, Any]] = []
     total = len(p.workloads) * (1 + (1 + p.repeats) * len(p.pool_blocks) * len(MODES))
     with tqdm(total=total, desc="prefix-sharing", unit="run") as bar:
         for w in p.workloads:
-            bar.set_postfix_str(f"{w} dense reference")
-            ref_prompts, ref_out, _ = drive(p, w, cfg.vocab_size, dense)
-            bar.update()
+            reference: tuple[list[list[int]], list[list[int]]] | None = None
             for pool in p.pool_blocks:
                 for mode in MODES:
-                    runs: list[list[PrefixGenerationStats]] = []
-                    identical = [True] * len(ref_prompts)
-                    for rep in range(1 + p.repeats):  # a fresh pool each time
-                        phase = "warm-up" if rep == 0 else f"run {rep}/{p.repeats}"
-                        bar.set_postfix_str(f"{w} pool={pool} {mode} {phase}")
-                        gen = PrefixCachedGenerator(model, params, num_blocks=pool,
-                                                    block_size=p.block_size,
-                                                    prefix_caching=mode == "cache",
-                                                    device_blocks=max(p.pool_blocks))
-
-                        def cached(call: Call, gen: PrefixCachedGenerator = gen
-                                   ) -> tuple[list[list[int]], PrefixGenerationStats]:
-                            out, st = gen.generate(call, max_new_tokens=n)
-                            return out.tokens, st
-
-                        prompts, outs, stats = drive(p, w, cfg.vocab_size, cached)
-                        identical = [same and pr == rp and o == ro for same, pr, o, rp, ro in
-                                     zip(identical, prompts, outs, ref_prompts, ref_out,
-                                         strict=True)]
-                        if rep:
-                            runs.append(stats)
-                        bar.update()
-                    row, reqs = _summary(w, pool, mode, runs, identical)
-                    rows.append(row)
-                    per_request += reqs
-                    write_csv(out_dir / "partial.csv", rows)  # what a cut-off run leaves
-    (out_dir / "partial.csv").unlink()
+                    name = f"{w}-pool{pool}-{mode}"
+                    done = finished.load(name)
+                    if done is None:
+                        if reference is None:
+                            bar.set_postfix_str(f"{w} dense reference")
+                            ref_prompts, ref_out, _ = drive(p, w, cfg.vocab_size, dense)
+                            reference = ref_prompts, ref_out
+                        done = _setting(p, model, params, w, pool, mode, reference, bar)
+                        finished.save(name, done)
+                    bar.update(1 + p.repeats)
+                    rows.append(done["row"])
+                    per_request += done["requests"]
+            bar.update()
     for row in rows:
         base = next(r for r in rows if (r["workload"], r["pool_blocks"], r["mode"])
                     == (row["workload"], row["pool_blocks"], "no-cache"))

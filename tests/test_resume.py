@@ -1,0 +1,34 @@
+"""FinishedParts: records round-trip, stale ones are ignored, writes are atomic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvjax.resume import FinishedParts
+
+
+def test_a_saved_part_loads_back_only_with_the_same_parameters(tmp_path: Path) -> None:
+    rng = np.random.default_rng()
+    value = float(rng.random())
+    parts = FinishedParts(tmp_path / "f", {"seed": 1, "sizes": [2, 3]})
+    assert parts.load("mha->mqa") is None
+    parts.save("mha->mqa", {"row": {"loss": np.float32(value), "shape": (2, 3)}})
+    assert parts.load("mha->mqa") == {"row": {"loss": pytest.approx(value, rel=1e-6),
+                                              "shape": [2, 3]}}
+    assert list((tmp_path / "f").iterdir()) == [parts.path("mha->mqa")]  # no .tmp left
+    assert FinishedParts(tmp_path / "f", {"seed": 2, "sizes": [2, 3]}).load("mha->mqa") is None
+    assert parts.load("mha-mqa") is None  # another name
+
+
+def test_names_that_map_to_one_file_do_not_read_each_other(tmp_path: Path) -> None:
+    parts = FinishedParts(tmp_path, {})
+    parts.save("a>b", {"x": 1})
+    assert parts.path("a>b") == parts.path("a<b")
+    assert parts.load("a<b") is None and parts.load("a>b") == {"x": 1}
+    assert json.loads(parts.path("a>b").read_text())["name"] == "a>b"
+    with pytest.raises(ValueError, match="non-empty"):
+        parts.path("")
