@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+import experiments.tiered_cache.experiment as tiered
 from experiments.tiered_cache.experiment import Params, plain_copy_gbps, workload_blocks
 from kvjax import runner
 
@@ -53,3 +55,34 @@ def test_small_run_writes_consistent_results(tmp_path: Path) -> None:
         assert len(list(csv.DictReader(f))) == 6
     assert (out / "tiered_cache.png").stat().st_size > 10_000
     assert json.loads((out / "results.json").read_text())["experiment"] == "tiered-cache"
+
+
+def test_a_resumed_run_compares_new_setups_with_the_saved_reference(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    real = tiered._setting
+
+    def counting(runner_: Any, workload: str, setup: str, *args: Any) -> dict[str, Any]:
+        ran.append(setup)
+        return real(runner_, workload, setup, *args)
+
+    monkeypatch.setattr(tiered, "_setting", counting)
+    base = {"num_layers": 1, "vocab_size": 512, "dtype": "float32", "block_size": 16,
+            "l1_blocks": 8, "l2_blocks": 8, "workloads": ["few-shot"], "repeats": 1,
+            "copy_blocks": 2, "max_new_tokens": 3, "requests_per_call": 2,
+            "num_requests": 4, "num_tasks": 2, "shots": 2, "shot_len": 32, "query_len": 8}
+
+    def run(setups: list[str]) -> dict[str, Any]:
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump({"experiment": "tiered-cache",
+                                        "params": {**base, "setups": setups}}))
+        return runner.run(runner.load(path, tmp_path / "out"))["results"]
+
+    first = run(["l1-unbounded", "l1-only"])
+    second = run(["l1-unbounded", "l1-only", "l1+l2"])
+    assert ran == ["l1-unbounded", "l1-only", "l1+l2"]
+    assert second["rows"][:2] == first["rows"][:2] and second["all_tokens_identical"]
+    saved = tiered.finished_parts(runner.load(tmp_path / "cfg.yaml").params,
+                                  tmp_path / "out").load("few-shot-l1-unbounded")
+    assert saved is not None and len(saved["outputs"]) == 4
+    assert all(len(o) == 3 for o in saved["outputs"])

@@ -28,6 +28,10 @@ bandwidths (device -> host on eviction, host -> device on promotion, disk) come 
 the generator's stats; a plain ``jax.device_put`` / ``jax.device_get`` of
 ``copy_blocks`` blocks, timed in the same run, is the yardstick (pageable and, where
 the device has one, through pinned host memory; ``host_staging`` picks the tiers' path).
+
+Each finished (workload, setup) is saved in ``out_dir/finished``
+(:class:`kvjax.resume.FinishedParts`, with its outputs) and reused by a later run with
+the same parameters, so a run cut off by a time limit resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from kvjax.memory.disk_store import DEFAULT_BACKEND
 from kvjax.memory.host_pool import STAGING
 from kvjax.memory.tiered_requests import PREFETCH_POLICIES, TierConfig
 from kvjax.models.llama import Decoder
-from kvjax.runner import write_csv
+from kvjax.resume import FinishedParts
+from kvjax.runner import jsonable, write_csv
 
 WORKLOADS = ("few-shot", "multi-turn")
 SETUPS = ("l1-unbounded", "l1-only", "l1+l2", "l1+l2+l3", "l1+l2+l3+prefetch", "l3-restart")
@@ -261,6 +266,34 @@ def _row(workload: str, setup: str, runs: list[list[PrefixGenerationStats]],
     return row
 
 
+def finished_parts(p: Params, out_dir: Path) -> FinishedParts:
+    """Finished (workload, setup) runs in ``out_dir/finished``, keyed by every parameter
+    but the workloads and setups run."""
+    params = jsonable(p)
+    for key in ("workloads", "setups"):
+        params.pop(key)
+    return FinishedParts(out_dir / "finished", params)
+
+
+def _setting(runner: _Runner, workload: str, setup: str,
+             reference: list[list[int]] | None, bar: tqdm) -> dict[str, Any]:
+    """Warm-up + ``repeats`` measured runs of one setup -> {"row", "outputs"}; outputs are
+    compared with ``reference`` (None: this setup is the reference)."""
+    runs: list[list[PrefixGenerationStats]] = []
+    identical, tiers, is_reference = True, None, reference is None
+    for rep in range(1 + runner.p.repeats):
+        bar.set_postfix_str(f"{workload} {setup} {'warm-up' if rep == 0 else rep}")
+        outs, stats, tiers = runner.run(setup, workload)
+        reference = reference or outs
+        identical = identical and outs == reference
+        if rep:
+            runs.append(stats)
+        bar.update()
+    row = _row(workload, setup, runs, tiers, identical)
+    row["device"] = jax.devices()[0].device_kind
+    return {"row": row, "outputs": reference if is_reference else outs}
+
+
 def run(p: Params, out_dir: Path) -> dict[str, Any]:
     """Every (workload, setup); write CSV and PNG into ``out_dir``."""
     spec, model, params = sharing.build_model(p.model, p.num_layers, p.vocab_size, p.dtype,
@@ -271,27 +304,24 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
         jnp.dtype(dtype).itemsize)
     plain = plain_copy_gbps(p.copy_blocks * block_bytes, dtype)
     order = ["l1-unbounded"] + [s for s in p.setups if s != "l1-unbounded"]
+    finished = finished_parts(p, out_dir)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kvjax-l3-") as tmp, tqdm(
             total=len(p.workloads) * len(order) * (1 + p.repeats), desc="tiered-cache",
             unit="run") as bar:
         runner = _Runner(p, model, params, device_blocks, Path(tmp))
         for w in p.workloads:
-            reference: list[list[int]] | None = None
+            reference: list[list[int]] | None = None  # the l1-unbounded outputs
             for setup in order:
-                runs: list[list[PrefixGenerationStats]] = []
-                identical, tiers = True, None
-                for rep in range(1 + p.repeats):
-                    bar.set_postfix_str(f"{w} {setup} {'warm-up' if rep == 0 else rep}")
-                    outs, stats, tiers = runner.run(setup, w)
-                    reference = reference or outs
-                    identical = identical and outs == reference
-                    if rep:
-                        runs.append(stats)
-                    bar.update()
-                rows.append(_row(w, setup, runs, tiers, identical))
-                write_csv(out_dir / "partial.csv", rows)  # what a cut-off run leaves
-    (out_dir / "partial.csv").unlink()
+                done = finished.load(f"{w}-{setup}")
+                if done is None:
+                    assert reference is not None or setup == "l1-unbounded"
+                    done = _setting(runner, w, setup, reference, bar)
+                    finished.save(f"{w}-{setup}", done)
+                else:
+                    bar.update(1 + p.repeats)
+                reference = reference or done["outputs"]
+                rows.append(done["row"])
     for row in rows:
         base = next(r for r in rows if (r["workload"], r["setup"]) == (row["workload"],
                                                                         "l1-only"))
