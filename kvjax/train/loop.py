@@ -22,6 +22,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from tqdm import tqdm
 
 from kvjax.cache import NoCache
 from kvjax.data.synthetic import Batch, SyntheticCorpus
@@ -134,7 +135,8 @@ def train(model: Model, corpus: SyntheticCorpus, cfg: TrainConfig, *, log_every:
     history = []
     real_tokens = 0
     start = time.perf_counter()
-    for step in range(cfg.steps):
+    bar = tqdm(range(cfg.steps), desc="train", unit="step", leave=False, mininterval=2.0)
+    for step in bar:
         batch: Batch = corpus.training_batch(cfg.batch_size, cfg.seed, step)
         real_tokens += int(batch.valid.sum())
         params, opt_state, loss, answer_loss = train_step(
@@ -143,6 +145,8 @@ def train(model: Model, corpus: SyntheticCorpus, cfg: TrainConfig, *, log_every:
         if step % log_every == 0 or step == cfg.steps - 1:
             history.append({"step": step, "loss": float(loss),
                             "answer_loss": float(answer_loss)})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}",
+                            answer=f"{history[-1]['answer_loss']:.3f}", refresh=False)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     return TrainResult(params=params, history=tuple(history), seconds=seconds,
