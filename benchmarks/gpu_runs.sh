@@ -25,10 +25,11 @@
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
-#   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 10 min
-#   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 10 min
-#                (measured 2026-12-06: ~3.2 min per variant; a 560 s slot holds two
-#                 and a half, so each group needs a second run to finish)
+#   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 6 min *
+#   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 5 min *
+#                (the first recipe, 8 layers at 1024 tokens, took 3.2 min a variant on
+#                 an H100; the second is about half that, not measured yet. A group cut
+#                 off keeps its finished variants: run it again to do the rest)
 #                (each finished variant lands in attention_sweep/finished/; commit those
 #                 to experiments/attention_sweep/results-gpu/finished/ and a later group,
 #                 or a CPU run of the config, reuses them and writes the whole table)
