@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,17 @@ class FinishedParts:
 
     folder: Path
     params: dict[str, Any]
+
+    @classmethod
+    def keyed_by(cls, folder: Path, params: Any, *, ignore: Sequence[str] = ()
+                 ) -> FinishedParts:
+        """Parts keyed by every field of the dataclass ``params`` except ``ignore`` (the
+        fields that choose which parts run, not what a part computes)."""
+        key = jsonable(params)
+        missing = [name for name in ignore if name not in key]
+        if missing:
+            raise ValueError(f"cannot ignore {missing}: not fields of {type(params).__name__}")
+        return cls(folder, {k: v for k, v in key.items() if k not in ignore})
 
     def path(self, name: str) -> Path:
         """The record of part ``name`` (characters outside ``[A-Za-z0-9._=-]`` become

@@ -32,3 +32,15 @@ def test_names_that_map_to_one_file_do_not_read_each_other(tmp_path: Path) -> No
     assert json.loads(parts.path("a>b").read_text())["name"] == "a>b"
     with pytest.raises(ValueError, match="non-empty"):
         parts.path("")
+
+
+def test_keyed_by_drops_only_the_named_fields(tmp_path: Path) -> None:
+    from experiments.prefix_sharing.experiment import Params
+
+    parts = FinishedParts.keyed_by(tmp_path, Params(), ignore=("workloads", "pool_blocks"))
+    assert "workloads" not in parts.params and parts.params["system_len"] == 512
+    other = FinishedParts.keyed_by(tmp_path, Params(workloads=("few-shot",), pool_blocks=(64,)),
+                                   ignore=("workloads", "pool_blocks"))
+    assert other.params == parts.params
+    with pytest.raises(ValueError, match="pools"):
+        FinishedParts.keyed_by(tmp_path, Params(), ignore=("pools",))

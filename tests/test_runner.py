@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -88,3 +89,12 @@ def test_overrides_replace_params_and_are_validated(tmp_path: Path) -> None:
     for bad in ("steps", "=3", "x=[1,"):
         with pytest.raises(runner.ExperimentConfigError, match="override"):
             runner.parse_overrides([bad])
+
+
+@pytest.mark.parametrize("name", runner.EXPERIMENTS)
+def test_every_experiment_accepts_a_config_with_no_params(tmp_path: Path, name: str) -> None:
+    """The defaults are a valid run: a config may name just the experiment."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"experiment": name}))
+    cfg = runner.load(path, tmp_path / "out")
+    assert cfg.experiment == name and dataclasses.is_dataclass(cfg.params)

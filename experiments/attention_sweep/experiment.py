@@ -45,7 +45,7 @@ from kvjax.models import load_checkpoint
 from kvjax.models.llama import Decoder
 from kvjax.models.mla import MLADecoder
 from kvjax.resume import FinishedParts
-from kvjax.runner import jsonable, write_csv
+from kvjax.runner import write_csv
 from kvjax.train.checkpoint import save_checkpoint
 from kvjax.train.evaluate import evaluate
 from kvjax.train.loop import Model, TrainConfig, train
@@ -189,10 +189,7 @@ def _sizes(cfg: AnyConfig, name: str, p: Params) -> dict[str, Any]:
 def finished_parts(p: Params, out_dir: Path) -> FinishedParts:
     """Finished variants and conversions in ``out_dir/finished``, keyed by every parameter
     their results depend on (not which variants and conversions run, nor checkpoints)."""
-    params = jsonable(p)
-    for key in ("variants", "conversions", "save_checkpoints"):
-        params.pop(key)
-    return FinishedParts(out_dir / "finished", params)
+    return FinishedParts.keyed_by(out_dir / "finished", p, ignore=("variants", "conversions", "save_checkpoints"))
 
 
 def _train_variant(p: Params, name: str, corpus: SyntheticCorpus, examples: list[Example],

@@ -55,7 +55,7 @@ from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGeneration
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
 from kvjax.resume import FinishedParts
-from kvjax.runner import jsonable, write_csv
+from kvjax.runner import write_csv
 
 WORKLOADS = ("system-prompt", "few-shot", "multi-turn")
 MODES = ("cache", "no-cache")
@@ -73,7 +73,7 @@ class Params:
     vocab_size: int = 0  # override the vocabulary (0 = the preset's); smaller for CPU
     dtype: str = "float32"  # weights and KV pool: float32 or bfloat16
     block_size: int = 16  # tokens per KV block (page)
-    pool_blocks: tuple[int, ...] = (40, 80, 160)  # pool sizes to compare, in blocks
+    pool_blocks: tuple[int, ...] = (48, 96, 192)  # pool sizes to compare, in blocks
     workloads: tuple[str, ...] = WORKLOADS
     max_new_tokens: int = 16  # greedy tokens per request (no stop tokens)
     requests_per_call: int = 1  # system-prompt / few-shot requests per generate call
@@ -221,10 +221,7 @@ def finished_parts(p: Params, out_dir: Path) -> FinishedParts:
     """Finished (workload, pool, mode) settings in ``out_dir/finished``, keyed by every
     parameter but the workloads and pools run (the compiled steps, and so the timings,
     do not depend on the pool size; see the module docstring)."""
-    params = jsonable(p)
-    for key in ("workloads", "pool_blocks"):
-        params.pop(key)
-    return FinishedParts(out_dir / "finished", params)
+    return FinishedParts.keyed_by(out_dir / "finished", p, ignore=("workloads", "pool_blocks"))
 
 
 def _setting(p: Params, model: Decoder, params: Any, workload: str, pool: int, mode: str,

@@ -57,7 +57,7 @@ from kvjax.memory.host_pool import STAGING
 from kvjax.memory.tiered_requests import PREFETCH_POLICIES, TierConfig
 from kvjax.models.llama import Decoder
 from kvjax.resume import FinishedParts
-from kvjax.runner import jsonable, write_csv
+from kvjax.runner import write_csv
 
 WORKLOADS = ("few-shot", "multi-turn")
 SETUPS = ("l1-unbounded", "l1-only", "l1+l2", "l1+l2+l3", "l1+l2+l3+prefetch", "l3-restart")
@@ -269,10 +269,7 @@ def _row(workload: str, setup: str, runs: list[list[PrefixGenerationStats]],
 def finished_parts(p: Params, out_dir: Path) -> FinishedParts:
     """Finished (workload, setup) runs in ``out_dir/finished``, keyed by every parameter
     but the workloads and setups run."""
-    params = jsonable(p)
-    for key in ("workloads", "setups"):
-        params.pop(key)
-    return FinishedParts(out_dir / "finished", params)
+    return FinishedParts.keyed_by(out_dir / "finished", p, ignore=("workloads", "setups"))
 
 
 def _setting(runner: _Runner, workload: str, setup: str,
