@@ -25,8 +25,8 @@
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
-#   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 6 min *
-#   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 5 min *
+#   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 5 min *
+#   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 4.5 min *
 #                (the first recipe, 8 layers at 1024 tokens, took 3.2 min a variant on
 #                 an H100; the second is about half that, not measured yet. A group cut
 #                 off keeps its finished variants: run it again to do the rest)
