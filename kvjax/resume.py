@@ -52,7 +52,10 @@ class FinishedParts:
         if not path.is_file():
             return None
         record = json.loads(path.read_text())
-        if record.get("params") != self.params or record.get("name") != name:
+        if record.get("name") != name:
+            tqdm.write(f"{path}: holds part {record.get('name')!r}; recomputing {name}")
+            return None
+        if record.get("params") != self.params:
             tqdm.write(f"{path}: made with other parameters; recomputing {name}")
             return None
         tqdm.write(f"{name}: reusing the result in {path}")

@@ -189,7 +189,8 @@ def _sizes(cfg: AnyConfig, name: str, p: Params) -> dict[str, Any]:
 def finished_parts(p: Params, out_dir: Path) -> FinishedParts:
     """Finished variants and conversions in ``out_dir/finished``, keyed by every parameter
     their results depend on (not which variants and conversions run, nor checkpoints)."""
-    return FinishedParts.keyed_by(out_dir / "finished", p, ignore=("variants", "conversions", "save_checkpoints"))
+    return FinishedParts.keyed_by(out_dir / "finished", p,
+                                  ignore=("variants", "conversions", "save_checkpoints"))
 
 
 def _train_variant(p: Params, name: str, corpus: SyntheticCorpus, examples: list[Example],

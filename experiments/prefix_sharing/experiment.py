@@ -221,7 +221,8 @@ def finished_parts(p: Params, out_dir: Path) -> FinishedParts:
     """Finished (workload, pool, mode) settings in ``out_dir/finished``, keyed by every
     parameter but the workloads and pools run (the compiled steps, and so the timings,
     do not depend on the pool size; see the module docstring)."""
-    return FinishedParts.keyed_by(out_dir / "finished", p, ignore=("workloads", "pool_blocks"))
+    return FinishedParts.keyed_by(out_dir / "finished", p,
+                                  ignore=("workloads", "pool_blocks"))
 
 
 def _setting(p: Params, model: Decoder, params: Any, workload: str, pool: int, mode: str,

@@ -310,11 +310,12 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
         for w in p.workloads:
             reference: list[list[int]] | None = None  # the l1-unbounded outputs
             for setup in order:
-                done = finished.load(f"{w}-{setup}")
+                part = f"{w}-{setup}"
+                done = finished.load(part)
                 if done is None:
                     assert reference is not None or setup == "l1-unbounded"
                     done = _setting(runner, w, setup, reference, bar)
-                    finished.save(f"{w}-{setup}", done)
+                    finished.save(part, done)
                 else:
                     bar.update(1 + p.repeats)
                 reference = reference or done["outputs"]
