@@ -25,6 +25,7 @@
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
+#   probe-recipe attention-sweep mha alone at five shapes (recipe 2 otherwise) ~ 8 min *
 #   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 5 min *
 #   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 4.5 min *
 #                (the first recipe, 8 layers at 1024 tokens, took 3.2 min a variant on
@@ -106,6 +107,22 @@ case "$group" in
           --set engine.swap_blocks=$([ $mode = swap ] && echo 8192 || echo 0) \
           --set workload.num_requests=128 --set workload.arrival_rate=32
     done ;;
+  probe-recipe)  # mha alone at five shapes, the second recipe otherwise: which learns retrieval?
+    c=configs/attention-sweep-gpu.yaml
+    common=(--set "variants=[mha]" --set "conversions=[]" --set save_checkpoints=false)
+    run probe_w128_l2 110 $py -m kvjax.cli run $c --output-dir "$out/w128_l2" "${common[@]}" \
+        --set hidden_size=128 --set num_layers=2 --set num_heads=4 --set head_dim=32 \
+        --set mha_intermediate_size=256 --set mla_rope_head_dim=8 --set convert_rope_dim=4
+    run probe_w256_l2 110 $py -m kvjax.cli run $c --output-dir "$out/w256_l2" "${common[@]}" \
+        --set hidden_size=256 --set num_layers=2 --set num_heads=4 --set head_dim=64 \
+        --set mha_intermediate_size=768
+    run probe_w256_l4 110 $py -m kvjax.cli run $c --output-dir "$out/w256_l4" "${common[@]}" \
+        --set hidden_size=256 --set num_layers=4 --set num_heads=4 --set head_dim=64 \
+        --set mha_intermediate_size=768
+    run probe_w512_l2 110 $py -m kvjax.cli run $c --output-dir "$out/w512_l2" "${common[@]}" \
+        --set num_layers=2
+    run probe_w512_l4_lr3e-4 110 $py -m kvjax.cli run $c --output-dir "$out/w512_l4_lr3e-4" \
+        "${common[@]}" --set peak_lr=0.0003 ;;
   train-a|train-b)  # one sweep in two runs: finished variants are kept and reused
     resume experiments/attention_sweep/results-gpu "$out/attention_sweep"
     part=(--set "variants=[mha, gqa-4, gqa-2]")
