@@ -22,15 +22,15 @@
 #   multiturn-tiers    tiered-cache, multi-turn workload                    ~ 6-8 min *
 #                (the first try ran both in one slot and ran out of time in each:
 #                 4.5 min for 4 of 13 prefix-sharing steps, 15 of 18 tiered steps)
-#   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min *
+#   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min (412 s, H100)
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
-#   probe-recipe attention-sweep mha alone at five shapes (recipe 2 otherwise) ~ 8 min *
-#   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 5 min *
-#   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 4.5 min *
+#   probe-recipe attention-sweep mha alone at five shapes (recipe 2 otherwise) ~ 6.2 min
+#   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 4 min
+#   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 3.7 min
 #                (the first recipe, 8 layers at 1024 tokens, took 3.2 min a variant on
-#                 an H100; the second is about half that, not measured yet. A group cut
-#                 off keeps its finished variants: run it again to do the rest)
+#                 an H100; the second ~80 s. A group cut off keeps its finished
+#                 variants: run it again to do the rest)
 #                (each finished variant lands in attention_sweep/finished/; commit those
 #                 to experiments/attention_sweep/results-gpu/finished/ and a later group,
 #                 or a CPU run of the config, reuses them and writes the whole table)
