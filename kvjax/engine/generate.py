@@ -335,6 +335,7 @@ decode = _decode  # the jitted device decode loop, cache donated: returns (ids, 
 stop_array = _stop_array  # per-sequence stop lists and their padded [B, S] array
 to_output = _to_output  # generated ids [B, N] -> GenerationOutput
 kv_bytes_per_token = _kv_bytes_per_token  # K + V bytes of one token, all layers
+dense_cache = _dense_cache  # the empty preallocated cache generate(cache="dense") uses
 
 
 def _check_block_size(block_size: int) -> None:
