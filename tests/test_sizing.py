@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kvjax.analysis import layers
@@ -32,6 +34,7 @@ from kvjax.analysis.sizing import (
     kv_elements_per_token_per_layer,
     param_count,
     size_report,
+    storage_dtype,
     weight_bytes,
 )
 from kvjax.analysis.spec import ArchSpec, MLASpec, MoESpec
@@ -441,3 +444,10 @@ def test_cli_bad_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert _run_cli(["size", "--config", str(tmp_path)]) == 2
     assert "bert" in capsys.readouterr().err
+
+
+def test_storage_dtype_names_array_dtypes_and_rejects_others() -> None:
+    assert [storage_dtype(d) for d in (jnp.float32, jnp.bfloat16, np.float16, "int8")] \
+        == ["fp32", "bf16", "fp16", "int8"]
+    with pytest.raises(ValueError, match="int32"):
+        storage_dtype(np.int32)

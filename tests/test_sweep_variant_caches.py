@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kvjax.analysis.sizing import kv_bytes_per_token
+from kvjax.analysis.spec import ArchSpec
 from kvjax.cache import PagedCache
 from kvjax.cache.paged_latent import PagedLatentCache
 from kvjax.data import SyntheticCorpus
@@ -20,7 +21,6 @@ from kvjax.engine.generate import CacheKind, dense_cache, generate
 from kvjax.models import Decoder, MLADecoder
 from kvjax.models.mla import MLAConfig
 from kvjax.train import BaseShape, Variant, build_config, init_params
-from kvjax.train.variants import arch_spec
 
 SHAPE = BaseShape(vocab_size=SyntheticCorpus(seq_len=64).vocab.size, hidden_size=32,
                   num_layers=2, num_heads=4, head_dim=8, intermediate_size=64,
@@ -45,7 +45,7 @@ def _float_bytes(cache: Any) -> int:
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_cache_buffers_match_the_sizing_calculator(name: str, dtype: str) -> None:
     model = _model(name, DTYPES[dtype])
-    want = kv_bytes_per_token(arch_spec(model.cfg, name), dtype)
+    want = kv_bytes_per_token(ArchSpec.from_config(model.cfg, name), dtype)
     batch, max_len = 3, 40
     assert _float_bytes(dense_cache(model, batch, max_len)) == want * batch * max_len
     pages, page = 7, 16

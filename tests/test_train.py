@@ -13,6 +13,7 @@ import yaml
 
 from kvjax import runner
 from kvjax.analysis.sizing import kv_bytes, max_batch, weight_bytes
+from kvjax.analysis.spec import ArchSpec
 from kvjax.data import SyntheticCorpus
 from kvjax.data.synthetic import Example
 from kvjax.data.vocab import BOS_ID, EOS_ID
@@ -30,7 +31,6 @@ from kvjax.train import (
     train,
 )
 from kvjax.train.loop import forward
-from kvjax.train.variants import arch_spec
 
 SHAPE = BaseShape(vocab_size=SyntheticCorpus(seq_len=64).vocab.size, hidden_size=32,
                   num_layers=2, num_heads=4, head_dim=8, intermediate_size=64,
@@ -118,7 +118,7 @@ def test_matched_budget_rejects_an_unreachable_target() -> None:
 
 
 def test_max_batch_is_the_largest_batch_that_fits() -> None:
-    spec = arch_spec(build_config(Variant.parse("gqa-2", 4), SHAPE, 64), "t")
+    spec = ArchSpec.from_config(build_config(Variant.parse("gqa-2", 4), SHAPE, 64), "t")
     budget = weight_bytes(spec, "bf16") + int(np.random.default_rng().integers(1, 10**7))
     b = max_batch(spec, "bf16", "bf16", budget, 100)
     assert weight_bytes(spec, "bf16") + kv_bytes(spec, "bf16", b, 100) <= budget

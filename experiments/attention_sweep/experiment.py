@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvjax.analysis.sizing import dtype_bits, kv_bytes_per_token, max_batch
+from kvjax.analysis.spec import ArchSpec
 from kvjax.config import ModelConfig
 from kvjax.convert import mean_pool_kv_heads, to_mla
 from kvjax.data.synthetic import TASKS, Example, SyntheticCorpus, Task
@@ -53,7 +54,6 @@ from kvjax.train.variants import (
     AnyConfig,
     BaseShape,
     Variant,
-    arch_spec,
     build_config,
     count_params,
     match_budget,
@@ -178,7 +178,7 @@ def decode_tokens_per_second(model: Model, params: Any, prompts: list[list[int]]
 
 
 def _sizes(cfg: AnyConfig, name: str, p: Params) -> dict[str, Any]:
-    spec = arch_spec(cfg, name)
+    spec = ArchSpec.from_config(cfg, name)
     context = p.budget_context or p.seq_len
     return {"params": count_params(cfg), "kv_bytes_per_token": kv_bytes_per_token(
                 spec, p.kv_dtype),

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from kvjax.analysis.bandwidth import copy_bandwidth, read_bandwidth, time_queued
 from kvjax.analysis.presets import get_preset
-from kvjax.analysis.sizing import kv_bytes, kv_bytes_per_token, weight_bytes
+from kvjax.analysis.sizing import kv_bytes, kv_bytes_per_token, storage_dtype, weight_bytes
 from kvjax.analysis.spec import ArchSpec
 from kvjax.cache import DenseCache, PagedCache
 from kvjax.engine.generate import forward_step, resolve_attention
@@ -36,7 +36,7 @@ from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
 from kvjax.runner import write_csv
 
-_DTYPES = {"float32": ("fp32", jnp.float32), "bfloat16": ("bf16", jnp.bfloat16)}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CACHES = ("dense", "paged")
 
 
@@ -167,7 +167,8 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
     spec = get_preset(p.model)
     cfg = spec.to_model_config(num_layers=p.num_layers or None)
     spec = ArchSpec.from_model_config(cfg, name=f"{spec.name} ({cfg.num_layers} layers)")
-    size_dtype, dtype = _DTYPES[p.dtype]
+    dtype = _DTYPES[p.dtype]
+    size_dtype = storage_dtype(dtype)
     model = Decoder(cfg, dtype=dtype)
     params = random_params(model.cfg, dtype, p.seed)
     bw = measure_bandwidth(p.bandwidth_mib)

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
+
 from kvjax.analysis import layers
 from kvjax.analysis.spec import ArchSpec
 
@@ -23,6 +25,20 @@ DTYPE_BITS: dict[str, int] = {
     "int8": 8,
     "int4": 4,
 }
+
+
+# The storage dtype of each array dtype name (``numpy.dtype(x).name``) a cache can hold.
+ARRAY_DTYPES: dict[str, str] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                                "int8": "int8"}
+
+
+def storage_dtype(array_dtype: Any) -> str:
+    """The sizing name ("fp32", "bf16", ...) of a NumPy/JAX dtype; ValueError if none."""
+    name = np.dtype(array_dtype).name
+    if name not in ARRAY_DTYPES:
+        raise ValueError(f"no storage dtype for arrays of {name} (known: "
+                         f"{', '.join(ARRAY_DTYPES)})")
+    return ARRAY_DTYPES[name]
 
 
 def dtype_bits(dtype: str) -> int:

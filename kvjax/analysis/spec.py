@@ -159,6 +159,13 @@ class ArchSpec:
         )
 
     @classmethod
+    def from_config(cls, cfg: ModelConfig | MLAConfig, name: str | None = None) -> ArchSpec:
+        """The sizing view of either runnable config."""
+        if isinstance(cfg, MLAConfig):
+            return cls.from_mla_config(cfg, name=name or "mla")
+        return cls.from_model_config(cfg, name=name)
+
+    @classmethod
     def from_mla_config(cls, cfg: MLAConfig, name: str = "mla") -> ArchSpec:
         """The sizing view of a runnable :class:`MLAConfig` (DeepSeek or converted)."""
         return cls(

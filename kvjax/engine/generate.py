@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.analysis import sizing
+from kvjax.analysis.spec import ArchSpec
 from kvjax.cache import (
     ConcatCache,
     DenseCache,
@@ -322,12 +324,11 @@ def _dense_cache(model: Model, batch: int, max_len: int) -> DenseCache | LatentC
 
 
 def _kv_bytes_per_token(model: Model) -> int:
-    """Bytes one token occupies in the cache: per-head K and V, or MLA's latent row."""
-    cfg = model.cfg
-    itemsize = jnp.dtype(model.dtype).itemsize
-    if isinstance(cfg, MLAConfig):
-        return cfg.num_layers * cfg.latent_width * itemsize
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    """Bytes one token occupies in the cache (per-head K and V, or MLA's latent row): the
+    sizing calculator's figure for the model's config and dtype, which equals the
+    buffers the caches allocate (tests/test_sweep_variant_caches.py)."""
+    return sizing.kv_bytes_per_token(ArchSpec.from_config(model.cfg),
+                                     sizing.storage_dtype(model.dtype))
 
 
 # Public names of helpers other engines share (kvjax.engine.prefix_generate).

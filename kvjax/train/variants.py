@@ -86,16 +86,9 @@ def build_config(variant: Variant, shape: BaseShape, intermediate_size: int) -> 
         rope_theta=shape.rope_theta, max_position_embeddings=shape.max_position_embeddings)
 
 
-def arch_spec(cfg: AnyConfig, name: str) -> ArchSpec:
-    """The sizing view of either config."""
-    if isinstance(cfg, MLAConfig):
-        return ArchSpec.from_mla_config(cfg, name=name)
-    return ArchSpec.from_model_config(cfg, name=name)
-
-
 def count_params(cfg: AnyConfig) -> int:
     """Stored parameters of the model ``cfg`` describes."""
-    return param_count(arch_spec(cfg, "count"))
+    return param_count(ArchSpec.from_config(cfg, "count"))
 
 
 def match_budget(variant: Variant, shape: BaseShape, target_params: int, *, multiple: int = 1,
