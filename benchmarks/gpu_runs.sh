@@ -28,6 +28,7 @@
 #   probe-recipe attention-sweep mha alone at five shapes (recipe 2 otherwise) ~ 6.2 min
 #   train-a      attention-sweep: mha + its conversions, gqa-4, gqa-2     ~ 4 min
 #   train-b      attention-sweep: mqa, mla-64, mla-128                    ~ 3.7 min
+#   train-ft     attention-sweep: mha + conversions, each fine-tuned 400 steps ~ 3 min *
 #                (the first recipe, 8 layers at 1024 tokens, took 3.2 min a variant on
 #                 an H100; the second ~80 s. A group cut off keeps its finished
 #                 variants: run it again to do the rest)
@@ -129,5 +130,10 @@ case "$group" in
     [ "$group" = train-b ] && part=(--set "variants=[mqa, mla-64, mla-128]" --set "conversions=[]")
     run "attention_sweep_${group#train-}" 560 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
         --output-dir "$out/attention_sweep" "${part[@]}" ;;
+  train-ft)  # mha (trained again: no checkpoint is committed) + its conversions, each also
+             # fine-tuned 400 steps (10% of training) -> attention_sweep_finetune/
+    run attention_sweep_finetune 560 $py -m kvjax.cli run configs/attention-sweep-gpu.yaml \
+        --output-dir "$out/attention_sweep_finetune" --set "variants=[mha]" \
+        --set finetune_steps=400 --set save_checkpoints=false ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac

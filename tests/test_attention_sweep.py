@@ -1,6 +1,6 @@
 """The attention-sweep experiment end to end at toy size: its table against the sizing
-calculator, and resuming from finished records (a sweep split over runs, a stale record,
-conversions whose MHA model was trained in an earlier run)."""
+calculator, resuming from finished records (a sweep split over runs, a stale record,
+conversions whose MHA model was trained in an earlier run), and fine-tuned conversions."""
 
 from __future__ import annotations
 
@@ -92,3 +92,39 @@ def test_conversion_without_the_mha_weights_is_a_clear_error(tmp_path: Path) -> 
     _run(tmp_path, variants=["mha"], conversions=[])
     with pytest.raises(FileNotFoundError, match="checkpoints/mha"):
         _run(tmp_path, variants=["mha"], conversions=["mqa"])
+
+
+def test_fine_tuned_conversions_follow_their_conversion(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    tuned: list[str] = []
+    real = sweep._finetune_conversion
+
+    def counting(p: sweep.Params, label: str, *args: Any) -> Any:
+        tuned.append(label)
+        return real(p, label, *args)
+
+    monkeypatch.setattr(sweep, "_finetune_conversion", counting)
+    trained = _count_training(monkeypatch)
+    # a first part without fine-tuning, then the same sweep with it: mha is not trained
+    # again and the plain conversions are reused; only the fine-tuning runs
+    first, _ = _run(tmp_path, variants=["mha"], conversions=["mqa", "mla-8"],
+                    save_checkpoints=True)
+    record, rows = _run(tmp_path, variants=["mha"], conversions=["mqa", "mla-8"],
+                        save_checkpoints=True, finetune_steps=40)
+    assert trained == ["mha"] and tuned == ["mha->mqa+ft40", "mha->mla-8+ft40"]
+    assert [r["model"] for r in rows] == ["mha", "mha->mqa", "mha->mqa+ft40", "mha->mla-8",
+                                          "mha->mla-8+ft40"]
+    convs = record["results"]["conversions"]
+    assert [convs[0], convs[2]] == first["results"]["conversions"]
+    for plain, ft in ((convs[0], convs[1]), (convs[2], convs[3])):
+        assert ft["before"] == {k: plain[k] for k in ("eval_loss", "answer_loss", "accuracy")}
+        assert ft["kv_bytes_per_token"] == plain["kv_bytes_per_token"]
+        assert "fine-tuned 40 steps" in ft["kind"] and ft["train_seconds"] > 0
+        # 40 steps at lr 3e-3 from a barely trained model: the eval loss must fall
+        assert ft["eval_loss"] < plain["eval_loss"] - 0.2
+    by_model = {r["model"] for r in record["results"]["accuracy_by_distance"]}
+    assert {"mha->mqa+ft40", "mha->mla-8+ft40"} <= by_model
+    # a third run reuses everything
+    _run(tmp_path, variants=["mha"], conversions=["mqa", "mla-8"], save_checkpoints=True,
+         finetune_steps=40)
+    assert trained == ["mha"] and len(tuned) == 2

@@ -50,6 +50,20 @@ def test_training_loss_decreases_on_the_copy_task() -> None:
     assert np.mean(losses[-5:]) < 0.75 * losses[0]
 
 
+def test_training_from_given_params_leaves_them_intact() -> None:
+    corpus = SyntheticCorpus(seq_len=48, tasks=("copy",), max_distance=8)
+    model = Decoder(build_config(Variant.parse("mqa", 4), SHAPE, 64))
+    start = init_params(model, seed=int(np.random.default_rng().integers(1 << 20)))
+    snapshot = jax.tree.map(np.array, start)
+    result = train(model, corpus, TrainConfig(steps=3, batch_size=4, warmup_steps=1),
+                   params=start)
+    # the caller's arrays are still readable and unchanged; the result moved away from them
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, start), snapshot)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                                         result.params, snapshot))
+    assert any(moved)
+
+
 def _two_answer_examples(corpus: SyntheticCorpus) -> list[Example]:
     rng = np.random.default_rng()
     return [corpus.example("passkey", 20, rng), corpus.example("copy", 5, rng)]
@@ -137,6 +151,7 @@ def test_max_batch_is_the_largest_batch_that_fits() -> None:
     ({"kv_dtype": "fp7"}, "fp7"),
     ({"budget_tolerance": 0.0, "mlp_multiple": 64}, "tolerance"),
     ({"conversions": ["mla-4096"]}, "full rank"),
+    ({"finetune_steps": -1}, "finetune_steps"),
 ])
 def test_runner_rejects_bad_sweep_params_before_work(tmp_path: Path, params: dict,
                                                      match: str) -> None:

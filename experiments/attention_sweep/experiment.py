@@ -20,7 +20,10 @@ to ``gqa-G`` / ``mqa`` (:func:`kvjax.convert.mean_pool_kv_heads`) and K/V projec
 factorised to ``mla-R`` by SVD keeping ``convert_rope_dim`` RoPE dims per head
 (:func:`kvjax.convert.to_mla`; its cache is R + heads * convert_rope_dim values per token
 and layer, more than a trained ``mla-R``'s). Each row gives the quality before (the MHA
-model) and after.
+model) and after. With ``finetune_steps > 0`` each conversion is also fine-tuned (uptrained)
+for that many steps on a fresh stream of the same corpus (same peak lr, answer weight and
+batch; warm-up a tenth of the steps) and reported as a second row ``mha->X+ftN``, whose
+"before" is the converted model's quality.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from kvjax.resume import FinishedParts
 from kvjax.runner import write_csv
 from kvjax.train.checkpoint import save_checkpoint
 from kvjax.train.evaluate import evaluate
-from kvjax.train.loop import Model, TrainConfig, train
+from kvjax.train.loop import Model, TrainConfig, TrainResult, train
 from kvjax.train.variants import (
     AnyConfig,
     BaseShape,
@@ -86,6 +89,7 @@ class Params:
     eval_per_distance: int = 16  # examples per task and distance
     conversions: tuple[str, ...] = ("gqa-4", "gqa-2", "mqa", "mla-16", "mla-32")  # from mha
     convert_rope_dim: int = 4  # MHA -> MLA: RoPE dims kept per head
+    finetune_steps: int = 0  # fine-tune each conversion this many steps (0 = none)
     decode_batch: int = 4  # sequences in the decode-speed run
     decode_prompt_len: int = 32  # prompt tokens of the decode-speed run
     decode_new_tokens: int = 32  # generated tokens per sequence
@@ -122,6 +126,8 @@ class Params:
                 self.decode_batch, self.decode_prompt_len, self.decode_new_tokens) < 1:
             raise ValueError("decode_batch, decode_prompt_len, decode_new_tokens must be >= 1 "
                              "and prompt + new tokens <= seq_len")
+        if self.finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
         if not self.eval_distances or self.eval_per_distance < 1:
             raise ValueError("eval_distances must be non-empty and eval_per_distance >= 1")
         dtype_bits(self.kv_dtype)
@@ -143,6 +149,12 @@ class Params:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, peak_lr=self.peak_lr,
                            warmup_steps=self.warmup_steps, answer_weight=self.answer_weight,
                            seed=self.seed)
+
+    def finetune_config(self) -> TrainConfig:
+        """The schedule a conversion is fine-tuned with (``finetune_steps`` >= 1): a data
+        stream other than the variants' (seed + 1)."""
+        return dataclasses.replace(self.train_config(), steps=self.finetune_steps,
+                                   warmup_steps=self.finetune_steps // 10, seed=self.seed + 1)
 
     def shape(self) -> BaseShape:
         """What every variant shares."""
@@ -177,6 +189,12 @@ def decode_tokens_per_second(model: Model, params: Any, prompts: list[list[int]]
     return len(prompts) * new_tokens / (time.perf_counter() - start)
 
 
+def _training_fields(result: TrainResult) -> dict[str, float]:
+    return {"train_seconds": result.seconds, "train_tokens_per_s": result.tokens_per_second,
+            "first_train_loss": result.history[0]["loss"],
+            "final_train_loss": result.history[-1]["loss"]}
+
+
 def _sizes(cfg: AnyConfig, name: str, p: Params) -> dict[str, Any]:
     spec = ArchSpec.from_config(cfg, name)
     context = p.budget_context or p.seq_len
@@ -188,9 +206,11 @@ def _sizes(cfg: AnyConfig, name: str, p: Params) -> dict[str, Any]:
 
 def finished_parts(p: Params, out_dir: Path) -> FinishedParts:
     """Finished variants and conversions in ``out_dir/finished``, keyed by every parameter
-    their results depend on (not which variants and conversions run, nor checkpoints)."""
-    return FinishedParts.keyed_by(out_dir / "finished", p,
-                                  ignore=("variants", "conversions", "save_checkpoints"))
+    their results depend on (not which variants and conversions run, nor checkpoints; the
+    fine-tuning steps are part of a fine-tuned conversion's name)."""
+    return FinishedParts.keyed_by(
+        out_dir / "finished", p,
+        ignore=("variants", "conversions", "save_checkpoints", "finetune_steps"))
 
 
 def _train_variant(p: Params, name: str, corpus: SyntheticCorpus, examples: list[Example],
@@ -206,9 +226,7 @@ def _train_variant(p: Params, name: str, corpus: SyntheticCorpus, examples: list
     row = {
         "model": name, "kind": "trained", "intermediate_size": cfg.intermediate_size,
         **_sizes(cfg, name, p), **_quality(ev),
-        "train_seconds": result.seconds, "train_tokens_per_s": result.tokens_per_second,
-        "first_train_loss": result.history[0]["loss"],
-        "final_train_loss": result.history[-1]["loss"],
+        **_training_fields(result),
         "decode_tokens_per_s": decode_tokens_per_second(model, result.params, prompts,
                                                         p.decode_new_tokens),
         "device": jax.devices()[0].device_kind, "history": list(result.history)}
@@ -242,7 +260,8 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
         variants.append(done["row"])
         by_distance += done["by_distance"]
         if name == "mha" and p.conversions:
-            for conv in _conversions(p, done["row"], trained, examples, out_dir, finished):
+            for conv in _conversions(p, done["row"], trained, corpus, examples, out_dir,
+                                     finished):
                 conversions.append(conv["row"])
                 by_distance += conv["by_distance"]
     target = p.target_params()
@@ -252,7 +271,7 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
                "accuracy_by_distance_all_tasks": accuracy_table(by_distance)}
     write_csv(out_dir / "attention_sweep.csv",
                [{k: v for k, v in r.items() if k != "history"} for r in variants]
-               + [{k: v for k, v in r.items() if k not in ("before", "svd_errors")}
+               + [{k: v for k, v in r.items() if k not in ("before", "svd_errors", "history")}
                   for r in conversions])
     write_csv(out_dir / "accuracy_by_distance.csv", by_distance)
     results["accuracy_by_distance"] = by_distance
@@ -261,21 +280,35 @@ def run(p: Params, out_dir: Path) -> dict[str, Any]:
 
 
 def _conversions(p: Params, mha_row: dict[str, Any], trained: tuple[AnyConfig, Any] | None,
-                 examples: list[Example], out_dir: Path, finished: FinishedParts
-                 ) -> list[dict[str, Any]]:
+                 corpus: SyntheticCorpus, examples: list[Example], out_dir: Path,
+                 finished: FinishedParts) -> list[dict[str, Any]]:
     """Each conversion of the trained MHA model (``trained``: its config and weights when
-    trained in this run), evaluated without fine-tuning -> [{"row", "by_distance"}]."""
-    before = {k: mha_row[k] for k in ("eval_loss", "answer_loss", "accuracy")}
+    trained in this run), evaluated as converted and, with ``finetune_steps``, after
+    fine-tuning -> [{"row", "by_distance"}] in that order."""
+    before = _quality_of(mha_row)
     out = []
     for name in p.conversions:
         label = f"mha->{name}"
+        tuned_label = f"{label}+ft{p.finetune_steps}"
         done = finished.load(label)
-        if done is None:
+        tuned = finished.load(tuned_label) if p.finetune_steps else None
+        converted = None
+        if done is None or (p.finetune_steps and tuned is None):
             if trained is None:
                 trained = _load_mha(out_dir, finished)
-            done = _convert(p, name, label, trained, before, examples)
+            converted = _convert(p, name, trained)
+        if done is None:
+            assert converted is not None
+            done = _evaluate_conversion(p, label, converted, before, examples)
             finished.save(label, done)
         out.append(done)
+        if p.finetune_steps:
+            if tuned is None:
+                assert converted is not None
+                tuned = _finetune_conversion(p, tuned_label, converted,
+                                             _quality_of(done["row"]), corpus, examples)
+                finished.save(tuned_label, tuned)
+            out.append(tuned)
     return out
 
 
@@ -290,25 +323,56 @@ def _load_mha(out_dir: Path, finished: FinishedParts) -> tuple[AnyConfig, Any]:
     return loaded.config, loaded.params
 
 
-def _convert(p: Params, name: str, label: str, mha: tuple[AnyConfig, Any],
-             before: dict[str, Any], examples: list[Example]) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _Converted:
+    """A converted model: its config, weights, how it was made and its SVD errors."""
+
+    cfg: AnyConfig
+    params: Any
+    method: str
+    svd_errors: list[float]
+
+
+def _convert(p: Params, name: str, mha: tuple[AnyConfig, Any]) -> _Converted:
     mha_cfg, mha_params = mha
     assert isinstance(mha_cfg, ModelConfig)
     target = Variant.parse(name, p.num_heads)
-    errors: list[float] = []
-    cfg: AnyConfig
     if target.kv_lora_rank is None:
         assert target.kv_heads is not None
         cfg, params = mean_pool_kv_heads(mha_cfg, mha_params, target.kv_heads)
-        method = "mean-pool"
-    else:
-        conv = to_mla(mha_cfg, mha_params, target.kv_lora_rank, rope_dim=p.convert_rope_dim)
-        cfg, params, errors = conv.config, conv.params, list(conv.errors)
-        method = f"svd (rope_dim {p.convert_rope_dim})"
-    ev = evaluate(_model(cfg), params, examples, p.seq_len)
-    row = {"model": label, "kind": f"converted: {method}, no fine-tuning",
-           "intermediate_size": cfg.intermediate_size, **_sizes(cfg, label, p),
-           **_quality(ev), "before": before, "svd_errors": errors}
+        return _Converted(cfg, params, "mean-pool", [])
+    conv = to_mla(mha_cfg, mha_params, target.kv_lora_rank, rope_dim=p.convert_rope_dim)
+    return _Converted(conv.config, conv.params, f"svd (rope_dim {p.convert_rope_dim})",
+                      list(conv.errors))
+
+
+def _quality_of(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("eval_loss", "answer_loss", "accuracy")}
+
+
+def _evaluate_conversion(p: Params, label: str, c: _Converted, before: dict[str, Any],
+                         examples: list[Example]) -> dict[str, Any]:
+    ev = evaluate(_model(c.cfg), c.params, examples, p.seq_len)
+    row = {"model": label, "kind": f"converted: {c.method}, no fine-tuning",
+           "intermediate_size": c.cfg.intermediate_size, **_sizes(c.cfg, label, p),
+           **_quality(ev), "before": before, "svd_errors": c.svd_errors}
+    return {"row": row, "by_distance": [{"model": label, **r} for r in ev["by_distance"]]}
+
+
+def _finetune_conversion(p: Params, label: str, c: _Converted, before: dict[str, Any],
+                         corpus: SyntheticCorpus, examples: list[Example]) -> dict[str, Any]:
+    """Fine-tune the converted model ``finetune_steps`` steps, then evaluate it; "before"
+    is the converted model's quality."""
+    model = _model(c.cfg)
+    result = train(model, corpus, p.finetune_config(), log_every=max(1, p.finetune_steps // 20),
+                   params=c.params)
+    ev = evaluate(model, result.params, examples, p.seq_len)
+    row = {"model": label,
+           "kind": f"converted: {c.method}, fine-tuned {p.finetune_steps} steps",
+           "intermediate_size": c.cfg.intermediate_size, **_sizes(c.cfg, label, p),
+           **_quality(ev), **_training_fields(result),
+           "device": jax.devices()[0].device_kind, "before": before,
+           "svd_errors": c.svd_errors, "history": list(result.history)}
     return {"row": row, "by_distance": [{"model": label, **r} for r in ev["by_distance"]]}
 
 
@@ -321,8 +385,10 @@ def _plot(res: dict[str, Any], p: Params, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "accuracy", "answer exact-match accuracy"),
                            (axes[1], "answer_loss", "answer-token loss (nats)")):
-        for rows, marker, fill in ((res["variants"], "o", True),
-                                   (res["conversions"], "s", False)):
+        converted = [r for r in res["conversions"] if "fine-tuned" not in r["kind"]]
+        tuned = [r for r in res["conversions"] if "fine-tuned" in r["kind"]]
+        for rows, marker, fill in ((res["variants"], "o", True), (converted, "s", False),
+                                   (tuned, "^", False)):
             for i, r in enumerate(rows):
                 color = f"C{i % 10}"
                 ax.plot(r["kv_bytes_per_token"], r[key], marker, color=color,
@@ -332,8 +398,10 @@ def _plot(res: dict[str, Any], p: Params, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"KV bytes per token ({p.kv_dtype})")
         ax.set_ylabel(label)
-    axes[0].set_title(f"trained at ~{res['target_params'] / 1e6:.2f}M params (filled) "
-                      "and converted from mha (hollow)", fontsize=9)
+    tuned_note = (f"; fine-tuned {p.finetune_steps} steps (triangles)"
+                  if p.finetune_steps and p.conversions else "")
+    axes[0].set_title(f"trained at ~{res['target_params'] / 1e6:.2f}M params (filled), "
+                      f"converted from mha (squares){tuned_note}", fontsize=9)
     axes[1].set_title(f"{p.steps} steps x {p.batch_size} x {p.seq_len} tokens, "
                       f"{res['eval_examples']} eval examples", fontsize=9)
     fig.tight_layout()

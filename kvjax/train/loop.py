@@ -128,8 +128,9 @@ def train(model: Model, corpus: SyntheticCorpus, cfg: TrainConfig, *, log_every:
           params: Params | None = None) -> TrainResult:
     """Train ``model`` on ``corpus``'s training stream (batch ``i`` is
     ``corpus.training_batch(cfg.batch_size, cfg.seed, i)``), from ``params`` or a fresh
-    init."""
-    params = init_params(model, cfg.seed) if params is None else params
+    init. Given ``params`` are copied first: the steps donate their buffers, and the
+    caller's arrays (which may be shared with another model's) stay valid."""
+    params = init_params(model, cfg.seed) if params is None else jax.tree.map(jnp.copy, params)
     opt = optimizer(cfg)
     opt_state = opt.init(params)
     history = []
