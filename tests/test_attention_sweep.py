@@ -33,16 +33,18 @@ def _run(tmp_path: Path, **params: Any) -> tuple[dict[str, Any], list[dict[str, 
         return record, list(csv.DictReader(f))
 
 
-def _count_training(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    trained: list[str] = []
-    real = sweep._train_variant
+def _count_calls(monkeypatch: pytest.MonkeyPatch, function: str = "_train_variant"
+                 ) -> list[str]:
+    """The names (second argument) ``sweep.<function>`` is called with, in order."""
+    names: list[str] = []
+    real = getattr(sweep, function)
 
     def counting(p: sweep.Params, name: str, *args: Any) -> Any:
-        trained.append(name)
+        names.append(name)
         return real(p, name, *args)
 
-    monkeypatch.setattr(sweep, "_train_variant", counting)
-    return trained
+    monkeypatch.setattr(sweep, function, counting)
+    return names
 
 
 def test_sweep_rows_follow_the_sizing_calculator(tmp_path: Path) -> None:
@@ -60,7 +62,7 @@ def test_sweep_rows_follow_the_sizing_calculator(tmp_path: Path) -> None:
 
 def test_sweep_resumes_from_finished_records(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    trained = _count_training(monkeypatch)
+    trained = _count_calls(monkeypatch)
     first, _ = _run(tmp_path, variants=["mha", "gqa-2"], conversions=["mqa"],
                     save_checkpoints=True)
     assert trained == ["mha", "gqa-2"]
@@ -96,15 +98,8 @@ def test_conversion_without_the_mha_weights_is_a_clear_error(tmp_path: Path) -> 
 
 def test_fine_tuned_conversions_follow_their_conversion(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    tuned: list[str] = []
-    real = sweep._finetune_conversion
-
-    def counting(p: sweep.Params, label: str, *args: Any) -> Any:
-        tuned.append(label)
-        return real(p, label, *args)
-
-    monkeypatch.setattr(sweep, "_finetune_conversion", counting)
-    trained = _count_training(monkeypatch)
+    tuned = _count_calls(monkeypatch, "_finetune_conversion")
+    trained = _count_calls(monkeypatch)
     # a first part without fine-tuning, then the same sweep with it: mha is not trained
     # again and the plain conversions are reused; only the fine-tuning runs
     first, _ = _run(tmp_path, variants=["mha"], conversions=["mqa", "mla-8"],
