@@ -24,7 +24,7 @@ import numpy as np
 
 from kvjax.assets import DEFAULT_MODEL
 from kvjax.data.synthetic import SyntheticCorpus, Task
-from kvjax.engine.generate import CACHE_KINDS, GenerationOutput, generate
+from kvjax.engine.generate import CACHE_KINDS, GenerationOutput, generate, kv_bytes_per_token
 from kvjax.models import LoadedModel, load_checkpoint, load_tokenizer
 from kvjax.models.tiny import build_tiny_checkpoint
 
@@ -36,8 +36,8 @@ RANDOM_PROMPTS = (
 )
 # (task, distance) of the questions put to the trained model; its corpus's settings
 QUESTIONS: tuple[tuple[Task, int], ...] = (
-    ("passkey", 16), ("kv_recall", 8), ("copy", 3), ("grammar", 8), ("grammar", 16))
-CORPUS = SyntheticCorpus(seq_len=64, kv_pairs=3)
+    ("passkey", 64), ("kv_recall", 32), ("copy", 8), ("grammar", 8), ("grammar", 16))
+CORPUS = SyntheticCorpus(seq_len=128, kv_pairs=4)
 
 
 def _timed(fn: Callable[[], GenerationOutput]) -> tuple[GenerationOutput, float]:
@@ -66,10 +66,10 @@ def compare_caches(lm: LoadedModel, prompts: list[list[int]],
 
 def _describe(lm: LoadedModel) -> None:
     cfg = lm.config
-    bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    bytes_per_token = kv_bytes_per_token(lm.model)
     print(f"model: {cfg.family}, {cfg.num_layers} layers, {cfg.num_heads} query heads, "
           f"{cfg.num_kv_heads} KV heads, head_dim {cfg.head_dim}, vocab {cfg.vocab_size}; "
-          f"KV cache {bytes_per_token} bytes per token (float32)")
+          f"KV cache {bytes_per_token} bytes per token ({jnp.dtype(lm.model.dtype).name})")
 
 
 def run_trained(path: Path, max_new_tokens: int) -> int:

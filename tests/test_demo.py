@@ -40,4 +40,4 @@ def test_demo_runs_with_every_cache_identical(capsys: pytest.CaptureFixture[str]
     rows = [line for line in out.splitlines()
             if line.split()[:1] and line.split()[0] in ("none", "concat", "dense", "paged")]
     assert len(rows) == 8 and all(r.rstrip().endswith("True") for r in rows)
-    assert "of 5 right" in out and "[passkey, distance 16]" in out
+    assert "of 5 right" in out and "[passkey, distance 64]" in out
