@@ -18,9 +18,9 @@ from kvjax.cache import PagedCache
 from kvjax.cache.paged_latent import PagedLatentCache
 from kvjax.data import SyntheticCorpus
 from kvjax.engine.generate import CacheKind, dense_cache, generate
-from kvjax.models import Decoder, MLADecoder
 from kvjax.models.mla import MLAConfig
-from kvjax.train import BaseShape, Variant, build_config, init_params
+from kvjax.train import BaseShape, Variant, build_config, init_params, model_for
+from kvjax.train.loop import Model
 
 SHAPE = BaseShape(vocab_size=SyntheticCorpus(seq_len=64).vocab.size, hidden_size=32,
                   num_layers=2, num_heads=4, head_dim=8, intermediate_size=64,
@@ -29,9 +29,8 @@ VARIANTS = ["mha", "gqa-2", "mqa", "mla-6", "mla-12"]
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-def _model(name: str, dtype: Any) -> Decoder | MLADecoder:
-    cfg = build_config(Variant.parse(name, SHAPE.num_heads), SHAPE, 64)
-    return MLADecoder(cfg, dtype) if isinstance(cfg, MLAConfig) else Decoder(cfg, dtype)
+def _model(name: str, dtype: Any) -> Model:
+    return model_for(build_config(Variant.parse(name, SHAPE.num_heads), SHAPE, 64), dtype)
 
 
 def _float_bytes(cache: Any) -> int:

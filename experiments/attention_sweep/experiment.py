@@ -44,15 +44,12 @@ from kvjax.convert import mean_pool_kv_heads, to_mla
 from kvjax.data.synthetic import TASKS, Example, SyntheticCorpus, Task
 from kvjax.data.vocab import Vocab
 from kvjax.engine.generate import generate
-from kvjax.mla_config import MLAConfig
 from kvjax.models import load_checkpoint
-from kvjax.models.llama import Decoder
-from kvjax.models.mla import MLADecoder
 from kvjax.resume import FinishedParts
 from kvjax.runner import write_csv
 from kvjax.train.checkpoint import save_checkpoint
 from kvjax.train.evaluate import evaluate
-from kvjax.train.loop import Model, TrainConfig, TrainResult, train
+from kvjax.train.loop import Model, TrainConfig, TrainResult, model_for, train
 from kvjax.train.variants import (
     AnyConfig,
     BaseShape,
@@ -170,10 +167,6 @@ class Params:
         return count_params(build_config(mha, self.shape(), self.mha_intermediate_size))
 
 
-def _model(cfg: AnyConfig) -> Model:
-    return MLADecoder(cfg) if isinstance(cfg, MLAConfig) else Decoder(cfg)
-
-
 def _quality(ev: dict[str, Any]) -> dict[str, float]:
     return {"eval_loss": ev["loss"], "answer_loss": ev["answer_loss"],
             "accuracy": ev["accuracy"]}
@@ -218,7 +211,7 @@ def _train_variant(p: Params, name: str, corpus: SyntheticCorpus, examples: list
     """Train, evaluate, size and time one variant -> ({"row", "by_distance"}, params)."""
     cfg = match_budget(Variant.parse(name, p.num_heads), p.shape(), p.target_params(),
                        multiple=p.mlp_multiple, tolerance=p.budget_tolerance)
-    model = _model(cfg)
+    model = model_for(cfg)
     result = train(model, corpus, p.train_config(), log_every=max(1, p.steps // 20))
     ev = evaluate(model, result.params, examples, p.seq_len)
     if p.save_checkpoints:
@@ -352,7 +345,7 @@ def _quality_of(row: dict[str, Any]) -> dict[str, Any]:
 
 def _evaluate_conversion(p: Params, label: str, c: _Converted, before: dict[str, Any],
                          examples: list[Example]) -> dict[str, Any]:
-    ev = evaluate(_model(c.cfg), c.params, examples, p.seq_len)
+    ev = evaluate(model_for(c.cfg), c.params, examples, p.seq_len)
     row = {"model": label, "kind": f"converted: {c.method}, no fine-tuning",
            "intermediate_size": c.cfg.intermediate_size, **_sizes(c.cfg, label, p),
            **_quality(ev), "before": before, "svd_errors": c.svd_errors}
@@ -363,7 +356,7 @@ def _finetune_conversion(p: Params, label: str, c: _Converted, before: dict[str,
                          corpus: SyntheticCorpus, examples: list[Example]) -> dict[str, Any]:
     """Fine-tune the converted model ``finetune_steps`` steps, then evaluate it; "before"
     is the converted model's quality."""
-    model = _model(c.cfg)
+    model = model_for(c.cfg)
     result = train(model, corpus, p.finetune_config(), log_every=max(1, p.finetune_steps // 20),
                    params=c.params)
     ev = evaluate(model, result.params, examples, p.seq_len)

@@ -3,9 +3,9 @@ distance, Hugging Face checkpoint saving, and attention variants at a matched bu
 
 from kvjax.train.checkpoint import save_checkpoint
 from kvjax.train.evaluate import evaluate
-from kvjax.train.loop import TrainConfig, TrainResult, init_params, train
+from kvjax.train.loop import TrainConfig, TrainResult, init_params, model_for, train
 from kvjax.train.variants import BaseShape, Variant, build_config, count_params, match_budget
 
 __all__ = ["BaseShape", "TrainConfig", "TrainResult", "Variant", "build_config",
-           "count_params", "evaluate", "init_params", "match_budget", "save_checkpoint",
-           "train"]
+           "count_params", "evaluate", "init_params", "match_budget", "model_for",
+           "save_checkpoint", "train"]

@@ -25,7 +25,9 @@ import optax
 from tqdm import tqdm
 
 from kvjax.cache import NoCache
+from kvjax.config import ModelConfig
 from kvjax.data.synthetic import Batch, SyntheticCorpus
+from kvjax.mla_config import MLAConfig
 from kvjax.models.checkpoint import module_param_shapes
 from kvjax.models.llama import Decoder
 from kvjax.models.mla import MLADecoder
@@ -33,6 +35,11 @@ from kvjax.models.random_init import random_tree
 
 Model = Decoder | MLADecoder
 Params = dict[str, Any]
+
+
+def model_for(cfg: ModelConfig | MLAConfig, dtype: Any = jnp.float32) -> Model:
+    """The decoder module of either config (``dtype``: parameters and compute)."""
+    return MLADecoder(cfg, dtype) if isinstance(cfg, MLAConfig) else Decoder(cfg, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
