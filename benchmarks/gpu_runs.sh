@@ -14,11 +14,12 @@
 #                (prefix-sharing also system-prompt): 1.9 + 3.0 min       ~ 5 min
 #   pinned       tiered-cache-gpu few-shot with host_staging: pinned       ~ 3 min
 #   pinned-slots the same with host_staging: pinned-slots (L2 in pinned memory) ~ 3 min *
-#   multiturn-prefix   prefix-sharing, multi-turn workload                 > 9.5 min
-#                (2026-12-06: 3 of 4 settings in 570 s; the pool-1536 no-cache warm-up
-#                 ran > 5.5 min. Finished settings are kept: commit the run's
-#                 finished/ to experiments/prefix_sharing/results-gpu-multiturn/ and
-#                 run the group again to do the rest)
+#   multiturn-prefix   prefix-sharing, multi-turn workload                 > 10 min
+#                (2026-12-06: three calls. The pool-1536 no-cache prefills compile for
+#                 100 s to 3 min each on the XLA path; a call cut off keeps its finished
+#                 settings: commit the run's finished/ to
+#                 experiments/prefix_sharing/results-gpu-multiturn/ and run again; on a
+#                 still-warm machine the persistent compilation cache keeps the programs)
 #   multiturn-tiers    tiered-cache, multi-turn workload                    ~ 6-8 min *
 #                (the first try ran both in one slot and ran out of time in each:
 #                 4.5 min for 4 of 13 prefix-sharing steps, 15 of 18 tiered steps)
@@ -90,8 +91,10 @@ case "$group" in
         --set host_staging=pinned-slots ;;
   multiturn-prefix)  # JAX_LOG_COMPILES: the log shows what each compile costs
     resume experiments/prefix_sharing/results-gpu-multiturn "$out/prefix_sharing_multiturn"
-    run prefix_sharing_multiturn 560 env JAX_LOG_COMPILES=1 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
-        --output-dir "$out/prefix_sharing_multiturn" --set "workloads=[multi-turn]" ;;
+    # POOLS (default: the config's) runs a subset of the pools, e.g. POOLS="[1536]"
+    run prefix_sharing_multiturn 520 env JAX_LOG_COMPILES=1 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
+        --output-dir "$out/prefix_sharing_multiturn" --set "workloads=[multi-turn]" \
+        ${POOLS:+--set "pool_blocks=$POOLS"} ;;
   multiturn-tiers)
     run tiered_cache_multiturn 560 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
         --output-dir "$out/tiered_cache_multiturn" --set "workloads=[multi-turn]" ;;
