@@ -301,15 +301,28 @@ def main() -> None:
     ap.add_argument("--jax-cache", default="runs/jax_cache",
                     help="persistent XLA compilation cache ('' = none): a rerun skips compiles")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--decode-steps", type=int, default=8,
+    ap.add_argument("--decode-steps", type=int, nargs="+", default=[8],
                     help="offline engine: decode forwards per step once every request is "
-                         "decoding (Engine(decode_steps=...); the online replay uses 1)")
+                         "decoding (Engine(decode_steps=...); the online replay uses 1); "
+                         "several values: one engine row each, the first is 'engine'")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="offline batch sizes (default 1 8 32; tiny 1 4)")
+    ap.add_argument("--prompts", type=int, nargs="+", default=None,
+                    help="offline prompt lengths (default 512 2048; tiny 32 96)")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="offline engine max_batch (default: the largest batch)")
+    ap.add_argument("--skip-hf-dynamic", action="store_true",
+                    help="time HF generate with the static cache only")
     args = ap.parse_args()
     if args.jax_cache:
         jax.config.update("jax_compilation_cache_dir", args.jax_cache)
     s = TINY if args.tiny else FULL
     if args.budget is not None:
         s = dataclasses.replace(s, budget=args.budget)
+    if args.batches:
+        s = dataclasses.replace(s, batches=tuple(args.batches))
+    if args.prompts:
+        s = dataclasses.replace(s, prompts=tuple(args.prompts))
     target = args.itl_target_ms or (200.0 if args.tiny else 50.0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compiled = args.hf_static_compile == "auto" and device == "cuda"
@@ -340,6 +353,10 @@ def main() -> None:
         hf_rows: dict[tuple[int, int], dict[str, Any]] = {}
         for name, static in (("hf_dynamic", False), ("hf_static", True)):
             t = time.perf_counter()
+            if name == "hf_dynamic" and args.skip_hf_dynamic:
+                for b, p in grid:
+                    hf_rows.setdefault((b, p), {})[name] = {"error": "skipped"}
+                continue
             for b, p in grid:
                 hf_rows.setdefault((b, p), {})[name] = r = _guarded(
                     hf_cell, hf, prompts[b, p], s.new, static=static, compile_static=compiled,
@@ -355,15 +372,28 @@ def main() -> None:
         record["phase_s"]["kvjax_load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    max_batch = max(s.batches)
+    max_batch = args.max_batch or max(s.batches)
+    record["engine_max_batch"] = max_batch
     for p in s.prompts:
         need = -(-(p + s.new) // BLOCK)
-        engine = Engine(lm.model, lm.params, num_blocks=max_batch * need + need,
-                        block_size=BLOCK, max_batch=max_batch, prefill_chunk=p,
-                        max_tokens_per_step=max(s.budget, p), decode_steps=args.decode_steps)
+        engines = [Engine(lm.model, lm.params, num_blocks=max_batch * need + need,
+                          block_size=BLOCK, max_batch=max_batch, prefill_chunk=p,
+                          max_tokens_per_step=max(s.budget, p), decode_steps=steps)
+                   for steps in args.decode_steps]
+        engine = engines[0]
         for b in s.batches:
             row: dict[str, Any] = {"batch": b, "prompt": p, "new": s.new, **hf_rows[b, p]}
             row["engine"] = engine_cell(engine, prompts[b, p], s.new, args.repeats)
+            for steps, other in zip(args.decode_steps[1:], engines[1:], strict=True):
+                r = row[f"engine_steps{steps}"] = engine_cell(other, prompts[b, p], s.new,
+                                                             args.repeats)
+                r.pop("tokens", None)
+                ok_st = "error" not in row["hf_static"]
+                ratio = (r["decode_tok_s"] / row["hf_static"]["decode_tok_s"] if ok_st
+                         else float("nan"))
+                r["decode_ratio_vs_hf_static"] = ratio
+                print(f"  engine     batch {b:>3} prompt {p:>5} decode_steps {steps}: "
+                      f"{_fmt(r, 'ttft_all_ms')}; x{ratio:.2f} decode vs HF", flush=True)
             if args.with_generate:  # e.g. out of memory at batch 32 x 2048: reported
                 row["generate"] = _guarded(generate_cell, lm, prompts[b, p], s.new,
                                            args.repeats)
@@ -384,7 +414,7 @@ def main() -> None:
                   f"x{row['decode_ratio_vs_hf_static']:.2f} decode vs HF {static_label}; "
                   f"first tokens equal to HF: {agree:.0%}", flush=True)
             save()
-        del engine
+        del engine, engines
     record["phase_s"]["kvjax_offline"] = time.perf_counter() - t
     print_table(record["offline"], static_label)
     if not args.skip_online:

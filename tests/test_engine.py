@@ -512,3 +512,34 @@ def test_preemption_arguments_checked(llama: LoadedModel) -> None:
         _engine(llama, num_blocks=16, swap_blocks=8)
     with pytest.raises(ValueError, match="staging"):
         _engine(llama, num_blocks=16, preemption="swap", swap_blocks=8, host_staging="fast")
+
+
+def test_decode_rows_follow_the_running_count(llama: LoadedModel,
+                                              cases: list[tuple[list[int], int, list[int]]]
+                                              ) -> None:
+    """max_batch 16: ten requests decode in 16-row forwards, and once at most eight are
+    left, in 8-row ones (MIN_DECODE_ROWS); every output still equals the dense
+    reference, every shape was precompiled, and nothing leaks."""
+    from kvjax.engine.engine import MIN_DECODE_ROWS, compiled_programs
+
+    assert MIN_DECODE_ROWS == 8
+    engine = Engine(llama.model, llama.params, num_blocks=128, block_size=BS, max_batch=16,
+                    prefill_chunk=CHUNK, max_tokens_per_step=8 * CHUNK)
+    assert set(engine.step_shapes(32)) == {(8, 1, 8), (16, 1, 8)} | {
+        (r, CHUNK, 8) for r in (1, 2, 4, 8)}
+    engine.precompile(max_tokens=32)
+    compiled = compiled_programs()
+    work = cases + cases[:3]
+    rids = [engine.add_request(p, max_new_tokens=n) for p, n, _ in work]
+    while engine.has_unfinished():
+        engine.step()
+        _check_pool(engine)
+    assert compiled_programs() == compiled
+    for rid, (_, _, ref) in zip(rids, work, strict=True):
+        assert engine.finished[rid].tokens[0] == ref
+    decode_shapes = {sh for s in engine.step_metrics for sh in s.shapes if sh[1] == 1}
+    assert decode_shapes == {(16, 1, 8), (8, 1, 8)}
+    decoded = {sh[0]: [s.decode_tokens for s in engine.step_metrics if sh in s.shapes]
+               for sh in decode_shapes}  # one token per decoding row (no bursts here)
+    assert max(decoded[8]) <= 8 < min(decoded[16])
+    _assert_pool_empty(engine)

@@ -1,0 +1,232 @@
+"""Where the serving engine's decode step spends its time (GPU).
+
+The engine's decode burst (``kvjax.engine.engine._engine_decode_burst``: ``--steps``
+decode forwards in one device loop, greedy) on a Qwen2.5-0.5B-shaped ``Decoder`` with
+random bf16 weights, every row at context ``C`` over a paged pool (block 16). For each
+(batch, context) and attention backend it reports:
+
+* ms per token step (bursts queued back to back, median of repeats);
+* the floor: (weight bytes + the KV bytes the step reads) / read bandwidth measured in
+  this run, and the step time as a multiple of it;
+* the same at half the depth (``layers / 2``): the per-layer slope and the fixed part
+  (embedding, LM head, sampling, loop) of a step;
+* with ``--trace``: a profiler trace of one burst, summarised as GPU kernels per token
+  step, summed kernel time per step, and the kernels that take the most time.
+
+``--xla-flags`` runs the whole thing again in a child process per flag set (XLA reads
+its flags once, at start), e.g. command buffers (CUDA graphs) off.
+
+GPU (H100, ~4 min): python benchmarks/decode_step_profile.py --out $OUT/decode_profile.json
+CPU check (tiny): python benchmarks/decode_step_profile.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.analysis.bandwidth import read_bandwidth, time_queued
+from kvjax.analysis.presets import get_preset
+from kvjax.engine.engine import _engine_decode_burst
+from kvjax.engine.generate import kv_bytes_per_token
+from kvjax.engine.sampling import GREEDY, SamplingArrays
+from kvjax.models.llama import Decoder
+from kvjax.models.random_init import random_params
+
+BLOCK = 16
+
+
+def build(layers: int | None, tiny: bool) -> tuple[Decoder, Any]:
+    cfg = get_preset("qwen2.5-0.5b").to_model_config(num_layers=layers)
+    if tiny:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, num_layers=layers or 2, hidden_size=64,
+                                  intermediate_size=128, num_heads=4, num_kv_heads=2,
+                                  head_dim=16, vocab_size=512)
+    return Decoder(cfg, dtype=jnp.bfloat16), random_params(cfg, jnp.bfloat16, 0)
+
+
+def burst_args(model: Decoder, batch: int, context: int, steps: int) -> tuple[Any, ...]:
+    """Pool, tables and per-row inputs for ``batch`` rows decoding at ``context``."""
+    cfg = model.cfg
+    per_row = -(-(context + steps) // BLOCK)
+    shape = (cfg.num_layers, batch * per_row, BLOCK, cfg.num_kv_heads, cfg.head_dim)
+    k = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(2), shape, jnp.bfloat16)
+    tables = np.arange(batch * per_row, dtype=np.int32).reshape(batch, per_row)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, batch).astype(np.int32)
+    positions = np.full((batch,), context, np.int32)
+    active = np.full((batch,), steps, np.int32)
+    sp = SamplingArrays.from_params([GREEDY] * batch)
+    seeds = np.zeros((batch,), np.uint32)
+    draws = np.zeros((batch,), np.int32)
+    return k, v, tokens, positions, active, tables, sp, seeds, draws
+
+
+def step_seconds(model: Decoder, params: Any, args: tuple[Any, ...], steps: int,
+                 attention: str, reps: int) -> float:
+    """Median seconds per token step of bursts queued back to back (pool donated and
+    threaded through, as the engine does)."""
+    k, v, *rest = args
+    state = {"k": k, "v": v}
+
+    def call() -> jax.Array:
+        ids, state["k"], state["v"] = _engine_decode_burst(
+            model, params, state["k"], state["v"], *rest, steps=steps, attention=attention,
+            all_greedy=True)
+        return ids
+
+    return time_queued(lambda: call(), [()], iters=10, reps=reps) / steps
+
+
+def weight_bytes(params: Any) -> int:
+    return sum(int(x.nbytes) for x in jax.tree.leaves(params))
+
+
+def trace_summary(model: Decoder, params: Any, args: tuple[Any, ...], steps: int,
+                  attention: str) -> dict[str, Any]:
+    """Profile one (warm) burst; GPU kernel events per token step from the trace."""
+    k, v, *rest = args
+    ids, k, v = _engine_decode_burst(model, params, k, v, *rest, steps=steps,
+                                     attention=attention, all_greedy=True)
+    jax.block_until_ready(ids)
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            ids, k, v = _engine_decode_burst(model, params, k, v, *rest, steps=steps,
+                                             attention=attention, all_greedy=True)
+            jax.block_until_ready(ids)
+        files = list(Path(logdir).rglob("*.trace.json.gz")) + list(
+            Path(logdir).rglob("perfetto_trace.json.gz"))
+        if not files:
+            return {"error": f"no trace json under {logdir}"}
+        with gzip.open(files[0], "rt") as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu
+               and "dur" in e]
+    if not kernels:
+        return {"error": "no GPU events in the trace", "processes": sorted(set(names.values()))}
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e["dur"] for e in kernels)
+    by_name: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    for e in kernels:
+        by_name[e["name"]] += e["dur"]
+        counts[e["name"]] += 1
+    busy = sum(e["dur"] for e in kernels)
+    return {"processes": sorted(n for p, n in names.items() if p in gpu),
+            "kernels_per_step": len(kernels) / steps,
+            "kernel_us_per_step": busy / steps,
+            "span_us_per_step": (end - start) / steps,
+            "top": [{"name": n[:90], "us_per_step": t / steps, "calls_per_step": counts[n] / steps}
+                    for n, t in by_name.most_common(12)]}
+
+
+def run_grid(a: argparse.Namespace) -> dict[str, Any]:
+    bw = read_bandwidth(256 if a.tiny else 4096)
+    print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    full, full_params = build(None if not a.tiny else 2, a.tiny)
+    half, half_params = build(full.cfg.num_layers // 2, a.tiny)
+    wbytes = weight_bytes(full_params)
+    rows = []
+    for cell in a.cells:
+        batch, context = (int(x) for x in cell.split("x"))
+        for attention in a.attention:
+            kv = batch * context * kv_bytes_per_token(full)
+            floor = (wbytes + kv) / bw
+            t0 = time.perf_counter()
+            try:
+                s_full = step_seconds(full, full_params, burst_args(full, batch, context,
+                                      a.steps), a.steps, attention, a.reps)
+                s_half = (step_seconds(half, half_params, burst_args(half, batch, context,
+                          a.steps), a.steps, attention, a.reps) if a.half else float("nan"))
+            except Exception as err:  # report and go on
+                print(f"  {cell} {attention}: failed: {type(err).__name__}: {err}"[:300])
+                continue
+            per_layer = 2 * (s_full - s_half) / full.cfg.num_layers
+            fixed = s_full - per_layer * full.cfg.num_layers
+            row: dict[str, Any] = {
+                "batch": batch, "context": context, "attention": attention,
+                "step_ms": 1e3 * s_full, "tokens_per_s": batch / s_full,
+                "floor_ms": 1e3 * floor, "x_floor": s_full / floor,
+                "half_depth_step_ms": 1e3 * s_half, "per_layer_us": 1e6 * per_layer,
+                "fixed_ms": 1e3 * fixed}
+            if a.trace and attention == a.attention[0]:
+                row["trace"] = trace_summary(full, full_params, burst_args(
+                    full, batch, context, a.steps), a.steps, attention)
+            rows.append(row)
+            print(f"  {batch:>3}x{context:<5} {attention:<7} step {1e3 * s_full:6.3f} ms "
+                  f"({batch / s_full:8.0f} tok/s)  floor {1e3 * floor:5.3f} ms "
+                  f"(x{s_full / floor:4.1f})  per layer {1e6 * per_layer:5.1f} us, fixed "
+                  f"{1e3 * fixed:5.3f} ms  [{time.perf_counter() - t0:4.0f} s]", flush=True)
+            if "trace" in row:
+                tr = row["trace"]
+                if "error" in tr:
+                    print(f"    trace: {tr}")
+                else:
+                    print(f"    trace: {tr['kernels_per_step']:.0f} kernels/step, kernel time "
+                          f"{tr['kernel_us_per_step']:.0f} us/step, span "
+                          f"{tr['span_us_per_step']:.0f} us/step")
+                    for t in tr["top"]:
+                        print(f"      {t['us_per_step']:7.1f} us {t['calls_per_step']:5.1f}x "
+                              f"{t['name']}")
+    return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "read_bandwidth": bw,
+            "weight_bytes": wbytes, "steps": a.steps, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU check)")
+    ap.add_argument("--cells", nargs="+", default=["8x512", "32x512", "8x2048"],
+                    help="BATCHxCONTEXT")
+    ap.add_argument("--attention", nargs="+", default=["triton", "xla"])
+    ap.add_argument("--steps", type=int, default=8, help="decode forwards per burst")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-half", dest="half", action="store_false",
+                    help="skip the half-depth model (no per-layer split)")
+    ap.add_argument("--trace", action="store_true", help="profile the first backend")
+    ap.add_argument("--xla-flags", action="append", default=[],
+                    help="also run in a child process with these XLA_FLAGS (repeatable; "
+                    "write --xla-flags=--xla_...)")
+    ap.add_argument("--out", default=None, help="JSON results path")
+    a = ap.parse_args()
+    if a.tiny and a.cells == ap.get_default("cells"):
+        a.cells = ["2x40"]
+    if a.tiny and a.attention == ap.get_default("attention"):
+        a.attention = ["xla"]
+    results = [run_grid(a)]
+    for flags in a.xla_flags:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            argv = [sys.executable, __file__, "--cells", *a.cells, "--attention", *a.attention,
+                    "--steps", str(a.steps), "--reps", str(a.reps), "--out", f.name]
+            argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
+            print(f"--- XLA_FLAGS={flags}", flush=True)
+            done = subprocess.run(argv, env={**os.environ, "XLA_FLAGS": flags}, check=False)
+            if done.returncode == 0:
+                results += json.loads(Path(f.name).read_text())
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
