@@ -20,6 +20,7 @@
 #                 settings: commit the run's finished/ to
 #                 experiments/prefix_sharing/results-gpu-multiturn/ and run again; on a
 #                 still-warm machine the persistent compilation cache keeps the programs)
+#   prefix-kernels     prefix-sharing, all workloads, attention=auto (kernels) ~ 5-9 min *
 #   multiturn-tiers    tiered-cache, multi-turn workload                    ~ 6-8 min *
 #                (the first try ran both in one slot and ran out of time in each:
 #                 4.5 min for 4 of 13 prefix-sharing steps, 15 of 18 tiered steps)
@@ -95,6 +96,9 @@ case "$group" in
     run prefix_sharing_multiturn 520 env JAX_LOG_COMPILES=1 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
         --output-dir "$out/prefix_sharing_multiturn" --set "workloads=[multi-turn]" \
         ${POOLS:+--set "pool_blocks=$POOLS"} ;;
+  prefix-kernels)  # all three workloads with the pool on the kernels (attention=auto)
+    run prefix_sharing_kernels 560 $py -m kvjax.cli run configs/prefix-sharing-gpu.yaml \
+        --output-dir "$out/prefix_sharing_kernels" --set attention=auto ;;
   multiturn-tiers)
     run tiered_cache_multiturn 560 $py -m kvjax.cli run configs/tiered-cache-gpu.yaml \
         --output-dir "$out/tiered_cache_multiturn" --set "workloads=[multi-turn]" ;;

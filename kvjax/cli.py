@@ -174,7 +174,7 @@ def _generate_prefix_cached(lm: Any, prompts: list[list[int]], args: argparse.Na
                            disk_backend=args.l3_backend,
                            namespace=str(Path(args.model).resolve()), prefetch=args.prefetch)
     gen = PrefixCachedGenerator(lm.model, lm.params, num_blocks=num_blocks, block_size=bs,
-                                tiers=tiers)
+                                tiers=tiers, attention=args.attention)
     tokens, reasons, rows = [], [], []
     for i, prompt in enumerate(prompts):
         out, st = gen.generate([prompt], max_new_tokens=n, sampling=sampling,

@@ -4,7 +4,9 @@ sweep split over several runs, picks up where it stopped.
 A part (one trained variant, one (workload, pool, mode) setting ...) is one JSON file
 ``folder/<name>.json`` holding its result and the parameters it was made with. A later
 run with the same parameters loads it instead of recomputing it; a record made with other
-parameters is reported and ignored (then overwritten).
+parameters is reported and ignored (then overwritten). A parameter added after a record
+was made is taken to have had its default value then: the record stays valid while the
+parameter is at that default.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class FinishedParts:
 
     folder: Path
     params: dict[str, Any]
+    # Fields at their default value: a record made before such a field existed (so
+    # without it) was made with what the default computes, and stays valid.
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def keyed_by(cls, folder: Path, params: Any, *, ignore: Sequence[str] = ()
@@ -37,7 +42,11 @@ class FinishedParts:
         missing = [name for name in ignore if name not in key]
         if missing:
             raise ValueError(f"cannot ignore {missing}: not fields of {type(params).__name__}")
-        return cls(folder, {k: v for k, v in key.items() if k not in ignore})
+        kept = {k: v for k, v in key.items() if k not in ignore}
+        defaults = {f.name: jsonable(f.default) for f in dataclasses.fields(params)
+                    if f.name in kept and f.default is not dataclasses.MISSING
+                    and jsonable(f.default) == kept[f.name]}
+        return cls(folder, kept, defaults)
 
     def path(self, name: str) -> Path:
         """The record of part ``name`` (characters outside ``[A-Za-z0-9._=-]`` become
@@ -55,7 +64,10 @@ class FinishedParts:
         if record.get("name") != name:
             tqdm.write(f"{path}: holds part {record.get('name')!r}; recomputing {name}")
             return None
-        if record.get("params") != self.params:
+        made = record.get("params")
+        if isinstance(made, dict):  # fields added since, at their defaults, match
+            made = {**{k: v for k, v in self.defaults.items() if k not in made}, **made}
+        if made != self.params:
             tqdm.write(f"{path}: made with other parameters; recomputing {name}")
             return None
         tqdm.write(f"{name}: reusing the result in {path}")

@@ -77,3 +77,15 @@ def test_a_sweep_split_by_pool_resumes_from_finished_settings(
     assert run(pool_blocks=[12, 24]) == both and len(ran) == 4  # all reused
     run(pool_blocks=[12], max_new_tokens=3)  # another parameter: recomputed
     assert ran[4:] == [("multi-turn", 12, "cache"), ("multi-turn", 12, "no-cache")]
+
+
+def test_bad_parameters_raise_before_any_work() -> None:
+    with pytest.raises(ValueError, match="attention must be 'auto' or one of"):
+        experiment.Params(attention="cuda")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        experiment.Params(dtype="float16")
+    with pytest.raises(ValueError, match="unknown workloads"):
+        experiment.Params(workloads=("chat",))
+    with pytest.raises(ValueError, match="cannot hold the largest request"):
+        experiment.Params(pool_blocks=(4,))
+    assert experiment.Params(attention="auto").attention == "auto"

@@ -44,3 +44,25 @@ def test_keyed_by_drops_only_the_named_fields(tmp_path: Path) -> None:
     assert other.params == parts.params
     with pytest.raises(ValueError, match="pools"):
         FinishedParts.keyed_by(tmp_path, Params(), ignore=("pools",))
+
+
+def test_a_field_added_later_matches_old_records_only_at_its_default(tmp_path: Path) -> None:
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Old:
+        seed: int = 0
+
+    @dataclasses.dataclass(frozen=True)
+    class New:
+        seed: int = 0
+        attention: str = "xla"
+
+    FinishedParts.keyed_by(tmp_path, Old(seed=3)).save("a", {"x": 1})
+    assert FinishedParts.keyed_by(tmp_path, New(seed=3)).load("a") == {"x": 1}
+    assert FinishedParts.keyed_by(tmp_path, New(seed=3, attention="triton")).load("a") is None
+    assert FinishedParts.keyed_by(tmp_path, New(seed=4)).load("a") is None
+    # A record that has the field is compared as saved, not defaulted.
+    FinishedParts.keyed_by(tmp_path, New(seed=3, attention="triton")).save("b", {"x": 2})
+    assert FinishedParts.keyed_by(tmp_path, New(seed=3)).load("b") is None
+    assert FinishedParts.keyed_by(tmp_path, New(seed=3, attention="triton")).load("b") == {"x": 2}

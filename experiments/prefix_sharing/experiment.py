@@ -18,7 +18,8 @@ workloads, their token ids random but fixed by the seed:
 System-prompt and few-shot requests arrive ``requests_per_call`` per ``generate``
 call. For each (workload, pool, cache on/off) the whole workload runs ``1 + repeats``
 times, each on a fresh generator (empty pool and cache): a warm-up run that compiles
-every shape, then ``repeats`` measured runs; a request's TTFT is its median. All
+every shape, then ``repeats`` measured runs; a request's TTFT is its median. The pool's paged attention is ``attention`` ("xla" by default, the gather reference;
+"auto" = the Triton/Pallas kernels on a GPU). All
 pool sizes share one device page array of ``max(pool_blocks)`` pages, of which the
 allocator manages ``pool`` (``device_blocks``): compiled steps are shared across pool
 sizes, and a step's cost does not depend on the unused pages. TTFT
@@ -50,6 +51,7 @@ from tqdm import tqdm
 
 from kvjax.analysis.presets import get_preset
 from kvjax.analysis.spec import ArchSpec
+from kvjax.cache.paged import ATTENTION_BACKENDS
 from kvjax.engine.generate import generate
 from kvjax.engine.prefix_generate import PrefixCachedGenerator, PrefixGenerationStats
 from kvjax.models.llama import Decoder
@@ -89,8 +91,12 @@ class Params:
     num_turns: int = 4  # turns per chat
     user_len: int = 48  # tokens per user message
     seed: int = 0  # weights and token ids
+    attention: str = "xla"  # the pool's paged attention backend ("auto": kernels on GPU)
 
     def __post_init__(self) -> None:
+        if self.attention not in ("auto", *ATTENTION_BACKENDS):
+            raise ValueError(f"attention must be 'auto' or one of {ATTENTION_BACKENDS}, "
+                             f"got {self.attention!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         bad = sorted(set(self.workloads) - set(WORKLOADS))
@@ -238,7 +244,7 @@ def _setting(p: Params, model: Decoder, params: Any, workload: str, pool: int, m
         bar.set_postfix_str(f"{workload} pool={pool} {mode} {phase}")
         gen = PrefixCachedGenerator(model, params, num_blocks=pool, block_size=p.block_size,
                                     prefix_caching=mode == "cache",
-                                    device_blocks=max(p.pool_blocks))
+                                    device_blocks=max(p.pool_blocks), attention=p.attention)
 
         def cached(call: Call, gen: PrefixCachedGenerator = gen
                    ) -> tuple[list[list[int]], PrefixGenerationStats]:

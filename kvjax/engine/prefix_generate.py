@@ -77,12 +77,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.paged import PagedCache
+from kvjax.cache.paged import PagedCache, check_attention_backend
 from kvjax.engine.generate import (
     GenerationOutput,
     decode,
     forward_step,
     kv_bytes_per_token,
+    resolve_attention,
     sample_keys,
     stop_array,
     to_output,
@@ -188,7 +189,8 @@ class PrefixCachedGenerator:
 
     def __init__(self, model: Decoder, params: Any, *, num_blocks: int, block_size: int = 16,
                  capacity_blocks: int | None = None, prefix_caching: bool = True,
-                 device_blocks: int | None = None, tiers: TierConfig | None = None) -> None:
+                 device_blocks: int | None = None, tiers: TierConfig | None = None,
+                 attention: str = "xla") -> None:
         """Allocate the device pool of ``num_blocks`` pages of ``block_size`` tokens.
 
         ``capacity_blocks`` caps how many blocks the tree may keep (default: as many
@@ -199,7 +201,12 @@ class PrefixCachedGenerator:
         compiled step (a pool-size sweep compiles once). Step cost does not depend on
         the pool size: attention reads only the pages in the block tables.
         ``tiers`` puts host and disk tiers under the pool (not with ``capacity_blocks``
-        or ``prefix_caching=False``).
+        or ``prefix_caching=False``). ``attention`` is the pool's backend
+        (``PagedCache.attention``; "auto" = the kernels on a GPU when the page layout
+        suits them, see ``kvjax.engine.generate.resolve_attention``). The default, "xla",
+        keeps the gather reference everywhere; on a GPU it forms the whole
+        ``[rows, heads, queries, keys]`` score tensor of a prefill step, which XLA was
+        seen to compile for minutes at 4 rows x 2.7k tokens.
         """
         device_blocks = num_blocks if device_blocks is None else device_blocks
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
@@ -211,6 +218,9 @@ class PrefixCachedGenerator:
         if tiers is not None and (capacity_blocks is not None or not prefix_caching):
             raise ValueError("tiers need prefix_caching and no capacity_blocks")
         cfg = model.cfg
+        attention = resolve_attention(attention, block_size, cfg.head_dim)
+        check_attention_backend(attention, block_size, cfg.head_dim)
+        self.attention = attention
         self.model = model
         self.params = params
         self.block_size = block_size
@@ -277,7 +287,7 @@ class PrefixCachedGenerator:
 
     def _pool(self, tables: np.ndarray, lengths: np.ndarray) -> PagedCache:
         return PagedCache(k_pages=self._k, v_pages=self._v, block_tables=jnp.asarray(tables),
-                          lengths=jnp.asarray(lengths, jnp.int32))
+                          lengths=jnp.asarray(lengths, jnp.int32), attention=self.attention)
 
     def _keep(self, kv: PagedCache) -> None:
         """Adopt the pool a step returned (the tiers copy pages from and into it)."""
