@@ -311,6 +311,9 @@ def main() -> None:
                     help="offline prompt lengths (default 512 2048; tiny 32 96)")
     ap.add_argument("--max-batch", type=int, default=None,
                     help="offline engine max_batch (default: the largest batch)")
+    ap.add_argument("--overlap-bursts", action="store_true",
+                    help="also an engine row per --decode-steps value with overlap_bursts "
+                         "(the next burst dispatched before the last one is read)")
     ap.add_argument("--skip-hf-dynamic", action="store_true",
                     help="time HF generate with the static cache only")
     args = ap.parse_args()
@@ -376,23 +379,26 @@ def main() -> None:
     record["engine_max_batch"] = max_batch
     for p in s.prompts:
         need = -(-(p + s.new) // BLOCK)
+        variants = [(steps, False) for steps in args.decode_steps] + [
+            (steps, True) for steps in args.decode_steps if args.overlap_bursts]
         engines = [Engine(lm.model, lm.params, num_blocks=max_batch * need + need,
                           block_size=BLOCK, max_batch=max_batch, prefill_chunk=p,
-                          max_tokens_per_step=max(s.budget, p), decode_steps=steps)
-                   for steps in args.decode_steps]
+                          max_tokens_per_step=max(s.budget, p), decode_steps=steps,
+                          overlap_bursts=overlap)
+                   for steps, overlap in variants]
         engine = engines[0]
         for b in s.batches:
             row: dict[str, Any] = {"batch": b, "prompt": p, "new": s.new, **hf_rows[b, p]}
             row["engine"] = engine_cell(engine, prompts[b, p], s.new, args.repeats)
-            for steps, other in zip(args.decode_steps[1:], engines[1:], strict=True):
-                r = row[f"engine_steps{steps}"] = engine_cell(other, prompts[b, p], s.new,
-                                                             args.repeats)
+            for (steps, overlap), other in zip(variants[1:], engines[1:], strict=True):
+                name = f"engine_steps{steps}" + ("_overlap" if overlap else "")
+                r = row[name] = engine_cell(other, prompts[b, p], s.new, args.repeats)
                 r.pop("tokens", None)
                 ok_st = "error" not in row["hf_static"]
                 ratio = (r["decode_tok_s"] / row["hf_static"]["decode_tok_s"] if ok_st
                          else float("nan"))
                 r["decode_ratio_vs_hf_static"] = ratio
-                print(f"  engine     batch {b:>3} prompt {p:>5} decode_steps {steps}: "
+                print(f"  {name:<10} batch {b:>3} prompt {p:>5}: "
                       f"{_fmt(r, 'ttft_all_ms')}; x{ratio:.2f} decode vs HF", flush=True)
             if args.with_generate:  # e.g. out of memory at batch 32 x 2048: reported
                 row["generate"] = _guarded(generate_cell, lm, prompts[b, p], s.new,

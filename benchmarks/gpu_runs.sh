@@ -25,6 +25,8 @@
 #                (the first try ran both in one slot and ran out of time in each:
 #                 4.5 min for 4 of 13 prefix-sharing steps, 15 of 18 tiered steps)
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min (412 s, H100)
+#   engine-b8    the same at batch 1 and 8: burst lengths, overlapped bursts;
+#                and the decode-step profile                              ~ 5-6 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
 #   probe-recipe attention-sweep mha alone at five shapes (recipe 2 otherwise) ~ 6.2 min
@@ -104,6 +106,12 @@ case "$group" in
         --output-dir "$out/tiered_cache_multiturn" --set "workloads=[multi-turn]" ;;
   engine)
     run engine_vs_hf 560 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf.json" ;;
+  engine-b8)  # batch 1 and 8 only, engine max_batch 32: burst lengths 8/16, serial vs overlapped
+    run engine_vs_hf_b8 420 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf_b8.json" \
+        --batches 1 8 --prompts 512 2048 --max-batch 32 --decode-steps 8 16 --overlap-bursts \
+        --skip-hf-dynamic --skip-online
+    run decode_step_profile 240 $py benchmarks/decode_step_profile.py --trace \
+        --cells 8x512 32x512 --attention triton --out "$out/decode_step_profile.json" ;;
   serve)
     run serve_bench 540 $py -m kvjax.cli serve-bench --config configs/serve-bench-gpu.yaml \
         --output-dir "$out/serve_bench" --no-progress ;;

@@ -393,16 +393,18 @@ def test_prefix_caching_matches_dense(llama: LoadedModel, num_blocks: int,
     _assert_pool_empty(engine)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("num_blocks", [96, 12], ids=["roomy", "preempting"])
 def test_decode_bursts_match_dense(llama: LoadedModel,
                                    cases: list[tuple[list[int], int, list[int]]],
-                                   num_blocks: int) -> None:
+                                   num_blocks: int, overlap: bool) -> None:
     """decode_steps=3: once nothing waits, decodes run three forwards per step in a device
     loop; outputs (with a stop id, and with a pool that forces preemption) equal the
-    dense reference, streamed tokens equal the outputs, and nothing leaks."""
+    dense reference, streamed tokens equal the outputs, and nothing leaks. With
+    overlap_bursts the same, requests arriving while a burst is in flight."""
     from kvjax.engine.engine import compiled_programs
 
-    engine = _engine(llama, num_blocks=num_blocks, decode_steps=3)
+    engine = _engine(llama, num_blocks=num_blocks, decode_steps=3, overlap_bursts=overlap)
     engine.precompile(max_tokens=32)
     compiled = compiled_programs()
     stop_tok = cases[2][2][4]
@@ -413,7 +415,9 @@ def test_decode_bursts_match_dense(llama: LoadedModel,
         assert engine.finished[rids[i]].tokens[0] == want, i
         assert streamed[rids[i]] == want
     bursts = [s for s in engine.step_metrics if s.decode_steps == 3]
-    assert bursts and all(s.prefill_tokens == 0 and s.waiting == 0 for s in bursts)
+    assert bursts and all(s.prefill_tokens == 0 for s in bursts)
+    if not overlap:  # an overlapped burst in flight is read even if a request arrived
+        assert all(s.waiting == 0 for s in bursts)
     assert max(s.new_tokens for s in bursts) > BATCH  # several tokens per row per step
     if num_blocks == 12:
         assert engine.metrics().preemptions > 0
@@ -543,3 +547,84 @@ def test_decode_rows_follow_the_running_count(llama: LoadedModel,
                for sh in decode_shapes}  # one token per decoding row (no bursts here)
     assert max(decoded[8]) <= 8 < min(decoded[16])
     _assert_pool_empty(engine)
+
+
+def _no_stop_cases(cases: list[tuple[list[int], int, list[int]]]
+                   ) -> list[tuple[list[int], int, list[int]]]:
+    """Four cases with no stop ids and 9-16 new tokens (case 2 is the one stopped)."""
+    return [cases[i] for i in (0, 5, 6, 3)]
+
+
+def test_overlapped_bursts_match_dense_and_run_ahead(
+        llama: LoadedModel, cases: list[tuple[list[int], int, list[int]]]) -> None:
+    """With no stop ids and nothing waiting, each step dispatches the next burst before
+    reading its own (``overlapped_bursts`` counts them); outputs, streamed tokens and
+    the pool are as without overlap, and no program is compiled after precompile."""
+    from kvjax.engine.engine import compiled_programs
+
+    work = _no_stop_cases(cases)
+    engine = _engine(llama, num_blocks=96, decode_steps=3, overlap_bursts=True)
+    engine.precompile(max_tokens=32)
+    compiled = compiled_programs()
+    rids = [engine.add_request(p, max_new_tokens=n) for p, n, _ in work]
+    streamed: dict[int, list[int]] = {}
+    for rid, tok in engine.stream():
+        streamed.setdefault(rid, []).append(tok)
+        _check_pool(engine)
+    assert compiled_programs() == compiled
+    assert engine.overlapped_bursts >= 2
+    for rid, (_, n, ref) in zip(rids, work, strict=True):
+        assert engine.finished[rid].tokens[0] == ref == streamed[rid]
+        assert engine.request_metrics[rid].output_tokens == n
+    _assert_pool_empty(engine)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix-cache"])
+def test_cancel_while_a_burst_is_in_flight(llama: LoadedModel,
+                                           cases: list[tuple[list[int], int, list[int]]],
+                                           prefix_caching: bool) -> None:
+    """Cancelling a request whose next burst is already dispatched reads that burst
+    first (the next step returns its tokens), then frees everything; the others finish
+    with their reference tokens and nothing leaks."""
+    work = _no_stop_cases(cases)
+    engine = _engine(llama, num_blocks=96, decode_steps=3, overlap_bursts=True,
+                     prefix_caching=prefix_caching)
+    rids = [engine.add_request(p, max_new_tokens=n) for p, n, _ in work]
+    streamed: dict[int, list[int]] = {rid: [] for rid in rids}
+    while engine._ahead is None:  # white box: until a burst is in flight
+        for rid, tok in engine.step():
+            streamed[rid].append(tok)
+    left = {s.rid: s.request.max_new_tokens - len(s.output) for s in engine._ahead.states}
+    victim = max(left, key=left.__getitem__)
+    assert left[victim] > 2 * 3  # it outlives the burst read now and the one after
+    before = len(streamed[victim])
+    assert engine.cancel(victim)
+    assert engine._ahead is None and not engine.cancel(victim)
+    while engine.has_unfinished():
+        for rid, tok in engine.step():
+            streamed[rid].append(tok)
+        _check_pool(engine)
+    ref = dict(zip(rids, (r for _, _, r in work), strict=True))
+    out = engine.finished[victim]
+    assert out.finish_reasons == ["cancelled"]
+    assert len(streamed[victim]) > before  # the in-flight burst's tokens were delivered
+    assert out.tokens[0] == streamed[victim] == ref[victim][: len(out.tokens[0])]
+    for rid in rids:
+        if rid != victim:
+            assert engine.finished[rid].tokens[0] == ref[rid] == streamed[rid]
+    _assert_pool_empty(engine)
+
+
+def test_overlapped_bursts_with_sampling(llama: LoadedModel) -> None:
+    """Sampled draws do not depend on whether bursts overlap (each row's draw counter
+    continues across the device-side hand-off)."""
+    prompts = [p[:12] for p in _prompts(llama.config.vocab_size)[:4]]
+    sp = SamplingParams(temperature=0.9, top_k=20)
+    outs = []
+    for overlap in (False, True):
+        engine = _engine(llama, num_blocks=64, decode_steps=4, overlap_bursts=overlap)
+        outs.append(engine.generate(prompts, max_new_tokens=[9, 14, 13, 11], sampling=sp,
+                                    seed=5).tokens)
+        assert (engine.overlapped_bursts > 0) == overlap
+        _assert_pool_empty(engine)
+    assert outs[0] == outs[1]

@@ -60,6 +60,7 @@ def test_shipped_configs_parse() -> None:
     ("engine.prefix_caching", 1, "engine.prefix_caching must be true or false"),
     ("engine.max_tokens_per_step", 1, "max_tokens_per_step must be >= max_batch"),
     ("engine.decode_steps", 0, "decode_steps must be >= 1"),
+    ("engine.overlap_bursts", "yes", "overlap_bursts must be true or false"),
     ("engine.preemption", "drop", "preemption must be one of"),
     ("engine.swap_blocks", 8, "swap_blocks must be >= 1 with preemption 'swap'"),
     ("engine.host_staging", "fast", "host_staging must be one of"),

@@ -246,6 +246,23 @@ class _State:
         return [*prompt[start:], *self.output[: end - n]]
 
 
+@dataclasses.dataclass
+class _Burst:
+    """A decode burst dispatched to the device; its ids are read by ``_collect``."""
+
+    states: list[_State]  # row i of the burst is states[i]; rows past them are padding
+    active: list[int]  # tokens each of ``states`` computes (0: the row sits it out)
+    ids: jax.Array  # int32 [rows, steps], not waited for
+    tables: np.ndarray  # int32 [rows, M]
+
+
+@jax.jit
+def _last_ids(ids: jax.Array, active: jax.Array) -> jax.Array:
+    """Each row's last sampled id of a burst: ids int32 [B, N], active int32 [B] -> [B]
+    (rows with ``active == 0`` get an arbitrary id; they sit the next burst out)."""
+    return ids[jnp.arange(ids.shape[0]), jnp.maximum(active - 1, 0)]
+
+
 @partial(jax.jit, static_argnames=("model", "attention", "all_greedy"),
          donate_argnames=("k_pages", "v_pages"))
 def _engine_step(model: Decoder, params: Any, k_pages: jax.Array, v_pages: jax.Array,
@@ -383,6 +400,13 @@ class Engine:
         none is waiting: a device loop feeds each sampled token back without returning
         to the host in between (the tokens then arrive ``decode_steps`` at a time).
         Outputs are the same for any value; 1 (the default) is one forward per step.
+      overlap_bursts: with ``decode_steps > 1``, dispatch the next burst before reading
+        the current one's ids whenever every row's tokens are already known to continue
+        (no request waiting, no stop ids or strings in the batch): the device then runs
+        the next burst while the host reads, streams and books the current one. A
+        burst that turns out not to be needed never runs: the condition is checked
+        before dispatch, and a ``cancel`` first reads the burst in flight. Outputs are
+        unchanged.
       preemption: "recompute" (free a victim's blocks; it prefills again) or "swap"
         (copy its K/V to a host pool first and back at re-admission).
       swap_blocks: pages the swap host pool holds (needed, >= 1, for "swap").
@@ -396,7 +420,7 @@ class Engine:
                  max_tokens_per_step: int | None = None, prefix_caching: bool = False,
                  detokenize: Detokenize | None = None, attention: str = "auto",
                  decode_steps: int = 1, preemption: str = "recompute", swap_blocks: int = 0,
-                 host_staging: str = "pageable") -> None:
+                 host_staging: str = "pageable", overlap_bursts: bool = False) -> None:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
                             ("decode_steps", decode_steps)):
@@ -421,6 +445,12 @@ class Engine:
         self.max_tokens_per_step = budget
         self.detokenize = detokenize
         self.decode_steps = decode_steps
+        if not isinstance(overlap_bursts, bool):
+            raise ValueError(f"overlap_bursts must be a bool, got {overlap_bursts!r}")
+        self.overlap_bursts = overlap_bursts
+        self._ahead: _Burst | None = None  # a burst in flight (overlap_bursts)
+        self.overlapped_bursts = 0  # bursts dispatched before the previous one was read
+        self._pending: list[Event] = []  # tokens read early (by cancel), not yet returned
         self.attention = resolve_attention(attention, block_size, cfg.head_dim)
         check_attention_backend(self.attention, block_size, cfg.head_dim)
         self.allocator = BlockAllocator(num_blocks, block_size, kv_bytes_per_token(model))
@@ -525,6 +555,11 @@ class Engine:
         state = self._states.get(rid)
         if state is None:
             return False
+        if self._ahead is not None and any(s is state for s in self._ahead.states):
+            ahead, self._ahead = self._ahead, None
+            self._pending += self._collect(ahead)  # the next step returns them
+            if state.rid not in self._states:  # it finished in that burst
+                return False
         if state in self._running:
             self._running.remove(state)
         else:
@@ -533,7 +568,7 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._states)
+        return bool(self._states) or bool(self._pending)
 
     @property
     def num_waiting(self) -> int:
@@ -811,8 +846,11 @@ class Engine:
                           np.full((rows, width), -1, np.int32), tables, zeros, zeros,
                           zeros.astype(np.uint32), zeros, [sp] * rows)
                 if self.decode_steps > 1 and width == 1:  # the burst over the same rows
-                    self._run_burst(zeros, zeros, zeros, tables, zeros.astype(np.uint32),
-                                    zeros, [sp] * rows)
+                    ids = self._run_burst(zeros, zeros, zeros, tables, zeros.astype(np.uint32),
+                                          zeros, [sp] * rows)
+                    if self.overlap_bursts:  # the next burst's tokens, picked on device
+                        self._run_burst(_last_ids(ids, jnp.asarray(zeros)), zeros, zeros,
+                                        tables, zeros.astype(np.uint32), zeros, [sp] * rows)
         jax.block_until_ready(self._k)
         return len(shapes)
 
@@ -825,8 +863,31 @@ class Engine:
         return False
 
     def step(self) -> list[Event]:
-        """Schedule, run the forwards, sample; return the new tokens."""
+        """Schedule, run the forwards, sample; return the new tokens (with
+        ``overlap_bursts``, first those of the burst in flight, if one is)."""
         t0 = time.perf_counter()
+        events, self._pending = self._pending, []
+        if self._ahead is not None:
+            return events + self._step_ahead(t0)
+        return events + self._step(t0)
+
+    def _step_ahead(self, t0: float) -> list[Event]:
+        """Read the burst in flight, dispatching the next one first when it can run."""
+        burst, self._ahead = self._ahead, None
+        assert burst is not None
+        running = len(self._running)
+        self._ahead = self._speculate(burst)
+        events = self._collect(burst)
+        self.step_metrics.append(StepMetrics(
+            rows=running, max_batch=self.max_batch, waiting=len(self._waiting),
+            prefill_tokens=0, decode_tokens=len(events), cached_tokens=0,
+            shapes=((burst.tables.shape[0], 1, burst.tables.shape[1]),),
+            new_tokens=len(events), preempted=0, admitted=0, start=t0,
+            duration_s=time.perf_counter() - t0, decode_steps=self.decode_steps))
+        return events
+
+    def _step(self, t0: float) -> list[Event]:
+        """One scheduled step (no burst in flight)."""
         rows, preempted, admitted, cached = self._schedule()
         if not rows:
             return []
@@ -899,35 +960,88 @@ class Engine:
         next slot) in one device loop; return the new tokens and the table width, or None
         (nothing done) if the pool cannot hold the extra slots. Rows stop at their
         ``max_new_tokens``; a stop id or string ends a row on the host, and the tokens
-        computed after it are dropped."""
+        computed after it are dropped. With ``overlap_bursts`` the next burst may be
+        dispatched before this one is read (``_speculate``)."""
         active = [min(self.decode_steps, s.request.max_new_tokens - len(s.output))
                   for s in states]
-        more = [max(0, s.computed + n - self.allocator.num_tokens(s.rid))
-                for s, n in zip(states, active, strict=True)]
+        if not self._reserve_burst(states, [s.computed for s in states], active):
+            return None
+        rows = self._decode_rows(len(states))
+        tokens = np.zeros((rows,), np.int32)
+        tokens[: len(states)] = [s.output[-1] for s in states]
+        burst = self._dispatch_burst(states, active, tokens,
+                                     [s.computed for s in states],
+                                     [len(s.output) for s in states])
+        if self.overlap_bursts:
+            self._ahead = self._speculate(burst)
+        return self._collect(burst), burst.tables.shape[1]
+
+    def _reserve_burst(self, states: list[_State], starts: list[int], active: list[int]
+                       ) -> bool:
+        """Reserve slots ``[starts[i], starts[i] + active[i])`` for each of ``states``;
+        False (nothing reserved) if the pool cannot hold them."""
+        more = [max(0, start + n - self.allocator.num_tokens(s.rid))
+                for s, start, n in zip(states, starts, active, strict=True)]
         if sum(self.allocator.blocks_to_append(s.rid, m)
                for s, m in zip(states, more, strict=True)) > self._available():
-            return None
+            return False
         for s, m in zip(states, more, strict=True):
             self._reserve(s, m)
+        return True
+
+    def _dispatch_burst(self, states: list[_State], active: list[int], tokens: ArrayLike,
+                        starts: list[int], draws: list[int]) -> _Burst:
+        """Dispatch a burst: row ``i`` feeds ``tokens[i]`` (int32 [rows], host or device)
+        at position ``starts[i]`` and computes ``active[i]`` tokens from draw ``draws[i]``
+        on; slots already reserved."""
         rows = self._decode_rows(len(states))
         tables = self._tables(states, rows)
-        tokens, positions, act, draws = (np.zeros((rows,), np.int32) for _ in range(4))
+        positions, act, draw = (np.zeros((rows,), np.int32) for _ in range(3))
         seeds = np.zeros((rows,), np.uint32)
         params = [GREEDY] * rows
-        for row, (s, n) in enumerate(zip(states, active, strict=True)):
-            tokens[row], positions[row], act[row] = s.output[-1], s.computed, n
-            seeds[row], draws[row], params[row] = s.request.seed, len(s.output), s.request.sampling
-        ids = np.asarray(self._run_burst(tokens, positions, act, tables, seeds, draws, params))
+        for row, s in enumerate(states):
+            positions[row], act[row], draw[row] = starts[row], active[row], draws[row]
+            seeds[row], params[row] = s.request.seed, s.request.sampling
+        ids = self._run_burst(tokens, positions, act, tables, seeds, draw, params)
+        return _Burst(states, active, ids, tables)
+
+    def _speculate(self, prev: _Burst) -> _Burst | None:
+        """With ``overlap_bursts``: dispatch the burst after ``prev`` (not yet read) when
+        every row's continuation is known without its ids: nothing waits to be admitted
+        and no row has stop ids or strings (only ``max_new_tokens`` ends a row, and
+        that is known in advance). Its input tokens are ``prev``'s last ids, picked on
+        the device. None if it cannot run (or nothing is left to compute)."""
+        states = prev.states
+        if (not self.overlap_bursts or self._waiting
+                or any(s.stops or s.request.stop_strings or s.rid not in self._states
+                       for s in states)):  # (a row retired before prev: re-plan the rows)
+            return None
+        sampled = [len(s.output) + n for s, n in zip(states, prev.active, strict=True)]
+        active = [min(self.decode_steps, s.request.max_new_tokens - k)
+                  for s, k in zip(states, sampled, strict=True)]
+        starts = [s.computed + n for s, n in zip(states, prev.active, strict=True)]
+        if not any(active) or not self._reserve_burst(states, starts, active):
+            return None
+        prev_active = np.zeros((prev.tables.shape[0],), np.int32)
+        prev_active[: len(states)] = prev.active
+        tokens = _last_ids(prev.ids, jnp.asarray(prev_active))
+        self.overlapped_bursts += 1
+        return self._dispatch_burst(states, active, tokens, starts, sampled)
+
+    def _collect(self, burst: _Burst) -> list[Event]:
+        """Wait for ``burst``'s ids and book them: each row's tokens are accepted in order
+        until it retires (stop or length); the rest of its row is dropped."""
+        ids = np.asarray(burst.ids)
         now = time.perf_counter()
         events: list[Event] = []
-        for row, (s, n) in enumerate(zip(states, active, strict=True)):
+        for row, (s, n) in enumerate(zip(burst.states, burst.active, strict=True)):
             for j in range(n):
                 s.computed += 1
                 if self._accept(s, int(ids[row, j]), now, events):
                     break
-        return events, tables.shape[1]
+        return events
 
-    def _run_burst(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray,
+    def _run_burst(self, tokens: ArrayLike, positions: np.ndarray, active: np.ndarray,
                    tables: np.ndarray, seeds: np.ndarray, draws: np.ndarray,
                    params: list[SamplingParams]) -> jax.Array:
         """Dispatch ``_engine_decode_burst`` (the pool donated and replaced)."""

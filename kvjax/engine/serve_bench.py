@@ -71,7 +71,8 @@ def build_engine(cfg: ServeBenchConfig) -> Engine:
                   max_tokens_per_step=e.max_tokens_per_step or None,
                   prefix_caching=e.prefix_caching, attention=e.attention,
                   decode_steps=e.decode_steps, preemption=e.preemption,
-                  swap_blocks=e.swap_blocks, host_staging=e.host_staging)
+                  swap_blocks=e.swap_blocks, host_staging=e.host_staging,
+                  overlap_bursts=e.overlap_bursts)
 
 
 def replay(engine: Engine, items: list[WorkItem], *, progress: bool = True) -> Replay:

@@ -89,6 +89,7 @@ class EngineSpec:
     preemption: str = "recompute"  # or "swap": victims' K/V wait in a host pool
     swap_blocks: int = 0  # host pool pages for preemption "swap"
     host_staging: str = "pageable"  # swap copies: "pageable", "pinned" or "pinned-slots"
+    overlap_bursts: bool = False  # dispatch the next decode burst before reading this one
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_batch", "prefill_chunk", "decode_steps"):
@@ -102,6 +103,8 @@ class EngineSpec:
         if (self.preemption == "swap") != (self.swap_blocks > 0):
             raise ValueError("swap_blocks must be >= 1 with preemption 'swap' and 0 otherwise, "
                              f"got {self.swap_blocks}")
+        if not isinstance(self.overlap_bursts, bool):
+            raise ValueError(f"overlap_bursts must be true or false, got {self.overlap_bursts!r}")
         if self.host_staging not in STAGING:
             raise ValueError(f"host_staging must be one of {STAGING}, got {self.host_staging!r}")
         if self.attention not in ("auto", *ATTENTION_BACKENDS):
