@@ -628,3 +628,42 @@ def test_overlapped_bursts_with_sampling(llama: LoadedModel) -> None:
         assert (engine.overlapped_bursts > 0) == overlap
         _assert_pool_empty(engine)
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_adds_and_cancels_with_overlapped_bursts(
+        llama: LoadedModel, cases: list[tuple[list[int], int, list[int]]], seed: int) -> None:
+    """A random schedule of arrivals (no stop ids, random budgets) and cancellations
+    between steps: every finished output is its reference cut at its budget, every
+    cancelled one a prefix of it, the pool is consistent after every step and empty at
+    the end."""
+    rng = np.random.default_rng(seed)
+    work = _no_stop_cases(cases)
+    engine = _engine(llama, num_blocks=int(rng.choice([24, 96])), decode_steps=3,
+                     overlap_bursts=True, prefix_caching=bool(rng.integers(2)))
+    want: dict[int, list[int]] = {}
+    streamed: dict[int, list[int]] = {}
+    for step in range(200):
+        if step < 40 and rng.random() < 0.3:
+            prompt, n, ref = work[int(rng.integers(len(work)))]
+            budget = int(rng.integers(1, n + 1))
+            rid = engine.add_request(prompt, max_new_tokens=budget)
+            want[rid], streamed[rid] = ref[:budget], []
+        live = [r for r in want if r not in engine.finished]
+        if live and rng.random() < 0.08:
+            engine.cancel(int(rng.choice(live)))
+        for rid, tok in engine.step():
+            streamed[rid].append(tok)
+        _check_pool(engine)
+        if step >= 40 and not engine.has_unfinished():
+            break
+    assert not engine.has_unfinished()
+    for rid, ref in want.items():
+        out = engine.finished[rid]
+        assert out.tokens[0] == streamed[rid]
+        if out.finish_reasons == ["cancelled"]:
+            assert out.tokens[0] == ref[: len(out.tokens[0])]
+        else:
+            assert out.tokens[0] == ref
+    assert engine.overlapped_bursts > 0  # the schedules do run bursts ahead
+    _assert_pool_empty(engine)
