@@ -18,9 +18,9 @@ workloads, their token ids random but fixed by the seed:
 System-prompt and few-shot requests arrive ``requests_per_call`` per ``generate``
 call. For each (workload, pool, cache on/off) the whole workload runs ``1 + repeats``
 times, each on a fresh generator (empty pool and cache): a warm-up run that compiles
-every shape, then ``repeats`` measured runs; a request's TTFT is its median. The pool's paged attention is ``attention`` ("xla" by default, the gather reference;
-"auto" = the Triton/Pallas kernels on a GPU). All
-pool sizes share one device page array of ``max(pool_blocks)`` pages, of which the
+every shape, then ``repeats`` measured runs; a request's TTFT is its median. The
+pool's paged attention is ``attention`` ("xla" by default, the gather reference;
+"auto" = the Triton/Pallas kernels on a GPU). All pool sizes share one device page array of ``max(pool_blocks)`` pages, of which the
 allocator manages ``pool`` (``device_blocks``): compiled steps are shared across pool
 sizes, and a step's cost does not depend on the unused pages. TTFT
 is the generator's: wall time from the call's start until the request's first-token
