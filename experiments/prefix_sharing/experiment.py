@@ -15,22 +15,21 @@ workloads, their token ids random but fixed by the seed:
   of a chat is its turn-``t`` prompt + the model's answer + a new user message. One
   call per turn carries every chat's next message.
 
-System-prompt and few-shot requests arrive ``requests_per_call`` per ``generate``
-call. For each (workload, pool, cache on/off) the whole workload runs ``1 + repeats``
-times, each on a fresh generator (empty pool and cache): a warm-up run that compiles
-every shape, then ``repeats`` measured runs; a request's TTFT is its median. The
-pool's paged attention is ``attention`` ("xla" by default, the gather reference;
-"auto" = the Triton/Pallas kernels on a GPU). All pool sizes share one device page array of ``max(pool_blocks)`` pages, of which the
-allocator manages ``pool`` (``device_blocks``): compiled steps are shared across pool
-sizes, and a step's cost does not depend on the unused pages. TTFT
-is the generator's: wall time from the call's start until the request's first-token
-logits are ready on device (``jax.block_until_ready`` after its prefill step), so it
-includes the host-side lookup and, within a call, earlier prefill waves and, where the
-pool cannot hold a call's requests together (multi-turn, small pools), the earlier
-groups' decoding. Every
-output is compared with plain dense generation (``generate(..., cache="dense")``)
-of the same prompts; in bfloat16 a different summation order may flip a near tie, so
-identity is reported, not assumed.
+System-prompt and few-shot requests arrive ``requests_per_call`` per ``generate`` call.
+For each (workload, pool, cache on/off) the whole workload runs ``1 + repeats`` times,
+each on a fresh generator (empty pool and cache): a warm-up run that compiles every
+shape, then ``repeats`` measured runs; a request's TTFT is its median. The pool's paged
+attention is ``attention`` ("xla" by default, the gather reference; "auto" = the
+Triton/Pallas kernels on a GPU). All pool sizes share one device page array of
+``max(pool_blocks)`` pages, of which the allocator manages ``pool`` (``device_blocks``):
+compiled steps are shared across pool sizes, and a step's cost does not depend on the
+unused pages. TTFT is the generator's: wall time from the call's start until the
+request's first-token logits are ready on device (``jax.block_until_ready`` after its
+prefill step), so it includes the host-side lookup and, within a call, earlier prefill
+waves and, where the pool cannot hold a call's requests together (multi-turn, small
+pools), the earlier groups' decoding. Every output is compared with plain dense
+generation (``generate(..., cache="dense")``) of the same prompts; in bfloat16 a
+different summation order may flip a near tie, so identity is reported, not assumed.
 
 Each finished setting is saved in ``out_dir/finished`` (:class:`kvjax.resume.FinishedParts`)
 and reused by a later run with the same parameters (the workloads and pools may differ):
