@@ -27,6 +27,7 @@ import dataclasses
 import chex
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from kvjax.attention import attend_by_position
 from kvjax.cache.dense import advanced_lengths
@@ -133,12 +134,7 @@ class PagedCache:
             raise ValueError("num_layers, num_pages, page_size, num_kv_heads and head_dim "
                              "must be positive")
         check_attention_backend(attention, page_size, head_dim)
-        block_tables = jnp.asarray(block_tables, jnp.int32)
-        chex.assert_rank(block_tables, 2)
-        batch = block_tables.shape[0]
-        lengths = (jnp.zeros((batch,), jnp.int32) if lengths is None
-                   else jnp.asarray(lengths, jnp.int32))
-        chex.assert_shape(lengths, (batch,))
+        block_tables, lengths = tables_and_lengths(block_tables, lengths)
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         return cls(k_pages=jnp.zeros(shape, dtype), v_pages=jnp.zeros(shape, dtype),
                    block_tables=block_tables, lengths=lengths, attention=attention)
@@ -204,6 +200,18 @@ class PagedCache:
         """lengths <- max(lengths, last written position + 1)."""
         return dataclasses.replace(self, lengths=advanced_lengths(self.lengths, positions,
                                                                   self.capacity))
+
+
+def tables_and_lengths(block_tables: ArrayLike, lengths: ArrayLike | None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """A pool's block tables int32 [B, M] and lengths int32 [B] (default zeros), checked."""
+    tables = jnp.asarray(block_tables, jnp.int32)
+    chex.assert_rank(tables, 2)
+    batch = tables.shape[0]
+    lens = (jnp.zeros((batch,), jnp.int32) if lengths is None
+            else jnp.asarray(lengths, jnp.int32))
+    chex.assert_shape(lens, (batch,))
+    return tables, lens
 
 
 def check_attention_backend(attention: str, page_size: int, head_dim: int) -> None:

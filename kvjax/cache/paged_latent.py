@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.dense import advanced_lengths
-from kvjax.cache.paged import page_slots
+from kvjax.cache.paged import page_slots, tables_and_lengths
 from pallas_kernels.mla_decode import mla_decode_attention
 from pallas_kernels.paged_decode import PAGE_SIZES
 
@@ -69,12 +69,7 @@ class PagedLatentCache:
             raise ValueError("num_layers, num_pages, page_size and latent_width must be "
                              "positive")
         check_latent_backend(attention, page_size, rope_key_heads)
-        block_tables = jnp.asarray(block_tables, jnp.int32)
-        chex.assert_rank(block_tables, 2)
-        batch = block_tables.shape[0]
-        lengths = (jnp.zeros((batch,), jnp.int32) if lengths is None
-                   else jnp.asarray(lengths, jnp.int32))
-        chex.assert_shape(lengths, (batch,))
+        block_tables, lengths = tables_and_lengths(block_tables, lengths)
         return cls(pages=jnp.zeros((num_layers, num_pages, page_size, latent_width), dtype),
                    block_tables=block_tables, lengths=lengths, attention=attention)
 
