@@ -21,6 +21,8 @@ def test_params_are_checked_before_any_work() -> None:
                 {"host_staging": "locked"}):
         with pytest.raises(ValueError):
             Params(**bad)
+    with pytest.raises(ValueError, match="attention must be 'auto' or one of"):
+        Params(attention="cuda")  # checked by the workload parameters it builds
     p = Params(num_requests=10, shots=2, shot_len=32, query_len=16, max_new_tokens=8,
                block_size=16)
     assert workload_blocks(p, "few-shot") == 10 * 6  # (64 + 16 + 8) tokens -> 6 blocks

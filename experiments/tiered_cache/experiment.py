@@ -21,7 +21,8 @@ Setups (``SETUPS``), each on a fresh generator:
 * ``l3-restart``: as the previous, but the disk directory was filled (``persist``) by an
   earlier generator that ran the same workload: a restarted process.
 
-Each setup runs ``1 + repeats`` times (a warm-up that compiles, then measured runs);
+The L1 pool attends through ``attention`` ("xla" by default; "auto" = the Triton/Pallas
+kernels on a GPU). Each setup runs ``1 + repeats`` times (a warm-up that compiles, then measured runs);
 TTFT is the generator's (call start -> first-token logits on device), median over
 runs per request. Every output is compared with ``l1-unbounded``'s. The tiers' copy
 bandwidths (device -> host on eviction, host -> device on promotion, disk) come from
@@ -94,6 +95,7 @@ class Params:
     system_len: int = 256  # shared system prompt of the chats
     user_len: int = 64  # tokens per user message
     seed: int = 0  # weights and token ids
+    attention: str = "xla"  # the L1 pool's paged attention backend ("auto": kernels on GPU)
 
     def __post_init__(self) -> None:
         if self.dtype not in sharing.DTYPES:
@@ -125,7 +127,7 @@ class Params:
             system_len=self.system_len, num_tasks=self.num_tasks, shots=self.shots,
             shot_len=self.shot_len, query_len=self.query_len,
             num_conversations=self.num_conversations, num_turns=self.num_turns,
-            user_len=self.user_len, seed=self.seed)
+            user_len=self.user_len, seed=self.seed, attention=self.attention)
 
 
 def workload_blocks(p: Params, workload: str) -> int:
@@ -197,7 +199,7 @@ class _Runner:
         pool = self.device_blocks if setup == "l1-unbounded" else p.l1_blocks
         return PrefixCachedGenerator(self.model, self.params, num_blocks=pool,
                                      block_size=p.block_size, device_blocks=self.device_blocks,
-                                     tiers=tiers)
+                                     tiers=tiers, attention=p.attention)
 
     def drive(self, gen: PrefixCachedGenerator, workload: str
               ) -> tuple[list[list[int]], list[PrefixGenerationStats]]:
