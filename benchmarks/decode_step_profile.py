@@ -13,8 +13,10 @@ random bf16 weights, every row at context ``C`` over a paged pool (block 16). Fo
 * with ``--trace``: a profiler trace of one burst, summarised as GPU kernels per token
   step, summed kernel time per step, and the kernels that take the most time.
 
-``--xla-flags`` runs the whole thing again in a child process per flag set (XLA reads
-its flags once, at start), e.g. command buffers (CUDA graphs) off.
+``--xla-flags`` runs the grid once per flag set, the environment's own first, each in a
+child process of its own (XLA reads its flags once, at start, and a process keeps the
+GPU memory it took), e.g. command buffers (CUDA graphs) off. The 2026-12-06 H100 run
+predates this: its second flag set ran beside the first process, short of memory.
 
 GPU (H100, ~4 min): python benchmarks/decode_step_profile.py --out $OUT/decode_profile.json
 CPU check (tiny): python benchmarks/decode_step_profile.py --tiny
@@ -214,16 +216,23 @@ def main() -> None:
         a.cells = ["2x40"]
     if a.tiny and a.attention == ap.get_default("attention"):
         a.attention = ["xla"]
-    results = [run_grid(a)]
-    for flags in a.xla_flags:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            argv = [sys.executable, __file__, "--cells", *a.cells, "--attention", *a.attention,
-                    "--steps", str(a.steps), "--reps", str(a.reps), "--out", f.name]
-            argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
-            print(f"--- XLA_FLAGS={flags}", flush=True)
-            done = subprocess.run(argv, env={**os.environ, "XLA_FLAGS": flags}, check=False)
-            if done.returncode == 0:
-                results += json.loads(Path(f.name).read_text())
+    if not a.xla_flags:
+        results = [run_grid(a)]
+    else:  # every flag set, the environment's own first, in a process of its own: a
+        # process holding the GPU's memory would leave the next one short of it
+        results = []
+        for flags in [os.environ.get("XLA_FLAGS", ""), *a.xla_flags]:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                argv = [sys.executable, __file__, "--cells", *a.cells, "--attention",
+                        *a.attention, "--steps", str(a.steps), "--reps", str(a.reps),
+                        "--out", f.name]
+                argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
+                argv += ["--trace"] * (a.trace and not flags.strip())
+                print(f"--- XLA_FLAGS={flags!r}", flush=True)
+                done = subprocess.run(argv, env={**os.environ, "XLA_FLAGS": flags},
+                                      check=False)
+                if done.returncode == 0:
+                    results += json.loads(Path(f.name).read_text())
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
 
