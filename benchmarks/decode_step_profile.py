@@ -15,8 +15,7 @@ random bf16 weights, every row at context ``C`` over a paged pool (block 16). Fo
 
 ``--xla-flags`` runs the grid once per flag set, the environment's own first, each in a
 child process of its own (XLA reads its flags once, at start, and a process keeps the
-GPU memory it took), e.g. command buffers (CUDA graphs) off. The 2026-12-06 H100 run
-predates this: its second flag set ran beside the first process, short of memory.
+GPU memory it took), e.g. command buffers (CUDA graphs) off.
 
 GPU (H100, ~4 min): python benchmarks/decode_step_profile.py --out $OUT/decode_profile.json
 CPU check (tiny): python benchmarks/decode_step_profile.py --tiny
