@@ -446,6 +446,8 @@ def test_decode_steps_must_be_positive(llama: LoadedModel) -> None:
     for bad in (0, -2, True, 1.5):
         with pytest.raises(ValueError, match="decode_steps"):
             _engine(llama, num_blocks=16, decode_steps=bad)
+    with pytest.raises(ValueError, match="overlap_bursts must be a bool"):
+        _engine(llama, num_blocks=16, decode_steps=2, overlap_bursts=1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("prefix_caching", "staging"),

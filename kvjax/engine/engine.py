@@ -878,13 +878,18 @@ class Engine:
         running = len(self._running)
         self._ahead = self._speculate(burst)
         events = self._collect(burst)
+        self._record_burst(t0, running, burst, events)
+        return events
+
+    def _record_burst(self, t0: float, running: int, burst: _Burst, events: list[Event],
+                      *, cached: int = 0, preempted: int = 0, admitted: int = 0) -> None:
+        """The step metrics of a step that ran ``burst`` and produced ``events``."""
         self.step_metrics.append(StepMetrics(
             rows=running, max_batch=self.max_batch, waiting=len(self._waiting),
-            prefill_tokens=0, decode_tokens=len(events), cached_tokens=0,
+            prefill_tokens=0, decode_tokens=len(events), cached_tokens=cached,
             shapes=((burst.tables.shape[0], 1, burst.tables.shape[1]),),
-            new_tokens=len(events), preempted=0, admitted=0, start=t0,
+            new_tokens=len(events), preempted=preempted, admitted=admitted, start=t0,
             duration_s=time.perf_counter() - t0, decode_steps=self.decode_steps))
-        return events
 
     def _step(self, t0: float) -> list[Event]:
         """One scheduled step (no burst in flight)."""
@@ -896,15 +901,11 @@ class Engine:
         chunk_rows = [(s, c) for s, c in rows if c > 1]
         if (self.decode_steps > 1 and not chunk_rows and not self._waiting
                 and all(not s.prefilling for s, _ in rows)):
-            burst = self._burst([s for s, _ in decode_rows])
-            if burst is not None:
-                new_tokens, table_width = burst
-                self.step_metrics.append(StepMetrics(
-                    rows=running, max_batch=self.max_batch, waiting=0, prefill_tokens=0,
-                    decode_tokens=len(new_tokens), cached_tokens=cached,
-                    shapes=((self._decode_rows(len(decode_rows)), 1, table_width),),
-                    new_tokens=len(new_tokens), preempted=preempted, admitted=admitted, start=t0,
-                    duration_s=time.perf_counter() - t0, decode_steps=self.decode_steps))
+            done = self._burst([s for s, _ in decode_rows])
+            if done is not None:
+                new_tokens, burst = done
+                self._record_burst(t0, running, burst, new_tokens, cached=cached,
+                                   preempted=preempted, admitted=admitted)
                 return new_tokens
         calls: list[tuple[list[tuple[_State, int]], jax.Array]] = []
         shapes: list[Shape] = []
@@ -955,9 +956,9 @@ class Engine:
             return True
         return False
 
-    def _burst(self, states: list[_State]) -> tuple[list[Event], int] | None:
+    def _burst(self, states: list[_State]) -> tuple[list[Event], _Burst] | None:
         """Run ``decode_steps`` decode forwards over ``states`` (each already holds its
-        next slot) in one device loop; return the new tokens and the table width, or None
+        next slot) in one device loop; return the new tokens and the burst, or None
         (nothing done) if the pool cannot hold the extra slots. Rows stop at their
         ``max_new_tokens``; a stop id or string ends a row on the host, and the tokens
         computed after it are dropped. With ``overlap_bursts`` the next burst may be
@@ -972,9 +973,8 @@ class Engine:
         burst = self._dispatch_burst(states, active, tokens,
                                      [s.computed for s in states],
                                      [len(s.output) for s in states])
-        if self.overlap_bursts:
-            self._ahead = self._speculate(burst)
-        return self._collect(burst), burst.tables.shape[1]
+        self._ahead = self._speculate(burst)
+        return self._collect(burst), burst
 
     def _reserve_burst(self, states: list[_State], starts: list[int], active: list[int]
                        ) -> bool:

@@ -103,8 +103,6 @@ class EngineSpec:
         if (self.preemption == "swap") != (self.swap_blocks > 0):
             raise ValueError("swap_blocks must be >= 1 with preemption 'swap' and 0 otherwise, "
                              f"got {self.swap_blocks}")
-        if not isinstance(self.overlap_bursts, bool):
-            raise ValueError(f"overlap_bursts must be true or false, got {self.overlap_bursts!r}")
         if self.host_staging not in STAGING:
             raise ValueError(f"host_staging must be one of {STAGING}, got {self.host_staging!r}")
         if self.attention not in ("auto", *ATTENTION_BACKENDS):
