@@ -36,8 +36,9 @@ from pallas_kernels.triton_paged_decode import triton_unavailable_reason
 SETTINGS = ({"block_q": 16, "pages_per_block": 4}, {"block_q": 32, "pages_per_block": 4},
             {"block_q": 64, "pages_per_block": 4}, {"block_q": 64, "pages_per_block": 8})
 TRITON_SETTINGS: tuple[dict[str, int], ...] = (
-    {}, {"block_q": 32}, {"block_q": 32, "num_warps": 8}, {"block_tokens": 32},
-    {"block_tokens": 128, "num_warps": 8}, {"num_stages": 3})
+    {}, {"prefetch_table": True}, {"num_stages": 3}, {"num_stages": 3, "prefetch_table": True},
+    {"block_tokens": 32}, {"block_tokens": 32, "num_stages": 3, "prefetch_table": True},
+    {"block_q": 32, "num_stages": 3, "prefetch_table": True})
 
 
 def make_row(batch: int, history: int, chunk: int, heads: int, kv_heads: int, head_dim: int,

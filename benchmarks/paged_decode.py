@@ -46,18 +46,30 @@ from pallas_kernels.triton_paged_decode import (
 )
 
 H, KV, D, PAGE = 32, 8, 128, 16
-Setting = tuple[int, int | None, int, int]  # (block size, num_splits or auto, warps, stages)
 # Pallas: (pages_per_block, num_splits, num_warps, num_stages)
-PALLAS = ((8, 1, 4, 2), (8, 4, 4, 2), (4, 8, 4, 2), (16, 2, 4, 2))
+PallasSetting = tuple[int, int, int, int]
+PALLAS: tuple[PallasSetting, ...] = ((8, 1, 4, 2), (8, 4, 4, 2), (4, 8, 4, 2), (16, 2, 4, 2))
 PALLAS_SWEEP = tuple((ppb, sp, w, st) for ppb, sp in ((8, 1), (8, 2), (8, 4), (4, 8), (4, 16))
                      for w in (4, 8) for st in (2, 3))
-# Triton: (block_tokens, num_splits (None = auto), num_warps, num_stages); the first is
-# the default launch.
-TRITON: tuple[Setting, ...] = ((128, None, 4, 3), (128, 1, 4, 3), (128, 4, 4, 3),
-                               (64, 8, 4, 3))
-TRITON_SWEEP: tuple[Setting, ...] = tuple(
-    (bt, sp, w, st) for bt, stages in ((64, (3,)), (128, (2, 3)), (256, (2,)))
-    for sp in (1, 2, 4, 8) for w in (4, 8) for st in stages)
+# Triton: (block_tokens, num_splits (None = auto), num_warps, num_stages, prefetch_table);
+# the first is the default launch.
+TritonSetting = tuple[int, int | None, int, int, bool]
+TRITON: tuple[TritonSetting, ...] = (
+    (128, None, 4, 3, False), (128, None, 4, 3, True), (64, 8, 4, 3, False),
+    (64, 8, 4, 3, True), (64, None, 4, 4, True), (32, None, 4, 4, True))
+TRITON_SWEEP: tuple[TritonSetting, ...] = tuple(
+    (bt, sp, w, st, pf) for bt, stages in ((32, (4, 6)), (64, (3, 4)), (128, (3,)))
+    for sp in (1, 2, 4, 8) for w in (4,) for st in stages for pf in (False, True))
+
+
+def parse_triton_settings(spec: str) -> tuple[TritonSetting, ...]:
+    """``"bt:sp:warps:stages:pf,..."`` (sp ``auto`` for the auto split, pf 0/1) -> settings."""
+    settings = []
+    for item in spec.split(","):
+        bt, sp, w, st, pf = item.split(":")
+        settings.append((int(bt), None if sp == "auto" else int(sp), int(w), int(st),
+                         bool(int(pf))))
+    return tuple(settings)
 
 
 class Budget:
@@ -119,7 +131,7 @@ def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
         res[name] = _error(err)
 
 
-def run_row(b: int, s: int, pallas: Sequence[Setting], triton: Sequence[Setting],
+def run_row(b: int, s: int, pallas: Sequence[PallasSetting], triton: Sequence[TritonSetting],
             baselines: bool, budget: Budget) -> dict[str, Any]:
     pages = b * s // PAGE
     key = jax.random.key(0)
@@ -146,11 +158,12 @@ def run_row(b: int, s: int, pallas: Sequence[Setting], triton: Sequence[Setting]
                  paged_decode_attention(*a, pages_per_block=ppb, num_splits=splits,
                                         num_warps=w, num_stages=st)))
         for ppb, splits, warps, stages in pallas], [
-        (f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}",
-         jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages:
+        (f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}{' pf' * pf}",
+         jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages, pf=pf:
                  triton_paged_decode_attention(*a, block_tokens=bt, num_splits=splits,
-                                               num_warps=w, num_stages=st)))
-        for tokens, splits, warps, stages in triton]]
+                                               num_warps=w, num_stages=st,
+                                               prefetch_table=pf)))
+        for tokens, splits, warps, stages, pf in triton]]
     # Alternate the two kernels so that a spent budget cuts both alike.
     for pair in itertools.zip_longest(*kernels):
         for name, fn in filter(None, pair):
@@ -219,6 +232,9 @@ def main() -> None:
                     help="chained: 30 calls inside one program (no host dispatch between "
                          "them); queued: 30 jitted calls queued back to back from Python "
                          "(the 2026-11-23 tables)")
+    ap.add_argument("--triton", type=parse_triton_settings,
+                    help="the Triton settings to time, 'bt:sp:warps:stages:pf,...' (sp 'auto'; "
+                         "pf 1 = prefetch_table), instead of the default list or sweep")
     args = ap.parse_args()
     global timer
     timer = TIMERS[args.timing]
@@ -232,6 +248,8 @@ def main() -> None:
         print(f"kvjax triton column skipped: {reason}", flush=True)
     pallas = {None: PALLAS, "pallas": PALLAS_SWEEP, "triton": ()}[args.sweep]
     triton = {None: TRITON, "pallas": (), "triton": TRITON_SWEEP}[args.sweep]
+    if args.triton:
+        triton = args.triton
     if reason is not None:
         triton = ()
     # In the 2026-11-23 H100 run the first Triton setting timed in the process took 3.3x

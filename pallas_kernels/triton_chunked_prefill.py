@@ -60,8 +60,8 @@ class PrefillLaunch:
 
 def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                    dtype: jnp.dtype, *, layer: int | None, block_q: int | None,
-                   block_tokens: int | None, num_warps: int,
-                   num_stages: int) -> PrefillLaunch:
+                   block_tokens: int | None, num_warps: int, num_stages: int,
+                   prefetch_table: bool = False) -> PrefillLaunch:
     """The launch for q ``[B, T, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K,
     D]`` read at ``layer``) with ``max_blocks`` table columns; arguments already passed
     ``check_prefill_args``. None picks ``default_block_q`` / ``default_block_tokens``.
@@ -88,7 +88,7 @@ def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_bl
             ("HEAD_DIM", head_dim), ("PAGE_SIZE", page_size), ("KV_HEADS", kv_heads),
             ("LAYER_STRIDE", math.prod(pool_shape[-4:])), ("MAX_BLOCKS", max_blocks),
             ("BLOCK_TOKENS", block_tokens), ("SCALE", head_dim ** -0.5),
-            ("DOT_PRECISION", dot_precision(dtype)))
+            ("DOT_PRECISION", dot_precision(dtype)), ("PREFETCH_TABLE", bool(prefetch_table)))
     return PrefillLaunch(grid=(batch, kv_heads, max(1, -(-t // block_q))),
                          scalars=(layer or 0, num_pages), meta=meta, num_warps=num_warps,
                          num_stages=num_stages, out_shape=(batch, t, heads, head_dim))
@@ -118,8 +118,8 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
                                    block_tables: jax.Array, q_lens: jax.Array,
                                    lengths: jax.Array, *, block_q: int | None = None,
                                    block_tokens: int | None = None, num_warps: int = 4,
-                                   num_stages: int = 2, layer: int | None = None
-                                   ) -> jax.Array:
+                                   num_stages: int = 2, layer: int | None = None,
+                                   prefetch_table: bool = False) -> jax.Array:
     """Causal attention of a ragged chunk of new tokens over paged K/V (Triton, GPU).
 
     Args:
@@ -134,6 +134,8 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
       num_warps, num_stages: Triton launch settings.
       layer: if given, ``k_pages``/``v_pages`` are a layer-stacked ``[L, P, S, K, D]``
         pool and layer ``layer`` is read in place.
+      prefetch_table: read each step's block-table entries one step ahead (as
+        ``triton_paged_decode_attention``).
 
     Returns:
       [B, T, H, D] in the dtype of ``q``; padding rows are zeros.
@@ -145,5 +147,6 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
     check_prefill_args(q, k_pages, v_pages, block_tables, q_lens, lengths, layer=layer)
     launch = prefill_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype,
                             layer=layer, block_q=block_q, block_tokens=block_tokens,
-                            num_warps=num_warps, num_stages=num_stages)
+                            num_warps=num_warps, num_stages=num_stages,
+                            prefetch_table=prefetch_table)
     return _prefill(q, k_pages, v_pages, block_tables, q_lens, lengths, launch=launch)

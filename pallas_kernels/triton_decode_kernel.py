@@ -53,6 +53,7 @@ def paged_decode_kernel(
     BLOCK_TOKENS: tl.constexpr,
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PREFETCH_TABLE: tl.constexpr,
 ) -> None:
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -77,15 +78,52 @@ def paged_decode_kernel(
     o = tl.zeros((ROWS, HEAD_DIM), tl.float32)
     m = tl.full((ROWS,), MASKED, tl.float32)
     den = tl.zeros((ROWS,), tl.float32)
+    off, valid = tile_offsets(table_ptr, seq, head, first, stop, layer_off, num_pages,
+                              HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
     for start in range(first, stop, BLOCK_TOKENS):
-        o, m, den = attend_tile(q, o, m, den, m, k_ptr, v_ptr, table_ptr, seq, head, start,
-                                stop, layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS,
-                                MAX_BLOCKS, BLOCK_TOKENS, SCALE, DOT_PRECISION, False)
+        if PREFETCH_TABLE:  # the next step's table entries, read one step ahead
+            next_off, next_valid = tile_offsets(
+                table_ptr, seq, head, start + BLOCK_TOKENS, stop, layer_off, num_pages,
+                HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+        else:
+            off, valid = tile_offsets(table_ptr, seq, head, start, stop, layer_off, num_pages,
+                                      HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+            next_off, next_valid = off, valid
+        o, m, den = attend_tile(q, o, m, den, m, k_ptr, v_ptr, off, valid, start, HEAD_DIM,
+                                BLOCK_TOKENS, SCALE, DOT_PRECISION, False)
+        off, valid = next_off, next_valid
 
     out_rows = ((seq.to(tl.int64) * KV_HEADS + head) * NUM_SPLITS + split) * GROUP + rows
     tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=real_row[:, None])
     tl.store(m_ptr + out_rows, m, mask=real_row)
     tl.store(den_ptr + out_rows, den, mask=real_row)
+
+
+@triton.jit
+def tile_offsets(
+    table_ptr: tl.tensor,
+    seq: tl.tensor,
+    head: tl.tensor,
+    start: tl.tensor,  # first position of the step
+    stop: tl.tensor,  # positions >= stop are not read
+    layer_off: tl.tensor,  # int64 element offset of the layer read
+    num_pages: tl.tensor,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor]:
+    """Where positions ``[start, start + BLOCK_TOKENS)`` of sequence ``seq``'s KV head
+    ``head`` lie in the pool, through its block table: int64 element offsets of each
+    token's ``HEAD_DIM`` row ``[BLOCK_TOKENS]`` and whether the token is read (below
+    ``stop``, on a real page) ``[BLOCK_TOKENS]``."""
+    pos = start + tl.arange(0, BLOCK_TOKENS)
+    entry = tl.load(table_ptr + seq * MAX_BLOCKS + pos // PAGE_SIZE, mask=pos < stop, other=-1)
+    valid = (pos < stop) & (entry >= 0) & (entry < num_pages)
+    off = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
+           + (pos % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
+    return off, valid
 
 
 @triton.jit
@@ -97,35 +135,21 @@ def attend_tile(
     q_pos: tl.tensor,  # int [ROWS] last position each row sees (read when CAUSAL)
     k_ptr: tl.tensor,
     v_ptr: tl.tensor,
-    table_ptr: tl.tensor,
-    seq: tl.tensor,
-    head: tl.tensor,
+    off: tl.tensor,  # int64 [BLOCK_TOKENS] the step's token rows (``tile_offsets``)
+    valid: tl.tensor,  # bool [BLOCK_TOKENS] tokens read (``tile_offsets``)
     start: tl.tensor,  # first position of this step
-    stop: tl.tensor,  # positions >= stop are not read
-    layer_off: tl.tensor,  # int64 element offset of the layer read
-    num_pages: tl.tensor,
     HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    KV_HEADS: tl.constexpr,
-    MAX_BLOCKS: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
-    """One online-softmax step of the paged kernels: gather positions ``[start, start +
-    BLOCK_TOKENS)`` (below ``stop``, on real pages) of sequence ``seq``'s KV head ``head``
-    through its block table as one ``[BLOCK_TOKENS, HEAD_DIM]`` K and V tile, score them
-    against ``q`` (row ``r`` sees positions ``<= q_pos[r]`` when ``CAUSAL``) and fold them
-    into ``(o, m, den)``. Returns the new ``(o, m, den)``."""
-    tok = tl.arange(0, BLOCK_TOKENS)
-    dims = tl.arange(0, HEAD_DIM)
-    pos = start + tok  # [BLOCK_TOKENS] token positions
-    entry = tl.load(table_ptr + seq * MAX_BLOCKS + pos // PAGE_SIZE, mask=pos < stop, other=-1)
-    valid = (pos < stop) & (entry >= 0) & (entry < num_pages)
-    token_off = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
-                 + (pos % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
-    kv_off = token_off[:, None] + dims[None, :]  # [BLOCK_TOKENS, HEAD_DIM]
+    """One online-softmax step of the paged kernels: load the ``[BLOCK_TOKENS, HEAD_DIM]``
+    K and V tile of positions ``[start, start + BLOCK_TOKENS)`` at ``off`` (``valid``
+    tokens only), score it against ``q`` (row ``r`` sees positions ``<= q_pos[r]`` when
+    ``CAUSAL``) and fold it into ``(o, m, den)``. Returns the new ``(o, m, den)``."""
+    pos = start + tl.arange(0, BLOCK_TOKENS)  # [BLOCK_TOKENS] token positions
+    kv_off = off[:, None] + tl.arange(0, HEAD_DIM)[None, :]  # [BLOCK_TOKENS, HEAD_DIM]
     k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
     v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
     if UPCAST_DOTS:

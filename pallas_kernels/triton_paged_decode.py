@@ -88,7 +88,8 @@ class DecodeLaunch:
 
 def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                   dtype: jnp.dtype, *, layer: int | None, block_tokens: int | None,
-                  num_splits: int | None, num_warps: int, num_stages: int) -> DecodeLaunch:
+                  num_splits: int | None, num_warps: int, num_stages: int,
+                  prefetch_table: bool = False) -> DecodeLaunch:
     """The launch for q ``[B, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K, D]``
     read at ``layer``) with ``max_blocks`` table columns; arguments already passed
     ``check_paged_args``. None picks the default: ``default_block_tokens``,
@@ -115,7 +116,8 @@ def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blo
             ("LAYER_STRIDE", math.prod(pool_shape[-4:])),
             ("MAX_BLOCKS", max_blocks), ("NUM_SPLITS", num_splits),
             ("PAGES_PER_SPLIT", pages_per_split), ("BLOCK_TOKENS", block_tokens),
-            ("SCALE", head_dim ** -0.5), ("DOT_PRECISION", dot_precision(dtype)))
+            ("SCALE", head_dim ** -0.5), ("DOT_PRECISION", dot_precision(dtype)),
+            ("PREFETCH_TABLE", bool(prefetch_table)))
     stats = (batch, kv_heads, num_splits, group)
     return DecodeLaunch(grid=(batch, kv_heads, num_splits), scalars=(layer or 0, num_pages),
                         meta=meta, num_warps=num_warps, num_stages=num_stages,
@@ -156,7 +158,8 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
                                   block_tables: jax.Array, lengths: jax.Array, *,
                                   block_tokens: int | None = None,
                                   num_splits: int | None = None, num_warps: int = 4,
-                                  num_stages: int = 3, layer: int | None = None) -> jax.Array:
+                                  num_stages: int = 3, layer: int | None = None,
+                                  prefetch_table: bool = False) -> jax.Array:
     """Decode attention of one new token per sequence over paged K/V (Triton kernel, GPU).
 
     Args:
@@ -173,6 +176,11 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
       num_warps, num_stages: Triton launch settings.
       layer: if given, ``k_pages``/``v_pages`` are a layer-stacked ``[L, P, S, K, D]``
         pool and layer ``layer`` is read in place.
+      prefetch_table: read each step's block-table entries one step ahead, so that the
+        K/V addresses come from the previous step and Triton's pipeliner keeps
+        ``num_stages - 1`` K/V tiles in flight (read in the step itself, the table load
+        sits between the tiles and the pipeliner keeps fewer; see
+        docs/paged-decode-kernel.md).
 
     Returns:
       [B, H, D] in the dtype of ``q``.
@@ -185,5 +193,6 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
                      1 if num_splits is None else num_splits, layer=layer)
     launch = decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
                            block_tokens=block_tokens, num_splits=num_splits,
-                           num_warps=num_warps, num_stages=num_stages)
+                           num_warps=num_warps, num_stages=num_stages,
+                           prefetch_table=prefetch_table)
     return _decode(q, k_pages, v_pages, block_tables, lengths, launch=launch)

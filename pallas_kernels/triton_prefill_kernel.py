@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pallas_kernels.triton_decode_kernel import MASKED, UPCAST_DOTS, attend_tile
+from pallas_kernels.triton_decode_kernel import MASKED, UPCAST_DOTS, attend_tile, tile_offsets
 
 
 @triton.jit
@@ -46,6 +46,7 @@ def paged_prefill_kernel(
     BLOCK_TOKENS: tl.constexpr,
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PREFETCH_TABLE: tl.constexpr,
 ) -> None:
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -73,10 +74,20 @@ def paged_prefill_kernel(
     o = tl.zeros((BLOCK_Q * GROUP_ROWS, HEAD_DIM), tl.float32)
     m = tl.full((BLOCK_Q * GROUP_ROWS,), MASKED, tl.float32)
     den = tl.zeros((BLOCK_Q * GROUP_ROWS,), tl.float32)
+    off, valid = tile_offsets(table_ptr, seq, head, 0, stop, layer_off, num_pages, HEAD_DIM,
+                              PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
     for start in range(0, stop, BLOCK_TOKENS):
-        o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, table_ptr, seq, head,
-                                start, stop, layer_off, num_pages, HEAD_DIM, PAGE_SIZE,
-                                KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, SCALE, DOT_PRECISION, True)
+        if PREFETCH_TABLE:  # the next step's table entries, read one step ahead
+            next_off, next_valid = tile_offsets(
+                table_ptr, seq, head, start + BLOCK_TOKENS, stop, layer_off, num_pages,
+                HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+        else:
+            off, valid = tile_offsets(table_ptr, seq, head, start, stop, layer_off, num_pages,
+                                      HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+            next_off, next_valid = off, valid
+        o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, start,
+                                HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, True)
+        off, valid = next_off, next_valid
 
     o = o / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(o_ptr + qo_off, o, mask=in_out[:, None])

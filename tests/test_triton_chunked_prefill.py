@@ -30,21 +30,26 @@ from pallas_kernels.chunked_prefill import paged_prefill_attention
 from pallas_kernels.triton_paged_decode import H100_SHARED_BYTES
 
 
+@pytest.mark.parametrize("prefetch_table", [False, True])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_kernel_matches_references(case: tuple[Any, ...]) -> None:
-    """The Pallas kernel's cases; steps of 16 tokens (parts of pages or several)."""
+def test_kernel_matches_references(case: tuple[Any, ...], prefetch_table: bool) -> None:
+    """The Pallas kernel's cases; steps of 16 tokens (parts of pages or several); the
+    table read in each step or one step ahead."""
     *shape, dtype, block_q, _, q_lens, lengths = case
     args = make_inputs(sum(lengths) + 7, *shape, dtype, q_lens, lengths)
     check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
-                                                          block_tokens=16))
+                                                          block_tokens=16,
+                                                          prefetch_table=prefetch_table))
 
 
 def _random(seed: int) -> None:
+    """A random case; the table prefetched on odd seeds."""
     *shape, dtype, block_q, q_lens, lengths = random_case(seed)
     args = make_inputs(seed, *shape, dtype, q_lens, lengths)
     block_tokens = int(np.random.default_rng(seed).choice([16, 32, 64]))
     check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
-                                                          block_tokens=block_tokens))
+                                                          block_tokens=block_tokens,
+                                                          prefetch_table=bool(seed % 2)))
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -40,24 +40,29 @@ def test_kernel_is_interpreted() -> None:
     assert UPCAST_DOTS, "TRITON_INTERPRET=1 must be set before triton is imported"
 
 
+@pytest.mark.parametrize("prefetch_table", [False, True])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_kernel_matches_references(case: tuple[Any, ...]) -> None:
-    """The Pallas kernel's cases; a step of its pages_per_block pages (>= 16 tokens)."""
+def test_kernel_matches_references(case: tuple[Any, ...], prefetch_table: bool) -> None:
+    """The Pallas kernel's cases; a step of its pages_per_block pages (>= 16 tokens); the
+    table read in each step or one step ahead."""
     *shape, dtype, num_splits, pages_per_block, lengths = case
     args = make_inputs(len(lengths) * 1000 + sum(lengths) + 1, *shape, dtype, lengths)
     block_tokens = max(16, pages_per_block * shape[4])
     out = tpd.triton_paged_decode_attention(*args, block_tokens=block_tokens,
-                                            num_splits=num_splits)
+                                            num_splits=num_splits,
+                                            prefetch_table=prefetch_table)
     check_output(args, out, TOL[dtype])
 
 
 def _random(seed: int) -> None:
-    """A random case; steps of 16..256 tokens, so also parts of a page (pages up to 128)."""
+    """A random case; steps of 16..256 tokens, so also parts of a page (pages up to 128);
+    the table prefetched on odd seeds."""
     *shape, dtype, num_splits, _, lengths = random_case(seed)
     args = make_inputs(seed, *shape, dtype, lengths)
     block_tokens = int(np.random.default_rng(seed).choice([16, 32, 64, 128, 256]))
     out = tpd.triton_paged_decode_attention(*args, block_tokens=block_tokens,
-                                            num_splits=num_splits)
+                                            num_splits=num_splits,
+                                            prefetch_table=bool(seed % 2))
     check_output(args, out, TOL[dtype])
 
 
