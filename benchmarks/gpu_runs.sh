@@ -7,6 +7,7 @@
 #   kernels      paged decode (all columns, ~2.5 min), chunked prefill vs XLA
 #                (~1.3 min), generate_paged bf16/fp32 (fp32 > 90 s)        ~ 8 min *
 #   prefill      chunked prefill alone: Pallas and Triton kernels vs XLA      ~ 2.5 min *
+#   kernel-tables  paged decode (four rows, all columns) + chunked prefill   ~ 6 min *
 #   mla          absorbed MLA decode kernel vs XLA gather and torch SDPA      ~ 3 min *
 #   sweep        Triton kernel tunables per row                            ~ 4 min *
 #   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
@@ -70,6 +71,9 @@ case "$group" in
     run generate_paged_fp32 150 $py benchmarks/generate_paged.py --batch 8 --prompt 512 --new 32 \
         --dtype float32 ;;
   prefill)
+    run chunked_prefill 200 $py benchmarks/chunked_prefill.py ;;
+  kernel-tables)  # the decode and prefill tables of docs/paged-decode-kernel.md, no generate
+    run paged_decode 300 $py benchmarks/paged_decode.py --rows 8x4096,32x1024,32x4096,64x4096
     run chunked_prefill 200 $py benchmarks/chunked_prefill.py ;;
   mla)
     run mla_decode 300 $py benchmarks/mla_decode.py ;;
