@@ -55,8 +55,8 @@ PALLAS_SWEEP = tuple((ppb, sp, w, st) for ppb, sp in ((8, 1), (8, 2), (8, 4), (4
 # the first is the default launch.
 TritonSetting = tuple[int, int | None, int, int, bool]
 TRITON: tuple[TritonSetting, ...] = (
-    (128, None, 4, 3, False), (128, None, 4, 3, True), (64, 8, 4, 3, False),
-    (64, 8, 4, 3, True), (64, None, 4, 4, True), (32, None, 4, 4, True))
+    (32, None, 4, 4, True), (32, None, 4, 4, False), (128, None, 4, 3, False),
+    (64, None, 4, 4, True), (32, None, 2, 4, True))
 TRITON_SWEEP: tuple[TritonSetting, ...] = tuple(
     (bt, sp, w, st, pf) for bt, stages in ((32, (4, 6)), (64, (3, 4)), (128, (3,)))
     for sp in (1, 2, 4, 8) for w in (4,) for st in stages for pf in (False, True))

@@ -32,9 +32,12 @@ QUERY_ROWS = 64  # default query tile: tokens x group heads (padded), about this
 
 
 def default_block_tokens(head_dim: int) -> int:
-    """Key/value tokens per step: 64 (32 for head_dim 256), so the score tile of 64+
-    query rows and the K/V tiles of 2 stages stay within registers and shared memory."""
-    return 32 if head_dim > 128 else 64
+    """Key/value tokens per step: 16, many small K/V tiles in flight (4 stages, the table
+    prefetched); 16-token steps were the fastest launch on 3 of the 4 H100 rows measured
+    (docs/paged-decode-kernel.md, 2026-12-06). Independent of ``head_dim``: the tiles of
+    head_dim 256 are 8 KiB in 16-bit."""
+    del head_dim
+    return 16
 
 
 def default_block_q(group_rows: int) -> int:
@@ -61,7 +64,7 @@ class PrefillLaunch:
 def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                    dtype: jnp.dtype, *, layer: int | None, block_q: int | None,
                    block_tokens: int | None, num_warps: int, num_stages: int,
-                   prefetch_table: bool = False) -> PrefillLaunch:
+                   prefetch_table: bool = True) -> PrefillLaunch:
     """The launch for q ``[B, T, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K,
     D]`` read at ``layer``) with ``max_blocks`` table columns; arguments already passed
     ``check_prefill_args``. None picks ``default_block_q`` / ``default_block_tokens``.
@@ -118,8 +121,8 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
                                    block_tables: jax.Array, q_lens: jax.Array,
                                    lengths: jax.Array, *, block_q: int | None = None,
                                    block_tokens: int | None = None, num_warps: int = 4,
-                                   num_stages: int = 2, layer: int | None = None,
-                                   prefetch_table: bool = False) -> jax.Array:
+                                   num_stages: int = 4, layer: int | None = None,
+                                   prefetch_table: bool = True) -> jax.Array:
     """Causal attention of a ragged chunk of new tokens over paged K/V (Triton, GPU).
 
     Args:

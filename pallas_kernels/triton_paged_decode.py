@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from pallas_kernels.paged_decode import auto_num_splits, check_paged_args, combine_splits
 
 MIN_BLOCK_TOKENS = 16  # query rows (one mma tile) and step tokens (tl.dot needs K >= 16)
-MAX_TILE_BYTES = 32 * 1024  # default step: one K (and one V) tile of at most this size
+MAX_TILE_BYTES = 8 * 1024  # default step: one K (and one V) tile of at most this size
 H100_SHARED_BYTES = 232448  # shared memory one program may use on an H100 (227 KiB)
 WARPS = (1, 2, 4, 8, 16)
 
@@ -42,9 +42,10 @@ def _is_power_of_two(x: object) -> bool:
 
 
 def default_block_tokens(head_dim: int, itemsize: int) -> int:
-    """Tokens per step: 128, fewer when a ``[tokens, head_dim]`` tile would exceed
-    ``MAX_TILE_BYTES`` (so the K/V tiles of 3 pipeline stages fit an H100's shared
-    memory; checked by compiling for sm_90 in the tests)."""
+    """Tokens per step: the most (at most 128) whose ``[tokens, head_dim]`` tile fits
+    ``MAX_TILE_BYTES``: 32 for 16-bit head_dim 128. Small tiles, many in flight: with
+    the table prefetched and 4 stages, 32-token steps were the fastest launch, or within
+    a point of it, on every H100 row measured (docs/paged-decode-kernel.md, 2026-12-06)."""
     return max(MIN_BLOCK_TOKENS, min(128, MAX_TILE_BYTES // (head_dim * itemsize)))
 
 
@@ -89,7 +90,7 @@ class DecodeLaunch:
 def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                   dtype: jnp.dtype, *, layer: int | None, block_tokens: int | None,
                   num_splits: int | None, num_warps: int, num_stages: int,
-                  prefetch_table: bool = False) -> DecodeLaunch:
+                  prefetch_table: bool = True) -> DecodeLaunch:
     """The launch for q ``[B, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K, D]``
     read at ``layer``) with ``max_blocks`` table columns; arguments already passed
     ``check_paged_args``. None picks the default: ``default_block_tokens``,
@@ -158,8 +159,8 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
                                   block_tables: jax.Array, lengths: jax.Array, *,
                                   block_tokens: int | None = None,
                                   num_splits: int | None = None, num_warps: int = 4,
-                                  num_stages: int = 3, layer: int | None = None,
-                                  prefetch_table: bool = False) -> jax.Array:
+                                  num_stages: int = 4, layer: int | None = None,
+                                  prefetch_table: bool = True) -> jax.Array:
     """Decode attention of one new token per sequence over paged K/V (Triton kernel, GPU).
 
     Args:
@@ -170,7 +171,7 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
       lengths: int [B] tokens per sequence, in [0, M * S]; the query attends positions
         ``[0, length)``; length 0 gives a zero row.
       block_tokens: tokens per online-softmax step, a power of two >= 16 (clamped to
-        the split); None: ``default_block_tokens`` (128 for 16-bit head_dim <= 128).
+        the split); None: ``default_block_tokens`` (32 for 16-bit head_dim 128).
       num_splits: FlashDecoding split-K factor over the M table columns; None:
         ``auto_num_splits`` (about 256 programs, at most 8), as the Pallas kernel.
       num_warps, num_stages: Triton launch settings.

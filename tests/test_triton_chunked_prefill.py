@@ -109,16 +109,17 @@ def test_prefill_launch() -> None:
     tiles by default, at least 16 rows, at most T's tokens."""
     launch = tcp.prefill_launch((4, 100, 14, 64), (2, 500, 16, 2, 64), 40, jnp.bfloat16,
                                 layer=1, block_q=None, block_tokens=None, num_warps=4,
-                                num_stages=2)
+                                num_stages=4)
     meta = dict(launch.meta)
     assert (meta["GROUP"], meta["GROUP_ROWS"], meta["BLOCK_Q"]) == (7, 8, 8)
     assert launch.grid == (4, 2, 13) and launch.scalars == (1, 500)
-    assert meta["BLOCK_TOKENS"] == 64 and meta["DOT_PRECISION"] == "tf32"
+    assert meta["BLOCK_TOKENS"] == 16 and meta["DOT_PRECISION"] == "tf32"
+    assert meta["PREFETCH_TABLE"] is True
     assert meta["LAYER_STRIDE"] == 500 * 16 * 2 * 64 and launch.out_shape == (4, 100, 14, 64)
     one = dict(tcp.prefill_launch((2, 1, 2, 128), (9, 8, 2, 128), 3, jnp.float32, layer=None,
                                   block_q=64, block_tokens=None, num_warps=4,
                                   num_stages=2).meta)
-    assert (one["GROUP_ROWS"], one["BLOCK_Q"], one["BLOCK_TOKENS"]) == (1, 16, 64)
+    assert (one["GROUP_ROWS"], one["BLOCK_Q"], one["BLOCK_TOKENS"]) == (1, 16, 16)
     assert one["DOT_PRECISION"] == "ieee"
 
 
@@ -128,8 +129,8 @@ def test_default_launches_compile_for_h100() -> None:
     tile (float32, head_dim 256, MHA: 64 query rows)."""
     # batch, T, heads, kv_heads, head_dim, page, max_blocks, dtype, block_q, tokens, warps,
     # stages
-    configs = [[4, 512, 14, 2, 64, 16, 256, "bfloat16", None, None, 4, 2],
-               [2, 128, 32, 8, 128, 16, 64, "bfloat16", None, None, 4, 2],
-               [2, 64, 8, 8, 256, 64, 16, "float32", None, None, 4, 2]]
+    configs = [[4, 512, 14, 2, 64, 16, 256, "bfloat16", None, None, 4, 4],
+               [2, 128, 32, 8, 128, 16, 64, "bfloat16", None, None, 4, 4],
+               [2, 64, 8, 8, 256, 64, 16, "float32", None, None, 4, 4]]
     for config, result in zip(configs, compile_for_h100(configs, "prefill"), strict=True):
         assert 0 < result["shared"] <= H100_SHARED_BYTES, (config, result)
