@@ -268,7 +268,7 @@ def _fmt(r: dict[str, Any] | None, ttft_key: str = "ttft_ms") -> str:
     if r is None:
         return f"{'-':>22}"
     if "error" in r:
-        return f"{'error':>22}"
+        return f"{'skipped' if r['error'] == 'skipped' else 'error':>22}"
     return f"{r['decode_tok_s']:9.0f} ({r[ttft_key]:7.1f} ms)"
 
 
