@@ -6,7 +6,8 @@ as ``ROWS`` rows (zero-padded to a power of two >= 16, one mma tile), walks tabl
 columns ``[split * PAGES_PER_SPLIT, ...)`` of its sequence up to the sequence's length,
 ``BLOCK_TOKENS`` tokens per online-softmax step (one ``[BLOCK_TOKENS, HEAD_DIM]`` tile
 gathered from their pages: several pages, or part of one), and writes its unnormalised
-partial ``(o, m, den)`` for ``pallas_kernels.paged_decode.combine_splits``.
+partial ``(o, m, den)`` for ``pallas_kernels.paged_decode.combine_splits`` — or, with one
+split, the normalised output itself in the output's dtype (no combine launched).
 
 Launched by ``pallas_kernels.triton_paged_decode`` through jax-triton, whose calling
 convention this follows: array and scalar arguments in order, then the outputs, then
@@ -38,7 +39,7 @@ def paged_decode_kernel(
     length_ptr: tl.tensor,  # int32 [B]
     layer: tl.tensor,  # int: layer read (0 for a single-layer pool)
     num_pages: tl.tensor,  # int: P
-    o_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP, HEAD_DIM]
+    o_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP, HEAD_DIM]; NUM_SPLITS 1: [B, H, D], q's dtype
     m_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP]
     den_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP]
     GROUP: tl.constexpr,
@@ -94,6 +95,8 @@ def paged_decode_kernel(
         off, valid = next_off, next_valid
 
     out_rows = ((seq.to(tl.int64) * KV_HEADS + head) * NUM_SPLITS + split) * GROUP + rows
+    if NUM_SPLITS == 1:  # the whole sequence: the normalised output, in o_ptr's dtype
+        o = o / tl.where(den > 0, den, 1.0)[:, None]
     tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=real_row[:, None])
     tl.store(m_ptr + out_rows, m, mask=real_row)
     tl.store(den_ptr + out_rows, den, mask=real_row)

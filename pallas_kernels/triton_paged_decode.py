@@ -72,7 +72,8 @@ class DecodeLaunch:
     """One launch of ``paged_decode_kernel``, everything but the arrays.
 
     The kernel takes (q, k_pages, v_pages, block_tables, lengths, *scalars) then the
-    outputs (o, m, den: float32 arrays of ``partial_shapes``), then ``meta`` by name.
+    outputs (o, m, den: float32 arrays of ``partial_shapes``; with one split o is the
+    normalised output in q's dtype), then ``meta`` by name.
     """
 
     grid: tuple[int, int, int]  # (batch, kv_heads, num_splits)
@@ -141,17 +142,23 @@ def triton_unavailable_reason() -> str | None:
 @functools.partial(jax.jit, static_argnames=("launch",))
 def _decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
             lengths: jax.Array, *, launch: DecodeLaunch) -> jax.Array:
-    """The kernel through ``jax_triton.triton_call``, then the split combine."""
+    """The kernel through ``jax_triton.triton_call``, then the split combine (none for
+    one split: the kernel normalises and writes ``q``'s dtype, one launch in all)."""
     from jax_triton import triton_call
 
     from pallas_kernels.triton_decode_kernel import paged_decode_kernel
 
+    one_split = launch.grid[2] == 1  # the kernel writes the normalised output itself
+    o_dtype = q.dtype if one_split else jnp.float32
     o, m, den = triton_call(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
         *launch.scalars, kernel=paged_decode_kernel,
-        out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in launch.partial_shapes],
+        out_shape=[jax.ShapeDtypeStruct(s, dt) for s, dt in zip(
+            launch.partial_shapes, (o_dtype, jnp.float32, jnp.float32), strict=True)],
         grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
         name="kvjax_paged_decode", **dict(launch.meta))
+    if one_split:
+        return o.reshape(q.shape)
     return combine_splits(o, m, den, launch.group, q.dtype)
 
 

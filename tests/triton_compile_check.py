@@ -28,15 +28,16 @@ from pallas_kernels.triton_prefill_kernel import paged_prefill_kernel
 
 _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _ARRAYS = {"q_ptr": None, "k_ptr": None, "v_ptr": None, "table_ptr": "i32",
-           "length_ptr": "i32", "meta_ptr": "i32", "o_ptr": "fp32", "m_ptr": "fp32",
+           "length_ptr": "i32", "meta_ptr": "i32", "o_ptr": None, "m_ptr": "fp32",
            "den_ptr": "fp32"}
 
 
 def _compile(kernel: Any, dtype: str, meta: dict[str, Any], num_warps: int,
-             num_stages: int) -> Any:
+             num_stages: int, o_dtype: str = "float32") -> Any:
     names = kernel.arg_names
     signature = {n: "*" + (_ARRAYS[n] or _TRITON_TYPES[dtype]) if n in _ARRAYS else "i32"
                  for n in names}
+    signature["o_ptr"] = "*" + _TRITON_TYPES[o_dtype]
     signature.update({n: "constexpr" for n in meta})
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in _ARRAYS}
     return triton.compile(ASTSource(kernel, signature, constexprs=meta, attrs=attrs),
@@ -54,7 +55,9 @@ def shared_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, page_size
                            block_tokens=block_tokens, num_splits=None,
                            num_warps=num_warps, num_stages=num_stages)
     meta = dict(launch.meta)
-    compiled = _compile(paged_decode_kernel, dtype, meta, launch.num_warps, launch.num_stages)
+    o_dtype = dtype if launch.grid[2] == 1 else "float32"  # one split: normalised output
+    compiled = _compile(paged_decode_kernel, dtype, meta, launch.num_warps, launch.num_stages,
+                        o_dtype)
     return {"shared": int(compiled.metadata.shared), "block_tokens": int(meta["BLOCK_TOKENS"])}
 
 
@@ -69,7 +72,8 @@ def prefill_shared_bytes(batch: int, t: int, heads: int, kv_heads: int, head_dim
                             block_tokens=block_tokens, num_warps=num_warps,
                             num_stages=num_stages)
     meta = dict(launch.meta)
-    compiled = _compile(paged_prefill_kernel, dtype, meta, launch.num_warps, launch.num_stages)
+    compiled = _compile(paged_prefill_kernel, dtype, meta, launch.num_warps, launch.num_stages,
+                        dtype)
     return {"shared": int(compiled.metadata.shared), "block_q": int(meta["BLOCK_Q"]),
             "block_tokens": int(meta["BLOCK_TOKENS"])}
 
