@@ -9,7 +9,7 @@ sequence's positions from 0 up to the tile's last query position (causal skip),
 ``BLOCK_TOKENS`` at a time, each step one ``[BLOCK_TOKENS, HEAD_DIM]`` tile gathered
 from the block table's pages, with an online softmax; row ``r`` sees positions
 ``<= lengths - q_lens + token``. No split-K (the query tiles give parallelism): the
-program normalises and writes the output itself (in q's dtype); padding rows, missing pages
+program normalises and writes the float32 output itself; padding rows, missing pages
 and empty chunks give zeros.
 
 Launched by ``pallas_kernels.triton_chunked_prefill`` through jax-triton (arrays and
@@ -33,7 +33,7 @@ def paged_prefill_kernel(
     meta_ptr: tl.tensor,  # int32 [B, 2]: (tokens held incl. the chunk, chunk length), clipped
     layer: tl.tensor,  # int: layer read (0 for a single-layer pool)
     num_pages: tl.tensor,  # int: P
-    o_ptr: tl.tensor,  # [B, T, H, D] in q's dtype (the float32 result cast on store)
+    o_ptr: tl.tensor,  # f32 [B, T, H, D]
     T: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_ROWS: tl.constexpr,

@@ -72,8 +72,7 @@ def prefill_shared_bytes(batch: int, t: int, heads: int, kv_heads: int, head_dim
                             block_tokens=block_tokens, num_warps=num_warps,
                             num_stages=num_stages)
     meta = dict(launch.meta)
-    compiled = _compile(paged_prefill_kernel, dtype, meta, launch.num_warps, launch.num_stages,
-                        dtype)
+    compiled = _compile(paged_prefill_kernel, dtype, meta, launch.num_warps, launch.num_stages)
     return {"shared": int(compiled.metadata.shared), "block_q": int(meta["BLOCK_Q"]),
             "block_tokens": int(meta["BLOCK_TOKENS"])}
 
