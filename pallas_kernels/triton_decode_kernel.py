@@ -82,14 +82,9 @@ def paged_decode_kernel(
     off, valid = tile_offsets(table_ptr, seq, head, first, stop, layer_off, num_pages,
                               HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
     for start in range(first, stop, BLOCK_TOKENS):
-        if PREFETCH_TABLE:  # the next step's table entries, read one step ahead
-            next_off, next_valid = tile_offsets(
-                table_ptr, seq, head, start + BLOCK_TOKENS, stop, layer_off, num_pages,
-                HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
-        else:
-            off, valid = tile_offsets(table_ptr, seq, head, start, stop, layer_off, num_pages,
-                                      HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
-            next_off, next_valid = off, valid
+        off, valid, next_off, next_valid = step_offsets(
+            off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
+            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE)
         o, m, den = attend_tile(q, o, m, den, m, k_ptr, v_ptr, off, valid, start, HEAD_DIM,
                                 BLOCK_TOKENS, SCALE, DOT_PRECISION, False)
         off, valid = next_off, next_valid
@@ -127,6 +122,39 @@ def tile_offsets(
     off = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
            + (pos % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
     return off, valid
+
+
+@triton.jit
+def step_offsets(
+    off: tl.tensor,  # this step's offsets when prefetched (read by the step before)
+    valid: tl.tensor,
+    table_ptr: tl.tensor,
+    seq: tl.tensor,
+    head: tl.tensor,
+    start: tl.tensor,
+    stop: tl.tensor,
+    layer_off: tl.tensor,
+    num_pages: tl.tensor,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    PREFETCH_TABLE: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
+    """The step at ``start``'s ``(off, valid)`` and those to carry to the next step. With
+    ``PREFETCH_TABLE`` this step's come in (read one step ahead) and the next step's table
+    entries are read now, so the K/V loads depend on a loop-carried value and Triton's
+    pipeliner keeps ``num_stages - 1`` tiles in flight; without it they are read here."""
+    if PREFETCH_TABLE:
+        next_off, next_valid = tile_offsets(
+            table_ptr, seq, head, start + BLOCK_TOKENS, stop, layer_off, num_pages, HEAD_DIM,
+            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+    else:
+        off, valid = tile_offsets(table_ptr, seq, head, start, stop, layer_off, num_pages,
+                                  HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+        next_off, next_valid = off, valid
+    return off, valid, next_off, next_valid
 
 
 @triton.jit

@@ -21,7 +21,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pallas_kernels.triton_decode_kernel import MASKED, UPCAST_DOTS, attend_tile, tile_offsets
+from pallas_kernels.triton_decode_kernel import (
+    MASKED,
+    UPCAST_DOTS,
+    attend_tile,
+    step_offsets,
+    tile_offsets,
+)
 
 
 @triton.jit
@@ -77,14 +83,9 @@ def paged_prefill_kernel(
     off, valid = tile_offsets(table_ptr, seq, head, 0, stop, layer_off, num_pages, HEAD_DIM,
                               PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
     for start in range(0, stop, BLOCK_TOKENS):
-        if PREFETCH_TABLE:  # the next step's table entries, read one step ahead
-            next_off, next_valid = tile_offsets(
-                table_ptr, seq, head, start + BLOCK_TOKENS, stop, layer_off, num_pages,
-                HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
-        else:
-            off, valid = tile_offsets(table_ptr, seq, head, start, stop, layer_off, num_pages,
-                                      HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
-            next_off, next_valid = off, valid
+        off, valid, next_off, next_valid = step_offsets(
+            off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
+            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE)
         o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, start,
                                 HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, True)
         off, valid = next_off, next_valid
