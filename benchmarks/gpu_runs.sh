@@ -7,7 +7,7 @@
 #   kernels      paged decode (all columns, ~2.5 min), chunked prefill vs XLA
 #                (~1.3 min), generate_paged bf16/fp32 (fp32 > 90 s)        ~ 8 min *
 #   prefill      chunked prefill alone: Pallas and Triton kernels vs XLA      ~ 2.5 min *
-#   kernel-tables  paged decode (four rows, all columns) + chunked prefill   ~ 6 min *
+#   kernel-tables  paged decode (four rows, all columns) + chunked prefill   ~ 3.6 min
 #   mla          absorbed MLA decode kernel vs XLA gather and torch SDPA      ~ 3 min *
 #   sweep        Triton kernel tunables per row                            ~ 4 min *
 #   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
@@ -27,7 +27,7 @@
 #                 4.5 min for 4 of 13 prefix-sharing steps, 15 of 18 tiered steps)
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min (412 s, H100)
 #   engine-b8    the same at batch 1 and 8: burst lengths, overlapped bursts;
-#                and the decode-step profile                              ~ 5-6 min *
+#                and the decode-step profile                              ~ 5.1 min
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
 #   probe-recipe attention-sweep mha alone at five shapes (recipe 2 otherwise) ~ 6.2 min
