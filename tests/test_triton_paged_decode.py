@@ -85,6 +85,22 @@ def test_defaults_missing_pages_and_traced_lengths() -> None:
     check_output(args, run(*args), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_one_split_written_by_the_kernel(dtype: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one split the kernel normalises and writes q's dtype itself: no combine runs,
+    and the output (an empty row included) still equals the references."""
+    def no_combine(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("combine_splits called for one split")
+
+    monkeypatch.setattr(tpd, "combine_splits", no_combine)
+    args = make_inputs(23, 3, 2, 4, 64, 16, 4, dtype, [0, 1, 61])
+    out = tpd.triton_paged_decode_attention(*args, num_splits=1)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    check_output(args, out, TOL[dtype])
+    with pytest.raises(AssertionError, match="combine_splits called"):
+        tpd.triton_paged_decode_attention(*args, num_splits=2)
+
+
 def test_layer_of_stacked_pool_read_in_place() -> None:
     """``layer=l`` on a stacked [L, P, S, K, D] pool equals the kernel on pool[l]."""
     rng = np.random.default_rng(11)
