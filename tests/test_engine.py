@@ -632,25 +632,65 @@ def test_overlapped_bursts_with_sampling(llama: LoadedModel) -> None:
     assert outs[0] == outs[1]
 
 
+def _cut_at_stop(ref: list[int], stop: int) -> list[int]:
+    """``ref`` up to and including the first ``stop`` (all of it if there is none)."""
+    return ref[: ref.index(stop) + 1] if stop in ref else ref
+
+
+def test_overlapped_bursts_with_stop_ids(
+        llama: LoadedModel, cases: list[tuple[list[int], int, list[int]]]) -> None:
+    """Stop ids no longer switch overlap off: a row that stops in a burst has its tokens
+    in the burst dispatched after it dropped, so every output is its reference cut at
+    its stop id, streamed tokens equal the outputs, nothing leaks; a lone request that
+    stops in its first burst leaves the burst dispatched after it discarded unread."""
+    engine = _engine(llama, num_blocks=96, decode_steps=3, overlap_bursts=True)
+    # stops 1st-7th tokens in: inside a burst, at its end, in the prefill's token
+    rids = {}
+    for i, (p, _, ref) in enumerate(cases):
+        stop = ref[[1, 3, 4, 0, 2, 6, 5][i]]
+        rids[engine.add_request(p, max_new_tokens=len(ref), stop_token_ids=[stop])] = (
+            _cut_at_stop(ref, stop))
+    streamed: dict[int, list[int]] = {rid: [] for rid in rids}
+    for rid, tok in engine.stream():
+        streamed[rid].append(tok)
+        _check_pool(engine)
+    assert engine.overlapped_bursts > 0
+    for rid, want in rids.items():
+        out = engine.finished[rid]
+        assert out.tokens[0] == want == streamed[rid]
+        assert out.finish_reasons == ["stop"]  # each stop id is in its reference
+    _assert_pool_empty(engine)
+
+    lone = _engine(llama, num_blocks=32, decode_steps=3, overlap_bursts=True)
+    p, _, ref = cases[6]
+    rid = lone.add_request(p, max_new_tokens=len(ref), stop_token_ids=[ref[2]])
+    got = [tok for _, tok in lone.stream()]
+    assert got == _cut_at_stop(ref, ref[2]) == lone.finished[rid].tokens[0]
+    assert lone.finished[rid].finish_reasons == ["stop"]
+    assert lone.discarded_bursts == 1 and lone._ahead is None
+    _assert_pool_empty(lone)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_adds_and_cancels_with_overlapped_bursts(
         llama: LoadedModel, cases: list[tuple[list[int], int, list[int]]], seed: int) -> None:
-    """A random schedule of arrivals (no stop ids, random budgets) and cancellations
-    between steps: every finished output is its reference cut at its budget, every
-    cancelled one a prefix of it, the pool is consistent after every step and empty at
-    the end."""
+    """A random schedule of arrivals (random budgets, half of them with a stop id from
+    their reference) and cancellations between steps: every finished output is its
+    reference cut at its stop id and budget, every cancelled one a prefix of it, the
+    pool is consistent after every step and empty at the end."""
     rng = np.random.default_rng(seed)
-    work = _no_stop_cases(cases)
     engine = _engine(llama, num_blocks=int(rng.choice([24, 96])), decode_steps=3,
                      overlap_bursts=True, prefix_caching=bool(rng.integers(2)))
     want: dict[int, list[int]] = {}
     streamed: dict[int, list[int]] = {}
     for step in range(200):
         if step < 40 and rng.random() < 0.3:
-            prompt, n, ref = work[int(rng.integers(len(work)))]
+            prompt, n, ref = cases[int(rng.integers(len(cases)))]
             budget = int(rng.integers(1, n + 1))
-            rid = engine.add_request(prompt, max_new_tokens=budget)
-            want[rid], streamed[rid] = ref[:budget], []
+            stops = [ref[int(rng.integers(n))]] if rng.random() < 0.5 else []
+            rid = engine.add_request(prompt, max_new_tokens=budget, stop_token_ids=stops)
+            want[rid] = _cut_at_stop(ref[:budget], stops[0]) if stops else ref[:budget]
+            streamed[rid] = []
         live = [r for r in want if r not in engine.finished]
         if live and rng.random() < 0.08:
             engine.cancel(int(rng.choice(live)))

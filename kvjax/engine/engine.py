@@ -401,12 +401,12 @@ class Engine:
         to the host in between (the tokens then arrive ``decode_steps`` at a time).
         Outputs are the same for any value; 1 (the default) is one forward per step.
       overlap_bursts: with ``decode_steps > 1``, dispatch the next burst before reading
-        the current one's ids whenever every row's tokens are already known to continue
-        (no request waiting, no stop ids or strings in the batch): the device then runs
-        the next burst while the host reads, streams and books the current one. A
-        burst that turns out not to be needed never runs: the condition is checked
-        before dispatch, and a ``cancel`` first reads the burst in flight. Outputs are
-        unchanged.
+        the current one's ids whenever no request is waiting: the device then runs the
+        next burst while the host reads, streams and books the current one. A row that
+        a stop id or string ends in the current burst has its tokens in the next one
+        dropped (as a burst drops the tokens after a stop); a burst whose rows all
+        ended is discarded unread, and a ``cancel`` first reads the burst in flight.
+        Outputs are unchanged.
       preemption: "recompute" (free a victim's blocks; it prefills again) or "swap"
         (copy its K/V to a host pool first and back at re-admission).
       swap_blocks: pages the swap host pool holds (needed, >= 1, for "swap").
@@ -450,6 +450,7 @@ class Engine:
         self.overlap_bursts = overlap_bursts
         self._ahead: _Burst | None = None  # a burst in flight (overlap_bursts)
         self.overlapped_bursts = 0  # bursts dispatched before the previous one was read
+        self.discarded_bursts = 0  # of those, dropped unread: every row stopped before
         self._pending: list[Event] = []  # tokens read early (by cancel), not yet returned
         self.attention = resolve_attention(attention, block_size, cfg.head_dim)
         check_attention_backend(self.attention, block_size, cfg.head_dim)
@@ -878,6 +879,7 @@ class Engine:
         running = len(self._running)
         self._ahead = self._speculate(burst)
         events = self._collect(burst)
+        self._drop_dead_ahead()
         self._record_burst(t0, running, burst, events)
         return events
 
@@ -974,7 +976,9 @@ class Engine:
                                      [s.computed for s in states],
                                      [len(s.output) for s in states])
         self._ahead = self._speculate(burst)
-        return self._collect(burst), burst
+        events = self._collect(burst)
+        self._drop_dead_ahead()
+        return events, burst
 
     def _reserve_burst(self, states: list[_State], starts: list[int], active: list[int]
                        ) -> bool:
@@ -1007,15 +1011,15 @@ class Engine:
 
     def _speculate(self, prev: _Burst) -> _Burst | None:
         """With ``overlap_bursts``: dispatch the burst after ``prev`` (not yet read) when
-        every row's continuation is known without its ids: nothing waits to be admitted
-        and no row has stop ids or strings (only ``max_new_tokens`` ends a row, and
-        that is known in advance). Its input tokens are ``prev``'s last ids, picked on
-        the device. None if it cannot run (or nothing is left to compute)."""
+        nothing waits to be admitted and every row of ``prev`` is still running. Rows
+        continue by ``max_new_tokens``, known in advance; a row that a stop id or
+        string ends within ``prev`` gets its tokens in this burst dropped when it is
+        read (``_collect``). Its input tokens are ``prev``'s last ids, picked on the
+        device. None if it cannot run (or nothing is left to compute)."""
         states = prev.states
         if (not self.overlap_bursts or self._waiting
-                or any(s.stops or s.request.stop_strings or s.rid not in self._states
-                       for s in states)):  # (a row retired before prev: re-plan the rows)
-            return None
+                or any(s.rid not in self._states for s in states)):
+            return None  # (a row retired before prev was read: re-plan the rows)
         sampled = [len(s.output) + n for s, n in zip(states, prev.active, strict=True)]
         active = [min(self.decode_steps, s.request.max_new_tokens - k)
                   for s, k in zip(states, sampled, strict=True)]
@@ -1028,13 +1032,24 @@ class Engine:
         self.overlapped_bursts += 1
         return self._dispatch_burst(states, active, tokens, starts, sampled)
 
+    def _drop_dead_ahead(self) -> None:
+        """Forget the burst in flight if every one of its rows has retired meanwhile (a
+        stop in the burst just read): nothing of it would be kept."""
+        if self._ahead is not None and all(s.rid not in self._states
+                                           for s in self._ahead.states):
+            self._ahead = None
+            self.discarded_bursts += 1
+
     def _collect(self, burst: _Burst) -> list[Event]:
         """Wait for ``burst``'s ids and book them: each row's tokens are accepted in order
-        until it retires (stop or length); the rest of its row is dropped."""
+        until it retires (stop or length); the rest of its row is dropped, and so is
+        the row of a request that retired while the burst was in flight."""
         ids = np.asarray(burst.ids)
         now = time.perf_counter()
         events: list[Event] = []
         for row, (s, n) in enumerate(zip(burst.states, burst.active, strict=True)):
+            if s.rid not in self._states:  # stopped in the burst before this one
+                continue
             for j in range(n):
                 s.computed += 1
                 if self._accept(s, int(ids[row, j]), now, events):
