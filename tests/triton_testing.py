@@ -39,9 +39,6 @@ def _to_torch(x: np.ndarray | jax.Array) -> Any:
     return torch.from_numpy(np.array(x))
 
 
-_TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 def _from_torch(x: Any) -> np.ndarray:
     if x.dtype == torch.bfloat16:
         return x.view(torch.int16).numpy().view(jnp.bfloat16)
@@ -60,7 +57,7 @@ def _interpreted_triton_call(*args: Any, kernel: Any, out_shape: list[jax.ShapeD
         it = iter(host)
         launch_args = [a if s else _to_torch(next(it)) for a, s in zip(args, is_scalar,
                                                                          strict=True)]
-        outs = [torch.empty(o.shape, dtype=getattr(torch, _TORCH_DTYPES[jnp.dtype(o.dtype).name]))
+        outs = [torch.empty(o.shape, dtype=getattr(torch, jnp.dtype(o.dtype).name))
                 for o in out_shape]
         kernel[grid](*launch_args, *outs, num_warps=num_warps, num_stages=num_stages, **meta)
         return tuple(_from_torch(o) for o in outs)

@@ -877,9 +877,7 @@ class Engine:
         burst, self._ahead = self._ahead, None
         assert burst is not None
         running = len(self._running)
-        self._ahead = self._speculate(burst)
-        events = self._collect(burst)
-        self._drop_dead_ahead()
+        events = self._read(burst)
         self._record_burst(t0, running, burst, events)
         return events
 
@@ -975,10 +973,7 @@ class Engine:
         burst = self._dispatch_burst(states, active, tokens,
                                      [s.computed for s in states],
                                      [len(s.output) for s in states])
-        self._ahead = self._speculate(burst)
-        events = self._collect(burst)
-        self._drop_dead_ahead()
-        return events, burst
+        return self._read(burst), burst
 
     def _reserve_burst(self, states: list[_State], starts: list[int], active: list[int]
                        ) -> bool:
@@ -1032,13 +1027,17 @@ class Engine:
         self.overlapped_bursts += 1
         return self._dispatch_burst(states, active, tokens, starts, sampled)
 
-    def _drop_dead_ahead(self) -> None:
-        """Forget the burst in flight if every one of its rows has retired meanwhile (a
-        stop in the burst just read): nothing of it would be kept."""
+    def _read(self, burst: _Burst) -> list[Event]:
+        """Read a dispatched ``burst``, dispatching the one after it first when it can
+        run (``_speculate``); that one is forgotten if every one of its rows retired in
+        ``burst`` (a stop): nothing of it would be kept."""
+        self._ahead = self._speculate(burst)
+        events = self._collect(burst)
         if self._ahead is not None and all(s.rid not in self._states
                                            for s in self._ahead.states):
             self._ahead = None
             self.discarded_bursts += 1
+        return events
 
     def _collect(self, burst: _Burst) -> list[Event]:
         """Wait for ``burst``'s ids and book them: each row's tokens are accepted in order
