@@ -138,7 +138,22 @@ def trace_summary(model: Decoder, params: Any, args: tuple[Any, ...], steps: int
             "kernel_us_per_step": busy / steps,
             "span_us_per_step": (end - start) / steps,
             "top": [{"name": n[:90], "us_per_step": t / steps, "calls_per_step": counts[n] / steps}
-                    for n, t in by_name.most_common(12)]}
+                    for n, t in by_name.most_common(24)]}
+
+
+def write_hlo(path: Path, model: Decoder, params: Any, args: tuple[Any, ...], steps: int,
+              attention: str) -> None:
+    """The burst's optimised HLO (after XLA's fusion passes) as text, and a count of its
+    fusions by kind on stdout."""
+    compiled = _engine_decode_burst.lower(model, params, *args, steps=steps,
+                                          attention=attention, all_greedy=True).compile()
+    text = compiled.as_text()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    kinds = collections.Counter(line.split("kind=")[1].split(",")[0].split(" ")[0]
+                                for line in text.splitlines() if " fusion(" in line
+                                and "kind=" in line)
+    print(f"    hlo: {path} ({len(text) // 1024} KiB); fusions by kind: {dict(kinds)}")
 
 
 def run_grid(a: argparse.Namespace) -> dict[str, Any]:
@@ -171,6 +186,9 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
                 "floor_ms": 1e3 * floor, "x_floor": s_full / floor,
                 "half_depth_step_ms": 1e3 * s_half, "per_layer_us": 1e6 * per_layer,
                 "fixed_ms": 1e3 * fixed}
+            if a.hlo_dir:
+                write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{attention}.txt", full, full_params,
+                          burst_args(full, batch, context, a.steps), a.steps, attention)
             if a.trace and attention == a.attention[0]:
                 row["trace"] = trace_summary(full, full_params, burst_args(
                     full, batch, context, a.steps), a.steps, attention)
@@ -209,6 +227,8 @@ def main() -> None:
     ap.add_argument("--xla-flags", action="append", default=[],
                     help="also run in a child process with these XLA_FLAGS (repeatable; "
                     "write --xla-flags=--xla_...)")
+    ap.add_argument("--hlo-dir", default=None,
+                    help="write each burst's optimised HLO text here")
     ap.add_argument("--out", default=None, help="JSON results path")
     a = ap.parse_args()
     if a.tiny and a.cells == ap.get_default("cells"):
@@ -226,7 +246,8 @@ def main() -> None:
                         *a.attention, "--steps", str(a.steps), "--reps", str(a.reps),
                         "--out", f.name]
                 argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
-                argv += ["--trace"] * (a.trace and not flags.strip())
+                argv += ["--trace"] * a.trace
+                argv += ["--hlo-dir", a.hlo_dir] if a.hlo_dir and not flags.strip() else []
                 print(f"--- XLA_FLAGS={flags!r}", flush=True)
                 done = subprocess.run(argv, env={**os.environ, "XLA_FLAGS": flags},
                                       check=False)

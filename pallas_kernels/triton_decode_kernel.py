@@ -56,6 +56,83 @@ def paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
 ) -> None:
+    """Attend positions ``[0, length)`` of each sequence's pages."""
+    decode_program(q_ptr, k_ptr, v_ptr, q_ptr, q_ptr, table_ptr, length_ptr, layer, num_pages,
+                   o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE, KV_HEADS,
+                   LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT, BLOCK_TOKENS, SCALE,
+                   DOT_PRECISION, PREFETCH_TABLE, False)
+
+
+@triton.jit
+def paged_decode_append_kernel(
+    q_ptr: tl.tensor,  # [B, H, D]
+    k_new_ptr: tl.tensor,  # [B, KV_HEADS, HEAD_DIM], the pool's dtype: K of the new token
+    v_new_ptr: tl.tensor,  # same: V of the new token
+    k_ptr: tl.tensor,  # [(L,) P, PAGE_SIZE, KV_HEADS, HEAD_DIM], written at the new token
+    v_ptr: tl.tensor,  # same as k_ptr
+    table_ptr: tl.tensor,  # int32 [B, MAX_BLOCKS]
+    length_ptr: tl.tensor,  # int32 [B]: the new token sits at position length - 1
+    layer: tl.tensor,
+    num_pages: tl.tensor,
+    o_ptr: tl.tensor,  # as paged_decode_kernel
+    m_ptr: tl.tensor,
+    den_ptr: tl.tensor,
+    k_out_ptr: tl.tensor,  # the same buffer as k_ptr (aliased output; written through k_ptr)
+    v_out_ptr: tl.tensor,  # the same buffer as v_ptr
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    LAYER_STRIDE: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PAGES_PER_SPLIT: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    PREFETCH_TABLE: tl.constexpr,
+) -> None:
+    """Write each sequence's new token (K/V at position ``length - 1``) into its page and
+    attend positions ``[0, length)``: the scatter of the step's K/V and the decode
+    attention in one launch. The program whose split holds the new token writes it and
+    takes it from registers; no program reads its slot from the pool."""
+    decode_program(q_ptr, k_ptr, v_ptr, k_new_ptr, v_new_ptr, table_ptr, length_ptr, layer,
+                   num_pages, o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE,
+                   KV_HEADS, LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT,
+                   BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, True)
+
+
+@triton.jit
+def decode_program(
+    q_ptr: tl.tensor,
+    k_ptr: tl.tensor,
+    v_ptr: tl.tensor,
+    k_new_ptr: tl.tensor,  # read only when APPEND
+    v_new_ptr: tl.tensor,
+    table_ptr: tl.tensor,
+    length_ptr: tl.tensor,
+    layer: tl.tensor,
+    num_pages: tl.tensor,
+    o_ptr: tl.tensor,
+    m_ptr: tl.tensor,
+    den_ptr: tl.tensor,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    LAYER_STRIDE: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PAGES_PER_SPLIT: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    PREFETCH_TABLE: tl.constexpr,
+    APPEND: tl.constexpr,
+) -> None:
+    """The body of both decode kernels: program ``(sequence, kv_head, split)``."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -69,25 +146,34 @@ def paged_decode_kernel(
     if UPCAST_DOTS:
         q = q.to(tl.float32)
 
-    length = tl.load(length_ptr + seq)
-    length = tl.minimum(tl.maximum(length, 0), MAX_BLOCKS * PAGE_SIZE)
+    given = tl.load(length_ptr + seq)
+    length = tl.minimum(tl.maximum(given, 0), MAX_BLOCKS * PAGE_SIZE)
     first = split * (PAGES_PER_SPLIT * PAGE_SIZE)  # this split's tokens: [first, stop)
     stop = tl.minimum(first + PAGES_PER_SPLIT * PAGE_SIZE, length)
+    new = given - 1  # the appended token's position (APPEND): not read from the pool
+    if APPEND:  # noqa: SIM108 (a constexpr branch of a Triton program)
+        stop_read = tl.minimum(stop, tl.maximum(new, first))
+    else:
+        stop_read = stop
     # layer may arrive as a constexpr (launchers specialise integer arguments equal to 1)
     layer_off = tl.cast(layer, tl.int64) * LAYER_STRIDE  # constexpr stride: aligned loads
 
     o = tl.zeros((ROWS, HEAD_DIM), tl.float32)
     m = tl.full((ROWS,), MASKED, tl.float32)
     den = tl.zeros((ROWS,), tl.float32)
-    off, valid = tile_offsets(table_ptr, seq, head, first, stop, layer_off, num_pages,
+    off, valid = tile_offsets(table_ptr, seq, head, first, stop_read, layer_off, num_pages,
                               HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
-    for start in range(first, stop, BLOCK_TOKENS):
+    for start in range(first, stop_read, BLOCK_TOKENS):
         off, valid, next_off, next_valid = step_offsets(
-            off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
+            off, valid, table_ptr, seq, head, start, stop_read, layer_off, num_pages, HEAD_DIM,
             PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE)
         o, m, den = attend_tile(q, o, m, den, m, k_ptr, v_ptr, off, valid, start, HEAD_DIM,
                                 BLOCK_TOKENS, SCALE, DOT_PRECISION, False)
         off, valid = next_off, next_valid
+    if APPEND:
+        o, m, den = append_token(q, o, m, den, k_ptr, v_ptr, k_new_ptr, v_new_ptr, table_ptr,
+                                 seq, head, new, first, stop, layer_off, num_pages, HEAD_DIM,
+                                 PAGE_SIZE, KV_HEADS, MAX_BLOCKS, SCALE)
 
     out_rows = ((seq.to(tl.int64) * KV_HEADS + head) * NUM_SPLITS + split) * GROUP + rows
     if NUM_SPLITS == 1:  # the whole sequence: the normalised output, in o_ptr's dtype
@@ -95,6 +181,59 @@ def paged_decode_kernel(
     tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=real_row[:, None])
     tl.store(m_ptr + out_rows, m, mask=real_row)
     tl.store(den_ptr + out_rows, den, mask=real_row)
+
+
+@triton.jit
+def append_token(
+    q: tl.tensor,  # [ROWS, HEAD_DIM]
+    o: tl.tensor,  # f32 [ROWS, HEAD_DIM]
+    m: tl.tensor,  # f32 [ROWS]
+    den: tl.tensor,  # f32 [ROWS]
+    k_ptr: tl.tensor,
+    v_ptr: tl.tensor,
+    k_new_ptr: tl.tensor,  # [B, KV_HEADS, HEAD_DIM]
+    v_new_ptr: tl.tensor,
+    table_ptr: tl.tensor,
+    seq: tl.tensor,
+    head: tl.tensor,
+    new: tl.tensor,  # the new token's position
+    first: tl.tensor,  # this program's split: positions [first, stop)
+    stop: tl.tensor,
+    layer_off: tl.tensor,
+    num_pages: tl.tensor,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    SCALE: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
+    """If the new token at position ``new`` lies in this split and on a real page: store
+    its K/V row in the pool and fold it into ``(o, m, den)`` from registers (the same
+    rounding as ``attend_tile``: f32 scores, probabilities cast to V's dtype). A position
+    past the table or on a missing page is neither stored nor attended, as the scatter
+    drops it."""
+    dims = tl.arange(0, HEAD_DIM)
+    mine = (new >= first) & (new < stop)
+    entry = tl.load(table_ptr + seq * MAX_BLOCKS + new // PAGE_SIZE, mask=mine, other=-1)
+    put = mine & (entry >= 0) & (entry < num_pages)
+    row = (seq.to(tl.int64) * KV_HEADS + head) * HEAD_DIM + dims
+    k = tl.load(k_new_ptr + row)
+    v = tl.load(v_new_ptr + row)
+    slot = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
+            + (new % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
+    stored = put & (dims < HEAD_DIM)
+    tl.store(k_ptr + slot + dims, k, mask=stored)
+    tl.store(v_ptr + slot + dims, v, mask=stored)
+    if UPCAST_DOTS:
+        v = v.to(tl.float32)
+    s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * SCALE  # [ROWS]
+    s = tl.where(put, s, MASKED)
+    m_new = tl.maximum(m, s)
+    alpha = tl.exp(m - m_new)
+    p = tl.where(put, tl.exp(s - m_new), 0.0)
+    den = den * alpha + p
+    o = o * alpha[:, None] + p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
+    return o, m_new, den
 
 
 @triton.jit

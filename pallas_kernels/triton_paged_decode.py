@@ -139,6 +139,22 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
+def _out_shapes(launch: DecodeLaunch, dtype: jnp.dtype) -> list[jax.ShapeDtypeStruct]:
+    """The kernel's (o, m, den): float32 partials, or with one split o normalised in q's
+    dtype (the kernel writes it; no combine)."""
+    o_dtype = dtype if launch.grid[2] == 1 else jnp.float32
+    return [jax.ShapeDtypeStruct(s, dt) for s, dt in zip(
+        launch.partial_shapes, (o_dtype, jnp.float32, jnp.float32), strict=True)]
+
+
+def _merge(q: jax.Array, o: jax.Array, m: jax.Array, den: jax.Array,
+           launch: DecodeLaunch) -> jax.Array:
+    """[B, H, D] in q's dtype from the kernel's outputs (the combine, for several splits)."""
+    if launch.grid[2] == 1:
+        return o.reshape(q.shape)
+    return combine_splits(o, m, den, launch.group, q.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("launch",))
 def _decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
             lengths: jax.Array, *, launch: DecodeLaunch) -> jax.Array:
@@ -148,18 +164,33 @@ def _decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: 
 
     from pallas_kernels.triton_decode_kernel import paged_decode_kernel
 
-    one_split = launch.grid[2] == 1  # the kernel writes the normalised output itself
-    o_dtype = q.dtype if one_split else jnp.float32
     o, m, den = triton_call(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
-        *launch.scalars, kernel=paged_decode_kernel,
-        out_shape=[jax.ShapeDtypeStruct(s, dt) for s, dt in zip(
-            launch.partial_shapes, (o_dtype, jnp.float32, jnp.float32), strict=True)],
+        *launch.scalars, kernel=paged_decode_kernel, out_shape=_out_shapes(launch, q.dtype),
         grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
         name="kvjax_paged_decode", **dict(launch.meta))
-    if one_split:
-        return o.reshape(q.shape)
-    return combine_splits(o, m, den, launch.group, q.dtype)
+    return _merge(q, o, m, den, launch)
+
+
+@functools.partial(jax.jit, static_argnames=("launch",))
+def _decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
+                   v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array, *,
+                   launch: DecodeLaunch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``paged_decode_append_kernel``: the pools are outputs aliased to their inputs
+    (written in place when the caller's pool buffer can be reused, as in a jitted step
+    that threads the pool through)."""
+    from jax_triton import triton_call
+
+    from pallas_kernels.triton_decode_kernel import paged_decode_append_kernel
+
+    pools = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)] * 2
+    o, m, den, k_pages, v_pages = triton_call(
+        q, k_new, v_new, k_pages, v_pages, block_tables.astype(jnp.int32),
+        lengths.astype(jnp.int32), *launch.scalars, kernel=paged_decode_append_kernel,
+        out_shape=_out_shapes(launch, q.dtype) + pools, input_output_aliases={3: 3, 4: 4},
+        grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        name="kvjax_paged_decode_append", **dict(launch.meta))
+    return _merge(q, o, m, den, launch), k_pages, v_pages
 
 
 def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -204,3 +235,48 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
                            num_warps=num_warps, num_stages=num_stages,
                            prefetch_table=prefetch_table)
     return _decode(q, k_pages, v_pages, block_tables, lengths, launch=launch)
+
+
+def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                               k_pages: jax.Array, v_pages: jax.Array,
+                               block_tables: jax.Array, lengths: jax.Array, *,
+                               block_tokens: int | None = None, num_splits: int | None = None,
+                               num_warps: int = 4, num_stages: int = 4,
+                               layer: int | None = None, prefetch_table: bool = True
+                               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Append each sequence's new token to its pages and attend over them, one launch.
+
+    Equal to scattering ``k_new``/``v_new`` into position ``lengths - 1`` of each
+    sequence (its page ``block_tables[b, (length - 1) // S]``, offset ``(length - 1) % S``;
+    dropped for length 0, a position past the table or a missing page) and then
+    ``triton_paged_decode_attention``: what a decode step of a paged cache does per layer,
+    without the scatter's launches. The program whose split holds the new token stores it
+    and takes it from registers; no program reads that slot from the pool.
+
+    Args:
+      q: [B, H, D]; k_new, v_new: [B, K, D], all in the pool's dtype.
+      k_pages, v_pages, block_tables, lengths, tunables, layer: as
+        ``triton_paged_decode_attention``; ``lengths`` counts the new token.
+
+    Returns:
+      (out [B, H, D] in q's dtype, k_pages, v_pages with the new tokens written). Under a
+      jit whose pool is donated and threaded through (the serving engine's step), the
+      pools are updated in place; otherwise XLA copies them first.
+
+    Raises:
+      ValueError: as ``triton_paged_decode_attention``, and when ``k_new``/``v_new`` are
+        not ``[B, K, D]`` in the pool's dtype.
+    """
+    check_paged_args(q, k_pages, v_pages, block_tables, lengths, 1,
+                     1 if num_splits is None else num_splits, layer=layer)
+    want = (q.shape[0], k_pages.shape[-2], q.shape[-1])
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if x.shape != want or x.dtype != k_pages.dtype:
+            raise ValueError(f"{name} must be {want} {k_pages.dtype} (one token per sequence "
+                             f"and KV head), got {x.shape} {x.dtype}")
+    launch = decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
+                           block_tokens=block_tokens, num_splits=num_splits,
+                           num_warps=num_warps, num_stages=num_stages,
+                           prefetch_table=prefetch_table)
+    return _decode_append(q, k_new, v_new, k_pages, v_pages, block_tables, lengths,
+                          launch=launch)

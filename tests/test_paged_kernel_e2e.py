@@ -74,7 +74,7 @@ def test_triton_backend_sends_chunks_to_the_prefill_kernel(
     """Under "triton" a step of several new tokens runs the Triton chunked-prefill kernel
     (here stood in for by the Pallas one, interpreted: same contract) with the step's
     chunk lengths and ends, and equals the XLA reference; a one-token step goes to the
-    Triton decode kernel. (The Triton kernels themselves run in Triton's interpreter in
+    Triton decode kernel that also writes the token (``triton_paged_decode_append``). (The Triton kernels themselves run in Triton's interpreter in
     ``test_triton_*``.)"""
     import dataclasses
 
@@ -99,7 +99,7 @@ def test_triton_backend_sends_chunks_to_the_prefill_kernel(
 
     monkeypatch.setattr(paged_module, "triton_paged_prefill_attention", prefill)
     monkeypatch.setattr(paged_module, "paged_prefill_attention", pallas)
-    monkeypatch.setattr(paged_module, "triton_paged_decode_attention", decode)
+    monkeypatch.setattr(paged_module, "triton_paged_decode_append", decode)
     rng = np.random.default_rng(3)
     batch, new, heads, kv_heads, dim, page = 2, 5, 4, 2, 64, 8
     tables = jnp.asarray(rng.permutation(8).reshape(batch, 4), jnp.int32)

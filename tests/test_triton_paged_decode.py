@@ -121,6 +121,94 @@ def test_layer_of_stacked_pool_read_in_place() -> None:
         tpd.triton_paged_decode_attention(q, pools[0], pools[1], tables, lengths, layer=3)
 
 
+def _appended(args: tuple[jax.Array, ...], k_new: np.ndarray, v_new: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy: the pools with each sequence's new token at position length - 1 (dropped for
+    length 0, past the table or on a missing page), as the paged cache's scatter."""
+    _, k, v, tables, lengths = (np.asarray(x) for x in args)
+    k, v = k.copy(), v.copy()
+    num_pages, page_size = k.shape[:2]
+    for b, length in enumerate(lengths):
+        pos = int(length) - 1
+        if pos < 0 or pos // page_size >= tables.shape[1]:
+            continue
+        page = tables[b, pos // page_size]
+        if 0 <= page < num_pages:
+            k[page, pos % page_size], v[page, pos % page_size] = k_new[b], v_new[b]
+    return k, v
+
+
+def _check_append(seed: int, args: tuple[jax.Array, ...], **launch: Any) -> None:
+    """The fused append equals the scatter then the float64 reference; the pools equal
+    the scatter's bit for bit; the new token's old slot (NaN) is never read."""
+    q, k, v, tables, lengths = args
+    rng = np.random.default_rng(seed)
+    shape = (q.shape[0], k.shape[2], q.shape[2])
+    k_new = np.asarray(jnp.asarray(rng.standard_normal(shape), k.dtype))
+    v_new = np.asarray(jnp.asarray(rng.standard_normal(shape), k.dtype))
+    want_k, want_v = _appended(args, k_new, v_new)
+    stale = want_k != np.asarray(k)  # the slots the append writes
+    k_nan = jnp.asarray(np.where(stale, np.nan, np.asarray(k)), k.dtype)
+    v_nan = jnp.asarray(np.where(stale, np.nan, np.asarray(v)), v.dtype)
+    out, got_k, got_v = tpd.triton_paged_decode_append(
+        q, jnp.asarray(k_new), jnp.asarray(v_new), k_nan, v_nan, tables, lengths, **launch)
+    np.testing.assert_array_equal(np.asarray(got_k), want_k)
+    np.testing.assert_array_equal(np.asarray(got_v), want_v)
+    appended = (q, jnp.asarray(want_k), jnp.asarray(want_v), tables, lengths)
+    check_output(appended, out, 1e-5 if q.dtype == F32 else 1e-2)  # TOL by dtype
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_append_matches_scatter_then_attend(case: tuple[Any, ...]) -> None:
+    """Every shared case (lengths 0 and 1, empty splits, one split, GQA 1-16, all dtypes)."""
+    *shape, dtype, num_splits, pages_per_block, lengths = case
+    seed = len(lengths) * 1000 + sum(lengths) + 2
+    args = make_inputs(seed, *shape, dtype, lengths)
+    _check_append(seed, args, block_tokens=max(16, pages_per_block * shape[4]),
+                  num_splits=num_splits)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_append_random_shapes(seed: int) -> None:
+    """Random shapes and steps; the new token at a split's first, last or any position."""
+    *shape, dtype, num_splits, _, lengths = random_case(100 + seed)
+    args = make_inputs(seed, *shape, dtype, lengths)
+    _check_append(seed, args, block_tokens=int(np.random.default_rng(seed).choice([16, 64])),
+                  num_splits=num_splits, prefetch_table=bool(seed % 2))
+
+
+def test_append_missing_page_and_stacked_layer() -> None:
+    """A new token on a missing page is neither stored nor attended; layer l of a stacked
+    pool is written in place and the other layers are untouched."""
+    args = make_inputs(31, 2, 2, 2, 64, 8, 4, F32, [5, 17], holes=True)  # row 0: page -1
+    _check_append(31, args, num_splits=2)
+    q, k, v, tables, lengths = args
+    rng = np.random.default_rng(3)
+    k_new = jnp.asarray(rng.standard_normal((2, 2, 64)), F32)
+    v_new = jnp.asarray(rng.standard_normal((2, 2, 64)), F32)
+    stacked_k, stacked_v = jnp.stack([k, k * 2, k * 3]), jnp.stack([v, v * 2, v * 3])
+    out, new_k, new_v = tpd.triton_paged_decode_append(q, k_new, v_new, stacked_k, stacked_v,
+                                                       tables, lengths, layer=1)
+    one, one_k, one_v = tpd.triton_paged_decode_append(q, k_new, v_new, k * 2, v * 2, tables,
+                                                       lengths)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(one))
+    np.testing.assert_array_equal(np.asarray(new_k[1]), np.asarray(one_k))
+    np.testing.assert_array_equal(np.asarray(new_v[1]), np.asarray(one_v))
+    for layer in (0, 2):
+        np.testing.assert_array_equal(np.asarray(new_k[layer]), np.asarray(stacked_k[layer]))
+        np.testing.assert_array_equal(np.asarray(new_v[layer]), np.asarray(stacked_v[layer]))
+
+
+def test_append_checks_new_token_shape_and_dtype() -> None:
+    q, k, v, tables, lengths = make_inputs(0, 2, 2, 2, 64, 8, 3, F32, [5, 24])
+    good = jnp.zeros((2, 2, 64), F32)
+    for bad in (jnp.zeros((2, 4, 64), F32), jnp.zeros((2, 2, 64), BF16)):
+        with pytest.raises(ValueError, match="k_new must be"):
+            tpd.triton_paged_decode_append(q, bad, good, k, v, tables, lengths)
+        with pytest.raises(ValueError, match="v_new must be"):
+            tpd.triton_paged_decode_append(q, good, bad, k, v, tables, lengths)
+
+
 SHARED_BAD = [b for b in BAD_ARGUMENTS if b[0] != "block"]  # no pages_per_block here
 
 
@@ -185,6 +273,14 @@ def test_default_launches_compile_for_h100() -> None:
     _assert_fit_h100([[32, 32, 8, 128, 16, 256, "bfloat16", None, 4, 4],
                       [8, 32, 8, 256, 128, 32, "bfloat16", None, 4, 4],
                       [8, 32, 8, 128, 16, 256, "bfloat16", 128, 4, 4]])
+
+
+def test_append_kernel_compiles_for_h100() -> None:
+    """The decode-append kernel at the engine's shape (Qwen2.5-0.5B: 14 heads, 2 KV heads,
+    head_dim 64, blocks of 16; one split and several) and the benchmark's, for sm_90."""
+    _assert_fit_h100([[8, 14, 2, 64, 16, 33, "bfloat16", None, 4, 4, True],
+                      [1, 14, 2, 64, 16, 4, "bfloat16", None, 4, 4, True],
+                      [32, 32, 8, 128, 16, 256, "float16", None, 4, 4, True]])
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ meta-parameters as constexprs), and print each launch's shared memory as JSON.
 
 Run in its own process: ``TRITON_INTERPRET`` must be unset when triton is imported.
 Usage: python tests/triton_compile_check.py '[[batch, heads, kv_heads, head_dim,
-page_size, max_blocks, dtype, block_tokens|null, num_warps, num_stages], ...]'
-(the decode kernel) or python tests/triton_compile_check.py prefill '[[batch, T, heads,
+page_size, max_blocks, dtype, block_tokens|null, num_warps, num_stages(, append)], ...]'
+(the decode kernel, or with append true the decode-append kernel) or python tests/triton_compile_check.py prefill '[[batch, T, heads,
 kv_heads, head_dim, page_size, max_blocks, dtype, block_q|null, block_tokens|null,
 num_warps, num_stages], ...]' (the chunked-prefill kernel).
 """
@@ -22,12 +22,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pallas_kernels.triton_chunked_prefill import prefill_launch
-from pallas_kernels.triton_decode_kernel import paged_decode_kernel
+from pallas_kernels.triton_decode_kernel import paged_decode_append_kernel, paged_decode_kernel
 from pallas_kernels.triton_paged_decode import decode_launch
 from pallas_kernels.triton_prefill_kernel import paged_prefill_kernel
 
 _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-_ARRAYS = {"q_ptr": None, "k_ptr": None, "v_ptr": None, "table_ptr": "i32",
+_ARRAYS = {"q_ptr": None, "k_ptr": None, "v_ptr": None, "k_new_ptr": None, "v_new_ptr": None,
+           "k_out_ptr": None, "v_out_ptr": None, "table_ptr": "i32",
            "length_ptr": "i32", "meta_ptr": "i32", "o_ptr": None, "m_ptr": "fp32",
            "den_ptr": "fp32"}
 
@@ -47,8 +48,9 @@ def _compile(kernel: Any, dtype: str, meta: dict[str, Any], num_warps: int,
 
 def shared_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, page_size: int,
                  max_blocks: int, dtype: str, block_tokens: int | None, num_warps: int,
-                 num_stages: int) -> dict[str, int]:
-    """Compile one launch for sm_90; its shared memory and settings."""
+                 num_stages: int, append: bool = False) -> dict[str, int]:
+    """Compile one launch for sm_90 (the append kernel with ``append``); its shared
+    memory and settings."""
     launch = decode_launch((batch, heads, head_dim), (batch * max_blocks, page_size,
                                                       kv_heads, head_dim),
                            max_blocks, jnp.dtype(dtype), layer=None,
@@ -56,8 +58,8 @@ def shared_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, page_size
                            num_warps=num_warps, num_stages=num_stages)
     meta = dict(launch.meta)
     o_dtype = dtype if launch.grid[2] == 1 else "float32"  # one split: normalised output
-    compiled = _compile(paged_decode_kernel, dtype, meta, launch.num_warps, launch.num_stages,
-                        o_dtype)
+    kernel = paged_decode_append_kernel if append else paged_decode_kernel
+    compiled = _compile(kernel, dtype, meta, launch.num_warps, launch.num_stages, o_dtype)
     return {"shared": int(compiled.metadata.shared), "block_tokens": int(meta["BLOCK_TOKENS"])}
 
 

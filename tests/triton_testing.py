@@ -47,18 +47,23 @@ def _from_torch(x: Any) -> np.ndarray:
 
 def _interpreted_triton_call(*args: Any, kernel: Any, out_shape: list[jax.ShapeDtypeStruct],
                              grid: tuple[int, ...], num_warps: int, num_stages: int,
-                             name: str, **meta: Any) -> list[jax.Array]:
-    """``jax_triton.triton_call`` on the Triton interpreter (host callback)."""
+                             name: str, input_output_aliases: dict[int, int] | None = None,
+                             **meta: Any) -> list[jax.Array]:
+    """``jax_triton.triton_call`` on the Triton interpreter (host callback). An aliased
+    output (``input_output_aliases``: array-argument index -> output index) is its input's
+    buffer, as on the GPU: the kernel receives it twice and it comes back as written."""
     del name
     is_scalar = [isinstance(a, bool | int | float) for a in args]
     arrays = [a for a, s in zip(args, is_scalar, strict=True) if not s]
+    aliases = {o: i for i, o in (input_output_aliases or {}).items()}
 
     def run(*host: jax.Array) -> tuple[np.ndarray, ...]:
-        it = iter(host)
-        launch_args = [a if s else _to_torch(next(it)) for a, s in zip(args, is_scalar,
-                                                                         strict=True)]
-        outs = [torch.empty(o.shape, dtype=getattr(torch, jnp.dtype(o.dtype).name))
-                for o in out_shape]
+        inputs = [_to_torch(x) for x in host]
+        it = iter(inputs)
+        launch_args = [a if s else next(it) for a, s in zip(args, is_scalar, strict=True)]
+        outs = [inputs[aliases[j]] if j in aliases else
+                torch.empty(o.shape, dtype=getattr(torch, jnp.dtype(o.dtype).name))
+                for j, o in enumerate(out_shape)]
         kernel[grid](*launch_args, *outs, num_warps=num_warps, num_stages=num_stages, **meta)
         return tuple(_from_torch(o) for o in outs)
 

@@ -37,7 +37,7 @@ from pallas_kernels.paged_decode import PAGE_SIZES as KERNEL_PAGE_SIZES
 from pallas_kernels.paged_decode import paged_decode_attention
 from pallas_kernels.triton_chunked_prefill import triton_paged_prefill_attention
 from pallas_kernels.triton_paged_decode import (
-    triton_paged_decode_attention,
+    triton_paged_decode_append,
     triton_unavailable_reason,
 )
 
@@ -159,6 +159,8 @@ class PagedCache:
     def update_and_attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array,
                           positions: jax.Array) -> tuple[jax.Array, PagedCache]:
         """Scatter this step's K/V into their pages, then attend over positions ``<= q``.
+        Under ``"triton"`` a decode step (T = 1) does both in the decode kernel's one
+        launch (``triton_paged_decode_append``; no scatter).
 
         q [B, T, H, D], k/v [B, T, K, D], positions int32 [B, T] -> [B, T, H, D].
         """
@@ -166,6 +168,12 @@ class PagedCache:
         chex.assert_equal_shape([k, v])
         chex.assert_equal_shape_prefix([q, k, positions], 2)
         chex.assert_shape(positions, (self.block_tables.shape[0], None))
+        if self.attention == "triton" and q.shape[1] == 1:  # decode: write + attend, 1 launch
+            out, new_k, new_v = triton_paged_decode_append(
+                q[:, 0], k[:, 0].astype(self.k_pages.dtype), v[:, 0].astype(self.v_pages.dtype),
+                self.k_pages, self.v_pages, self.block_tables, positions[:, 0] + 1,
+                layer=layer)
+            return out[:, None], dataclasses.replace(self, k_pages=new_k, v_pages=new_v)
         page, offset = page_slots(self.block_tables, positions, self.page_size, self.num_pages)
         new_k = self.k_pages.at[layer, page, offset].set(k.astype(self.k_pages.dtype),
                                                          mode="drop")
@@ -190,9 +198,6 @@ class PagedCache:
             return paged_prefill_attention(q, k_pages, v_pages, tables, q_lens, ends,
                                            layer=layer, interpret=interpret)
         lengths = positions[:, 0] + 1  # padding rows (-1): length 0, zero output
-        if self.attention == "triton":
-            return triton_paged_decode_attention(q[:, 0], k_pages, v_pages, tables, lengths,
-                                                 layer=layer)[:, None]
         return paged_decode_attention(q[:, 0], k_pages, v_pages, tables, lengths, layer=layer,
                                       interpret=interpret)[:, None]
 
