@@ -60,14 +60,12 @@ def paged_decode_kernel(
     decode_program(q_ptr, k_ptr, v_ptr, q_ptr, q_ptr, table_ptr, length_ptr, layer, num_pages,
                    o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE, KV_HEADS,
                    LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT, BLOCK_TOKENS, SCALE,
-                   DOT_PRECISION, PREFETCH_TABLE, False)
+                   DOT_PRECISION, PREFETCH_TABLE, False, KV_HEADS * GROUP)
 
 
 @triton.jit
 def paged_decode_append_kernel(
-    q_ptr: tl.tensor,  # [B, H, D]
-    k_new_ptr: tl.tensor,  # [B, KV_HEADS, HEAD_DIM], the pool's dtype: K of the new token
-    v_new_ptr: tl.tensor,  # same: V of the new token
+    qkv_ptr: tl.tensor,  # [B, H + 2 * KV_HEADS, D], pool dtype: q heads, then the new K, V
     k_ptr: tl.tensor,  # [(L,) P, PAGE_SIZE, KV_HEADS, HEAD_DIM], written at the new token
     v_ptr: tl.tensor,  # same as k_ptr
     table_ptr: tl.tensor,  # int32 [B, MAX_BLOCKS]
@@ -96,19 +94,23 @@ def paged_decode_append_kernel(
     """Write each sequence's new token (K/V at position ``length - 1``) into its page and
     attend positions ``[0, length)``: the scatter of the step's K/V and the decode
     attention in one launch. The program whose split holds the new token writes it and
-    takes it from registers; no program reads its slot from the pool."""
-    decode_program(q_ptr, k_ptr, v_ptr, k_new_ptr, v_new_ptr, table_ptr, length_ptr, layer,
+    takes it from registers; no program reads its slot from the pool. The query and the
+    new K/V come packed in one array (one producer fusion in the model's step)."""
+    heads = KV_HEADS * GROUP
+    decode_program(qkv_ptr, k_ptr, v_ptr, qkv_ptr + heads * HEAD_DIM,
+                   qkv_ptr + (heads + KV_HEADS) * HEAD_DIM, table_ptr, length_ptr, layer,
                    num_pages, o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE,
                    KV_HEADS, LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT,
-                   BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, True)
+                   BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, True,
+                   heads + 2 * KV_HEADS)
 
 
 @triton.jit
 def decode_program(
-    q_ptr: tl.tensor,
+    q_ptr: tl.tensor,  # sequence b's query heads at rows [b * Q_ROWS, b * Q_ROWS + H)
     k_ptr: tl.tensor,
     v_ptr: tl.tensor,
-    k_new_ptr: tl.tensor,  # read only when APPEND
+    k_new_ptr: tl.tensor,  # read only when APPEND: sequence b's KV head h at b * Q_ROWS + h
     v_new_ptr: tl.tensor,
     table_ptr: tl.tensor,
     length_ptr: tl.tensor,
@@ -131,6 +133,7 @@ def decode_program(
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
     APPEND: tl.constexpr,
+    Q_ROWS: tl.constexpr,  # HEAD_DIM rows per sequence in the q (and new K/V) array
 ) -> None:
     """The body of both decode kernels: program ``(sequence, kv_head, split)``."""
     seq = tl.program_id(0)
@@ -140,7 +143,7 @@ def decode_program(
     dims = tl.arange(0, HEAD_DIM)
     real_row = rows < GROUP
 
-    q_rows = (seq.to(tl.int64) * KV_HEADS + head) * GROUP + rows  # [ROWS]
+    q_rows = seq.to(tl.int64) * Q_ROWS + head * GROUP + rows  # [ROWS]
     q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=real_row[:, None],
                 other=0.0)
     if UPCAST_DOTS:
@@ -173,7 +176,7 @@ def decode_program(
     if APPEND:
         o, m, den = append_token(q, o, m, den, k_ptr, v_ptr, k_new_ptr, v_new_ptr, table_ptr,
                                  seq, head, new, first, stop, layer_off, num_pages, HEAD_DIM,
-                                 PAGE_SIZE, KV_HEADS, MAX_BLOCKS, SCALE)
+                                 PAGE_SIZE, KV_HEADS, MAX_BLOCKS, SCALE, Q_ROWS)
 
     out_rows = ((seq.to(tl.int64) * KV_HEADS + head) * NUM_SPLITS + split) * GROUP + rows
     if NUM_SPLITS == 1:  # the whole sequence: the normalised output, in o_ptr's dtype
@@ -191,7 +194,7 @@ def append_token(
     den: tl.tensor,  # f32 [ROWS]
     k_ptr: tl.tensor,
     v_ptr: tl.tensor,
-    k_new_ptr: tl.tensor,  # [B, KV_HEADS, HEAD_DIM]
+    k_new_ptr: tl.tensor,  # sequence b's KV head h: row b * Q_ROWS + h
     v_new_ptr: tl.tensor,
     table_ptr: tl.tensor,
     seq: tl.tensor,
@@ -206,6 +209,7 @@ def append_token(
     KV_HEADS: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
     SCALE: tl.constexpr,
+    Q_ROWS: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """If the new token at position ``new`` lies in this split and on a real page: store
     its K/V row in the pool and fold it into ``(o, m, den)`` from registers (the same
@@ -216,7 +220,7 @@ def append_token(
     mine = (new >= first) & (new < stop)
     entry = tl.load(table_ptr + seq * MAX_BLOCKS + new // PAGE_SIZE, mask=mine, other=-1)
     put = mine & (entry >= 0) & (entry < num_pages)
-    row = (seq.to(tl.int64) * KV_HEADS + head) * HEAD_DIM + dims
+    row = (seq.to(tl.int64) * Q_ROWS + head) * HEAD_DIM + dims
     k = tl.load(k_new_ptr + row)
     v = tl.load(v_new_ptr + row)
     slot = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)

@@ -184,10 +184,11 @@ def _decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: ja
     from pallas_kernels.triton_decode_kernel import paged_decode_append_kernel
 
     pools = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)] * 2
+    qkv = jnp.concatenate([q, k_new, v_new], axis=1)  # XLA fuses it into their producers
     o, m, den, k_pages, v_pages = triton_call(
-        q, k_new, v_new, k_pages, v_pages, block_tables.astype(jnp.int32),
+        qkv, k_pages, v_pages, block_tables.astype(jnp.int32),
         lengths.astype(jnp.int32), *launch.scalars, kernel=paged_decode_append_kernel,
-        out_shape=_out_shapes(launch, q.dtype) + pools, input_output_aliases={3: 3, 4: 4},
+        out_shape=_out_shapes(launch, q.dtype) + pools, input_output_aliases={1: 3, 2: 4},
         grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
         name="kvjax_paged_decode_append", **dict(launch.meta))
     return _merge(q, o, m, den, launch), k_pages, v_pages

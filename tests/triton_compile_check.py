@@ -27,7 +27,7 @@ from pallas_kernels.triton_paged_decode import decode_launch
 from pallas_kernels.triton_prefill_kernel import paged_prefill_kernel
 
 _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-_ARRAYS = {"q_ptr": None, "k_ptr": None, "v_ptr": None, "k_new_ptr": None, "v_new_ptr": None,
+_ARRAYS = {"q_ptr": None, "k_ptr": None, "v_ptr": None, "qkv_ptr": None,
            "k_out_ptr": None, "v_out_ptr": None, "table_ptr": "i32",
            "length_ptr": "i32", "meta_ptr": "i32", "o_ptr": None, "m_ptr": "fp32",
            "den_ptr": "fp32"}
