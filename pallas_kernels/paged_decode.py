@@ -194,25 +194,14 @@ def combine_splits(o: jax.Array, m: jax.Array, den: jax.Array, group: int,
     o f32 [B, K, n, R, D] (unnormalised), m and den f32 [B, K, n, R] (running max and
     softmax denominator of each split), R >= ``group`` rows of which the first ``group``
     are real -> [B, K * group, D] in ``dtype``. Shared by the Pallas and Triton kernels.
-
-    One pass over the splits: a variadic reduction whose step merges two partials
-    ``(m, den, o)`` at their common max (associative and commutative, ``(MASKED, 0, 0)``
-    its identity), then one division; XLA emits it as one reduction kernel where the
-    max-then-rescale form takes two. Empty splits (m = MASKED, den = 0) weigh nothing.
+    (A one-pass form, a variadic reduction merging partials at their common max, measured
+    slower in the engine's decode step on an H100: docs/serving-engine.md.)
     """
     batch, kv_heads, _, _, head_dim = o.shape
-
-    def merge(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        (m_a, den_a, o_a), (m_b, den_b, o_b) = a, b
-        m_ab = jnp.maximum(m_a, m_b)
-        w_a, w_b = jnp.exp(m_a - m_ab), jnp.exp(m_b - m_ab)
-        return m_ab, den_a * w_a + den_b * w_b, o_a * w_a + o_b * w_b
-
-    wide = (jnp.broadcast_to(m[..., None], o.shape), jnp.broadcast_to(den[..., None], o.shape),
-            o)
-    identity = (np.float32(MASKED), np.float32(0), np.float32(0))
-    _, denom, total = lax.reduce(wide, identity, merge, (2,))
-    out = total / jnp.where(denom > 0, denom, 1.0)
+    m_all = m.max(axis=2, keepdims=True)
+    w = jnp.exp(m - m_all)  # empty splits: m = MASKED -> weight 0 (or 1 if all empty)
+    denom = (w * den).sum(axis=2)
+    out = (w[..., None] * o).sum(axis=2) / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out[:, :, :group].reshape(batch, kv_heads * group, head_dim).astype(dtype)
 
 

@@ -106,7 +106,7 @@ def test_bf16_kernel_is_as_accurate_as_the_xla_reference(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_combine_splits_equals_float64_softmax_merge(seed: int) -> None:
-    """The one-pass combine against float64 NumPy: splits with scores far apart, empty
+    """The combine against float64 NumPy: splits with scores far apart, empty
     splits (m = MASKED, den = 0) and a row whose splits are all empty (zeros out)."""
     from pallas_kernels.paged_decode import MASKED, combine_splits
 
