@@ -13,6 +13,10 @@ random bf16 weights, every row at context ``C`` over a paged pool (block 16). Fo
 * with ``--trace``: a profiler trace of one burst, summarised as GPU kernels per token
   step, summed kernel time per step, and the kernels that take the most time.
 
+``--scatter-writes`` measures the decode step as it was before the decode-append kernel:
+under ``triton`` the step's K/V written by two XLA scatters per layer and attended by
+``triton_paged_decode_attention`` (an A/B of the fused write in one run).
+
 ``--xla-flags`` runs the grid once per flag set, the environment's own first, each in a
 child process of its own (XLA reads its flags once, at start, and a process keeps the
 GPU memory it took), e.g. command buffers (CUDA graphs) off.
@@ -147,7 +151,7 @@ def write_hlo(path: Path, model: Decoder, params: Any, args: tuple[Any, ...], st
     fusions by kind on stdout."""
     compiled = _engine_decode_burst.lower(model, params, *args, steps=steps,
                                           attention=attention, all_greedy=True).compile()
-    text = compiled.as_text()
+    text = compiled.as_text() or ""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     kinds = collections.Counter(line.split("kind=")[1].split(",")[0].split(" ")[0]
@@ -156,7 +160,29 @@ def write_hlo(path: Path, model: Decoder, params: Any, args: tuple[Any, ...], st
     print(f"    hlo: {path} ({len(text) // 1024} KiB); fusions by kind: {dict(kinds)}")
 
 
+def use_scatter_writes() -> None:
+    """Route the paged cache's triton decode step through XLA scatters + the plain decode
+    kernel instead of ``triton_paged_decode_append`` (for this process)."""
+    from kvjax.cache import paged
+    from pallas_kernels.triton_paged_decode import triton_paged_decode_attention
+
+    def scatter_then_attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                            k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array,
+                            lengths: jax.Array, *, layer: int
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        page, offset = paged.page_slots(tables, (lengths - 1)[:, None], k_pages.shape[2],
+                                        k_pages.shape[1])
+        k_pages = k_pages.at[layer, page, offset].set(k_new[:, None], mode="drop")
+        v_pages = v_pages.at[layer, page, offset].set(v_new[:, None], mode="drop")
+        out = triton_paged_decode_attention(q, k_pages, v_pages, tables, lengths, layer=layer)
+        return out, k_pages, v_pages
+
+    paged.triton_paged_decode_append = scatter_then_attend  # type: ignore[assignment]
+
+
 def run_grid(a: argparse.Namespace) -> dict[str, Any]:
+    if a.scatter_writes:
+        use_scatter_writes()
     bw = read_bandwidth(256 if a.tiny else 4096)
     print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
@@ -209,6 +235,7 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
                         print(f"      {t['us_per_step']:7.1f} us {t['calls_per_step']:5.1f}x "
                               f"{t['name']}")
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "scatter_writes": a.scatter_writes,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "read_bandwidth": bw,
             "weight_bytes": wbytes, "steps": a.steps, "rows": rows}
 
@@ -227,6 +254,8 @@ def main() -> None:
     ap.add_argument("--xla-flags", action="append", default=[],
                     help="also run in a child process with these XLA_FLAGS (repeatable; "
                     "write --xla-flags=--xla_...)")
+    ap.add_argument("--scatter-writes", action="store_true",
+                    help="triton decode steps write K/V by XLA scatters (no append kernel)")
     ap.add_argument("--hlo-dir", default=None,
                     help="write each burst's optimised HLO text here")
     ap.add_argument("--out", default=None, help="JSON results path")
@@ -246,7 +275,7 @@ def main() -> None:
                         *a.attention, "--steps", str(a.steps), "--reps", str(a.reps),
                         "--out", f.name]
                 argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
-                argv += ["--trace"] * a.trace
+                argv += ["--trace"] * a.trace + ["--scatter-writes"] * a.scatter_writes
                 argv += ["--hlo-dir", a.hlo_dir] if a.hlo_dir and not flags.strip() else []
                 print(f"--- XLA_FLAGS={flags!r}", flush=True)
                 done = subprocess.run(argv, env={**os.environ, "XLA_FLAGS": flags},
