@@ -322,3 +322,31 @@ def test_paged_cache_triton_backend_token_identical_to_dense(
                       block_size=8, attention="triton")
     assert kernel.tokens == dense.tokens
     assert [len(t) for t in kernel.tokens] == limits
+
+
+def test_engine_triton_backend_token_identical_to_dense(
+        wide_heads: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving engine under ``attention="triton"``: single decode steps and 3-step
+    overlapped bursts through the decode-append kernel (K/V written by the kernel, pools
+    threaded through the device loop), prompt chunks through the Triton prefill kernel,
+    no Pallas; greedy tokens equal the dense cache's and the pool ends empty."""
+    from kvjax.engine.engine import Engine
+
+    monkeypatch.setattr(paged, "triton_unavailable_reason", lambda: None)  # as on a GPU
+
+    def no_pallas(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the triton backend called a Pallas kernel")
+
+    monkeypatch.setattr(paged, "paged_prefill_attention", no_pallas)
+    monkeypatch.setattr(paged, "paged_decode_attention", no_pallas)
+    lm = wide_heads
+    rng = np.random.default_rng(17)
+    prompts = [rng.integers(3, lm.config.vocab_size, n).tolist() for n in (1, 19, 10)]
+    limits = [9, 6, 8]
+    dense = generate(lm.model, lm.params, prompts, max_new_tokens=limits, cache="dense")
+    engine = Engine(lm.model, lm.params, num_blocks=16, block_size=8, max_batch=4,
+                    prefill_chunk=8, decode_steps=3, overlap_bursts=True, attention="triton")
+    out = engine.generate(prompts, max_new_tokens=limits)
+    assert out.tokens == dense.tokens
+    assert any(s.decode_steps == 3 for s in engine.step_metrics)
+    assert engine.pool_stats().num_sequences == 0
