@@ -65,7 +65,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1x4096x512,4x4096x512,1x4096x2048,8x4096x128")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU)")
+    ap.add_argument("--triton", default=None,
+                    help='Triton settings as a JSON list, e.g. \'[{}, {"block_q": 8}]\'')
+    ap.add_argument("--no-pallas", dest="pallas", action="store_false",
+                    help="skip the Pallas kernel's columns")
     args = ap.parse_args()
+    triton_settings = TRITON_SETTINGS if args.triton is None else tuple(json.loads(args.triton))
     interpret = args.smoke
     heads, kv_heads, head_dim, page = (4, 2, 64, 16) if args.smoke else (32, 8, 128, 16)
     rows = "2x64x24" if args.smoke else args.rows
@@ -92,9 +97,9 @@ def main() -> None:
               flush=True)
         kernels: list[tuple[str, Any, dict[str, int]]] = [
             ("pallas", paged_prefill_attention, {**st, "interpret": interpret})
-            for st in SETTINGS]
+            for st in SETTINGS if args.pallas]
         if triton_reason is None:
-            kernels += [("triton", triton_paged_prefill_attention, st) for st in TRITON_SETTINGS]
+            kernels += [("triton", triton_paged_prefill_attention, st) for st in triton_settings]
         for name, kernel, setting in kernels:
             try:
                 def fn(*a: jax.Array, kernel: Any = kernel, s: dict[str, int] = setting
