@@ -28,6 +28,9 @@
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min (412 s, H100)
 #   engine-b8    the same at batch 1 and 8: burst lengths, overlapped bursts;
 #                and the decode-step profile                              ~ 5.1 min
+#   decode-append  the decode kernel writing the step's K/V: GPU check, burst A/B
+#                (--scatter-writes), engine vs HF at 8/32 x 512 (2026-12-06: the parts
+#                ran in separate calls; engine_vs_hf alone took 57-156 s)     ~ 4 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
 #   probe-recipe attention-sweep mha alone at five shapes (recipe 2 otherwise) ~ 6.2 min
@@ -116,6 +119,17 @@ case "$group" in
         --skip-hf-dynamic --skip-online
     run decode_step_profile 240 $py benchmarks/decode_step_profile.py --trace \
         --cells 8x512 32x512 --attention triton --out "$out/decode_step_profile.json" ;;
+  decode-append)  # the K/V write inside the decode kernel: GPU check, A/B of the burst, engine
+    run check_decode_append 60 $py benchmarks/check_decode_append.py
+    run decode_step_profile_scatter 100 $py benchmarks/decode_step_profile.py --scatter-writes \
+        --cells 8x512 32x512 --attention triton --no-half --trace --reps 5 \
+        --out "$out/decode_step_profile_scatter.json"
+    run decode_step_profile 100 $py benchmarks/decode_step_profile.py \
+        --cells 8x512 32x512 8x2048 --attention triton --no-half --trace --reps 5 \
+        --out "$out/decode_step_profile.json"
+    run engine_vs_hf_b8b32 230 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf_b8b32.json" \
+        --batches 8 32 --prompts 512 --max-batch 32 --decode-steps 8 --overlap-bursts \
+        --skip-hf-dynamic --skip-online ;;
   serve)
     run serve_bench 540 $py -m kvjax.cli serve-bench --config configs/serve-bench-gpu.yaml \
         --output-dir "$out/serve_bench" --no-progress ;;

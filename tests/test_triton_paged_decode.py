@@ -168,13 +168,23 @@ def test_append_matches_scatter_then_attend(case: tuple[Any, ...]) -> None:
                   num_splits=num_splits)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_append_random_shapes(seed: int) -> None:
-    """Random shapes and steps; the new token at a split's first, last or any position."""
+def _random_append(seed: int) -> None:
+    """A random case; the new token at a split's first, last or any position."""
     *shape, dtype, num_splits, _, lengths = random_case(100 + seed)
     args = make_inputs(seed, *shape, dtype, lengths)
     _check_append(seed, args, block_tokens=int(np.random.default_rng(seed).choice([16, 64])),
                   num_splits=num_splits, prefetch_table=bool(seed % 2))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_append_random_shapes(seed: int) -> None:
+    _random_append(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4, 64))
+def test_append_random_shapes_sweep(seed: int) -> None:
+    _random_append(seed)
 
 
 def test_append_missing_page_and_stacked_layer() -> None:
@@ -301,18 +311,24 @@ def wide_heads(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return load_checkpoint(path)
 
 
-def test_paged_cache_triton_backend_token_identical_to_dense(
-        wide_heads: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Greedy generation with ``attention="triton"`` (decode steps through the decode
-    kernel, the prompt through the Triton chunked-prefill kernel, each layer of the
-    stacked pool read in place; no Pallas) gives the dense cache's tokens."""
-    monkeypatch.setattr(paged, "triton_unavailable_reason", lambda: None)  # as on a GPU
+@pytest.fixture
+def triton_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paged cache's "triton" backend allowed (as on a GPU) and any Pallas kernel call
+    an error."""
+    monkeypatch.setattr(paged, "triton_unavailable_reason", lambda: None)
 
     def no_pallas(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the triton backend called a Pallas kernel")
 
     monkeypatch.setattr(paged, "paged_prefill_attention", no_pallas)
     monkeypatch.setattr(paged, "paged_decode_attention", no_pallas)
+
+
+@pytest.mark.usefixtures("triton_only")
+def test_paged_cache_triton_backend_token_identical_to_dense(wide_heads: LoadedModel) -> None:
+    """Greedy generation with ``attention="triton"`` (decode steps through the decode
+    kernel, the prompt through the Triton chunked-prefill kernel, each layer of the
+    stacked pool read in place; no Pallas) gives the dense cache's tokens."""
     lm = wide_heads
     rng = np.random.default_rng(13)
     prompts = [rng.integers(3, lm.config.vocab_size, n).tolist() for n in (1, 19)]
@@ -324,21 +340,14 @@ def test_paged_cache_triton_backend_token_identical_to_dense(
     assert [len(t) for t in kernel.tokens] == limits
 
 
-def test_engine_triton_backend_token_identical_to_dense(
-        wide_heads: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("triton_only")
+def test_engine_triton_backend_token_identical_to_dense(wide_heads: LoadedModel) -> None:
     """The serving engine under ``attention="triton"``: single decode steps and 3-step
     overlapped bursts through the decode-append kernel (K/V written by the kernel, pools
     threaded through the device loop), prompt chunks through the Triton prefill kernel,
     no Pallas; greedy tokens equal the dense cache's and the pool ends empty."""
     from kvjax.engine.engine import Engine
 
-    monkeypatch.setattr(paged, "triton_unavailable_reason", lambda: None)  # as on a GPU
-
-    def no_pallas(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the triton backend called a Pallas kernel")
-
-    monkeypatch.setattr(paged, "paged_prefill_attention", no_pallas)
-    monkeypatch.setattr(paged, "paged_decode_attention", no_pallas)
     lm = wide_heads
     rng = np.random.default_rng(17)
     prompts = [rng.integers(3, lm.config.vocab_size, n).tolist() for n in (1, 19, 10)]
