@@ -8,6 +8,8 @@
 #                (~1.3 min), generate_paged bf16/fp32 (fp32 > 90 s)        ~ 8 min *
 #   prefill      chunked prefill alone: Pallas and Triton kernels vs XLA      ~ 2.5 min *
 #   kernel-tables  paged decode (four rows, all columns) + chunked prefill   ~ 3.6 min
+#   layout       Triton decode on token-major vs head-major pages (four rows)   ~ 2 min *
+#   prefill-tiles  Triton chunked prefill, query tiles of 16/8/4 tokens, two rows ~ 1 min *
 #   mla          absorbed MLA decode kernel vs XLA gather and torch SDPA      ~ 3 min *
 #   sweep        Triton kernel tunables per row                            ~ 4 min *
 #   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
@@ -78,6 +80,13 @@ case "$group" in
   kernel-tables)  # the decode and prefill tables of docs/paged-decode-kernel.md, no generate
     run paged_decode 300 $py benchmarks/paged_decode.py --rows 8x4096,32x1024,32x4096,64x4096
     run chunked_prefill 200 $py benchmarks/chunked_prefill.py ;;
+  layout)  # token-major vs head-major pages in the Triton decode kernel (same pages transposed)
+    run paged_decode_layout 300 $py benchmarks/paged_decode.py --sweep triton --head-major \
+        --rows 8x4096,32x1024,32x4096,64x4096 --triton 32:auto:4:4:1,64:auto:4:4:1 ;;
+  prefill-tiles)  # smaller query tiles where the grid is small (one sequence, 512 new tokens)
+    run chunked_prefill_tiles 200 $py benchmarks/chunked_prefill.py --no-pallas \
+        --rows 1x4096x512,8x4096x128 \
+        --triton '[{}, {"block_q": 8}, {"block_q": 4}, {"block_q": 8, "block_tokens": 32}]' ;;
   mla)
     run mla_decode 300 $py benchmarks/mla_decode.py ;;
   sweep)

@@ -132,7 +132,7 @@ def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
 
 
 def run_row(b: int, s: int, pallas: Sequence[PallasSetting], triton: Sequence[TritonSetting],
-            baselines: bool, budget: Budget) -> dict[str, Any]:
+            baselines: bool, budget: Budget, head_major: bool = False) -> dict[str, Any]:
     pages = b * s // PAGE
     key = jax.random.key(0)
     ours_sets, theirs_sets = [], []
@@ -152,22 +152,26 @@ def run_row(b: int, s: int, pallas: Sequence[PallasSetting], triton: Sequence[Tr
     ref = jax.jit(lambda q, kp, vp, bt, ln: paged_attention_reference(
         q[:, None], kp, vp, bt, (ln - 1)[:, None])[:, 0])
     expected = ref(*ours_sets[0])
-    kernels: list[list[tuple[str, Callable[..., Any]]]] = [[
+    # head-major copies of the same pages ([P, K, S, D]) for the --head-major columns
+    layouts = [("token-major", "", ours_sets)] + [
+        ("head-major", " hm", [(q, jnp.swapaxes(kp, 1, 2), jnp.swapaxes(vp, 1, 2), bt, ln)
+                               for q, kp, vp, bt, ln in ours_sets])] * head_major
+    kernels: list[list[tuple[str, Callable[..., Any], list[Any]]]] = [[
         (f"kvjax pallas ppb{ppb} sp{splits} w{warps} st{stages}",
          jax.jit(lambda *a, ppb=ppb, splits=splits, w=warps, st=stages:
                  paged_decode_attention(*a, pages_per_block=ppb, num_splits=splits,
-                                        num_warps=w, num_stages=st)))
+                                        num_warps=w, num_stages=st)), ours_sets)
         for ppb, splits, warps, stages in pallas], [
-        (f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}{' pf' * pf}",
-         jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages, pf=pf:
+        (f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}{' pf' * pf}{tag}",
+         jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages, pf=pf, lay=layout:
                  triton_paged_decode_attention(*a, block_tokens=bt, num_splits=splits,
                                                num_warps=w, num_stages=st,
-                                               prefetch_table=pf)))
-        for tokens, splits, warps, stages, pf in triton]]
+                                               prefetch_table=pf, page_layout=lay)), sets)
+        for tokens, splits, warps, stages, pf in triton for layout, tag, sets in layouts]]
     # Alternate the two kernels so that a spent budget cuts both alike.
     for pair in itertools.zip_longest(*kernels):
-        for name, fn in filter(None, pair):
-            time_kernel(res, name, fn, ours_sets, expected, budget)
+        for name, fn, sets in filter(None, pair):
+            time_kernel(res, name, fn, sets, expected, budget)
     res = dict(sorted(res.items(), key=lambda kv: not kv[0].startswith("kvjax pallas")))
     if not baselines:
         return res
@@ -235,6 +239,9 @@ def main() -> None:
     ap.add_argument("--triton", type=parse_triton_settings,
                     help="the Triton settings to time, 'bt:sp:warps:stages:pf,...' (sp 'auto'; "
                          "pf 1 = prefetch_table), instead of the default list or sweep")
+    ap.add_argument("--head-major", action="store_true",
+                    help="also time every Triton setting on head-major pages [P, K, S, D] "
+                         "(the same pages transposed; columns marked 'hm')")
     args = ap.parse_args()
     global timer
     timer = TIMERS[args.timing]
@@ -262,7 +269,8 @@ def main() -> None:
         b, s = (int(x) for x in spec.split("x"))
         budget = Budget(args.budget_s / len(specs))
         try:
-            res = run_row(b, s, pallas, triton, baselines=args.sweep is None, budget=budget)
+            res = run_row(b, s, pallas, triton, baselines=args.sweep is None, budget=budget,
+                          head_major=args.head_major)
         except Exception as err:  # e.g. out of memory: report the row and go on
             print(f"\n{b} x {s}: {_error(err)}", flush=True)
             continue

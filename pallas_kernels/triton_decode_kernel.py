@@ -55,12 +55,13 @@ def paged_decode_kernel(
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,  # pages [P, KV_HEADS, PAGE_SIZE, HEAD_DIM] instead of [P, S, K, D]
 ) -> None:
     """Attend positions ``[0, length)`` of each sequence's pages."""
     decode_program(q_ptr, k_ptr, v_ptr, q_ptr, q_ptr, table_ptr, length_ptr, layer, num_pages,
                    o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE, KV_HEADS,
                    LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT, BLOCK_TOKENS, SCALE,
-                   DOT_PRECISION, PREFETCH_TABLE, False, KV_HEADS * GROUP)
+                   DOT_PRECISION, PREFETCH_TABLE, HEAD_MAJOR, False, KV_HEADS * GROUP)
 
 
 @triton.jit
@@ -90,6 +91,7 @@ def paged_decode_append_kernel(
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ) -> None:
     """Write each sequence's new token (K/V at position ``length - 1``) into its page and
     attend positions ``[0, length)``: the scatter of the step's K/V and the decode
@@ -101,7 +103,7 @@ def paged_decode_append_kernel(
                    qkv_ptr + (heads + KV_HEADS) * HEAD_DIM, table_ptr, length_ptr, layer,
                    num_pages, o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE,
                    KV_HEADS, LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT,
-                   BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, True,
+                   BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, HEAD_MAJOR, True,
                    heads + 2 * KV_HEADS)
 
 
@@ -132,6 +134,7 @@ def decode_program(
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
     APPEND: tl.constexpr,
     Q_ROWS: tl.constexpr,  # HEAD_DIM rows per sequence in the q (and new K/V) array
 ) -> None:
@@ -165,18 +168,19 @@ def decode_program(
     m = tl.full((ROWS,), MASKED, tl.float32)
     den = tl.zeros((ROWS,), tl.float32)
     off, valid = tile_offsets(table_ptr, seq, head, first, stop_read, layer_off, num_pages,
-                              HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+                              HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS,
+                              HEAD_MAJOR)
     for start in range(first, stop_read, BLOCK_TOKENS):
         off, valid, next_off, next_valid = step_offsets(
             off, valid, table_ptr, seq, head, start, stop_read, layer_off, num_pages, HEAD_DIM,
-            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE)
+            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, HEAD_MAJOR)
         o, m, den = attend_tile(q, o, m, den, m, k_ptr, v_ptr, off, valid, start, HEAD_DIM,
                                 BLOCK_TOKENS, SCALE, DOT_PRECISION, False)
         off, valid = next_off, next_valid
     if APPEND:
         o, m, den = append_token(q, o, m, den, k_ptr, v_ptr, k_new_ptr, v_new_ptr, table_ptr,
                                  seq, head, new, first, stop, layer_off, num_pages, HEAD_DIM,
-                                 PAGE_SIZE, KV_HEADS, MAX_BLOCKS, SCALE, Q_ROWS)
+                                 PAGE_SIZE, KV_HEADS, MAX_BLOCKS, SCALE, Q_ROWS, HEAD_MAJOR)
 
     out_rows = ((seq.to(tl.int64) * KV_HEADS + head) * NUM_SPLITS + split) * GROUP + rows
     if NUM_SPLITS == 1:  # the whole sequence: the normalised output, in o_ptr's dtype
@@ -210,6 +214,7 @@ def append_token(
     MAX_BLOCKS: tl.constexpr,
     SCALE: tl.constexpr,
     Q_ROWS: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """If the new token at position ``new`` lies in this split and on a real page: store
     its K/V row in the pool and fold it into ``(o, m, den)`` from registers (the same
@@ -223,8 +228,8 @@ def append_token(
     row = (seq.to(tl.int64) * Q_ROWS + head) * HEAD_DIM + dims
     k = tl.load(k_new_ptr + row)
     v = tl.load(v_new_ptr + row)
-    slot = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
-            + (new % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
+    slot = layer_off + row_offset(entry, new % PAGE_SIZE, head, HEAD_DIM, PAGE_SIZE, KV_HEADS,
+                                  HEAD_MAJOR)
     stored = put & (dims < HEAD_DIM)
     tl.store(k_ptr + slot + dims, k, mask=stored)
     tl.store(v_ptr + slot + dims, v, mask=stored)
@@ -254,6 +259,7 @@ def tile_offsets(
     KV_HEADS: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor]:
     """Where positions ``[start, start + BLOCK_TOKENS)`` of sequence ``seq``'s KV head
     ``head`` lie in the pool, through its block table: int64 element offsets of each
@@ -262,9 +268,29 @@ def tile_offsets(
     pos = start + tl.arange(0, BLOCK_TOKENS)
     entry = tl.load(table_ptr + seq * MAX_BLOCKS + pos // PAGE_SIZE, mask=pos < stop, other=-1)
     valid = (pos < stop) & (entry >= 0) & (entry < num_pages)
-    off = (layer_off + entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
-           + (pos % PAGE_SIZE) * (KV_HEADS * HEAD_DIM) + head * HEAD_DIM)
+    off = layer_off + row_offset(entry, pos % PAGE_SIZE, head, HEAD_DIM, PAGE_SIZE, KV_HEADS,
+                                 HEAD_MAJOR)
     return off, valid
+
+
+@triton.jit
+def row_offset(
+    entry: tl.tensor,  # int page id(s)
+    slot: tl.tensor,  # int offset(s) in the page
+    head: tl.tensor,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
+) -> tl.tensor:
+    """int64 element offset, within one layer, of the ``HEAD_DIM`` row of KV head
+    ``head`` at ``slot`` of page ``entry``: token-major pages ``[P, S, K, D]`` (one
+    ``K * D`` run per token) or, with ``HEAD_MAJOR``, ``[P, K, S, D]`` (one ``S * D`` run
+    per head)."""
+    page = entry.to(tl.int64) * (PAGE_SIZE * KV_HEADS * HEAD_DIM)
+    if HEAD_MAJOR:
+        return page + (head * PAGE_SIZE + slot) * HEAD_DIM
+    return page + (slot * KV_HEADS + head) * HEAD_DIM
 
 
 @triton.jit
@@ -284,6 +310,7 @@ def step_offsets(
     MAX_BLOCKS: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
     """The step at ``start``'s ``(off, valid)`` and those to carry to the next step. With
     ``PREFETCH_TABLE`` this step's come in (read one step ahead) and the next step's table
@@ -292,10 +319,11 @@ def step_offsets(
     if PREFETCH_TABLE:
         next_off, next_valid = tile_offsets(
             table_ptr, seq, head, start + BLOCK_TOKENS, stop, layer_off, num_pages, HEAD_DIM,
-            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, HEAD_MAJOR)
     else:
         off, valid = tile_offsets(table_ptr, seq, head, start, stop, layer_off, num_pages,
-                                  HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+                                  HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS,
+                                  HEAD_MAJOR)
         next_off, next_valid = off, valid
     return off, valid, next_off, next_valid
 

@@ -91,18 +91,18 @@ class DecodeLaunch:
 def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                   dtype: jnp.dtype, *, layer: int | None, block_tokens: int | None,
                   num_splits: int | None, num_warps: int, num_stages: int,
-                  prefetch_table: bool = True) -> DecodeLaunch:
+                  prefetch_table: bool = True, head_major: bool = False) -> DecodeLaunch:
     """The launch for q ``[B, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K, D]``
-    read at ``layer``) with ``max_blocks`` table columns; arguments already passed
-    ``check_paged_args``. None picks the default: ``default_block_tokens``,
-    ``auto_num_splits``.
+    read at ``layer``; with ``head_major`` ``[(L,) P, K, S, D]``) with ``max_blocks`` table
+    columns; arguments already passed ``check_paged_args``. None picks the default:
+    ``default_block_tokens``, ``auto_num_splits``.
 
     Raises:
       ValueError: on ``block_tokens`` not a power of two >= 16, ``num_warps`` not in
         ``WARPS`` or ``num_stages`` < 1.
     """
     batch, heads, head_dim = q_shape
-    num_pages, page_size, kv_heads, _ = pool_shape[-4:]
+    num_pages, page_size, kv_heads, _ = token_major_shape(pool_shape[-4:], head_major)
     if block_tokens is None:
         block_tokens = default_block_tokens(head_dim, jnp.dtype(dtype).itemsize)
     check_launch_settings(block_tokens, num_warps, num_stages)
@@ -119,11 +119,41 @@ def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blo
             ("MAX_BLOCKS", max_blocks), ("NUM_SPLITS", num_splits),
             ("PAGES_PER_SPLIT", pages_per_split), ("BLOCK_TOKENS", block_tokens),
             ("SCALE", head_dim ** -0.5), ("DOT_PRECISION", dot_precision(dtype)),
-            ("PREFETCH_TABLE", bool(prefetch_table)))
+            ("PREFETCH_TABLE", bool(prefetch_table)), ("HEAD_MAJOR", bool(head_major)))
     stats = (batch, kv_heads, num_splits, group)
     return DecodeLaunch(grid=(batch, kv_heads, num_splits), scalars=(layer or 0, num_pages),
                         meta=meta, num_warps=num_warps, num_stages=num_stages,
                         partial_shapes=((*stats, head_dim), stats, stats))
+
+
+PAGE_LAYOUTS = ("token-major", "head-major")
+
+
+def token_major_shape(page_shape: tuple[int, ...], head_major: bool) -> tuple[int, ...]:
+    """``(P, S, K, D)`` of a pool's trailing page shape, ``(P, K, S, D)`` when head-major."""
+    if not head_major:
+        return tuple(page_shape)
+    num_pages, kv_heads, page_size, head_dim = page_shape
+    return num_pages, page_size, kv_heads, head_dim
+
+
+def _checked_layout(page_layout: str, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                    block_tables: jax.Array, lengths: jax.Array, num_splits: int | None,
+                    layer: int | None) -> bool:
+    """``check_paged_args`` on the pools seen token-major; True for head-major pages."""
+    if page_layout not in PAGE_LAYOUTS:
+        raise ValueError(f"page_layout must be one of {PAGE_LAYOUTS}, got {page_layout!r}")
+    head_major = page_layout == "head-major"
+
+    def seen(pages: jax.Array) -> jax.Array:
+        if not head_major or pages.ndim not in (4, 5):
+            return pages
+        shape = pages.shape[:-4] + token_major_shape(pages.shape[-4:], True)
+        return jax.ShapeDtypeStruct(shape, pages.dtype)  # type: ignore[return-value]
+
+    check_paged_args(q, seen(k_pages), seen(v_pages), block_tables, lengths, 1,
+                     1 if num_splits is None else num_splits, layer=layer)
+    return head_major
 
 
 def triton_unavailable_reason() -> str | None:
@@ -199,7 +229,8 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
                                   block_tokens: int | None = None,
                                   num_splits: int | None = None, num_warps: int = 4,
                                   num_stages: int = 4, layer: int | None = None,
-                                  prefetch_table: bool = True) -> jax.Array:
+                                  prefetch_table: bool = True,
+                                  page_layout: str = "token-major") -> jax.Array:
     """Decode attention of one new token per sequence over paged K/V (Triton kernel, GPU).
 
     Args:
@@ -221,6 +252,9 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
         ``num_stages - 1`` K/V tiles in flight (read in the step itself, the table load
         sits between the tiles and the pipeliner keeps fewer; see
         docs/paged-decode-kernel.md).
+      page_layout: ``"token-major"`` (pages ``[P, S, K, D]``, the paged cache's layout)
+        or ``"head-major"`` (pages ``[P, K, S, D]``: one contiguous ``S * D`` run per KV
+        head; for measuring the layout, docs/paged-decode-kernel.md).
 
     Returns:
       [B, H, D] in the dtype of ``q``.
@@ -229,12 +263,12 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
       ValueError: as ``paged_decode_attention`` (``check_paged_args``) and on Triton
         launch settings ``decode_launch`` rejects, before launching.
     """
-    check_paged_args(q, k_pages, v_pages, block_tables, lengths, 1,
-                     1 if num_splits is None else num_splits, layer=layer)
+    head_major = _checked_layout(page_layout, q, k_pages, v_pages, block_tables, lengths,
+                                 num_splits, layer)
     launch = decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
                            block_tokens=block_tokens, num_splits=num_splits,
                            num_warps=num_warps, num_stages=num_stages,
-                           prefetch_table=prefetch_table)
+                           prefetch_table=prefetch_table, head_major=head_major)
     return _decode(q, k_pages, v_pages, block_tables, lengths, launch=launch)
 
 
@@ -243,7 +277,8 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                                block_tables: jax.Array, lengths: jax.Array, *,
                                block_tokens: int | None = None, num_splits: int | None = None,
                                num_warps: int = 4, num_stages: int = 4,
-                               layer: int | None = None, prefetch_table: bool = True
+                               layer: int | None = None, prefetch_table: bool = True,
+                               page_layout: str = "token-major"
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Append each sequence's new token to its pages and attend over them, one launch.
 
@@ -256,7 +291,7 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
 
     Args:
       q: [B, H, D]; k_new, v_new: [B, K, D], all in the pool's dtype.
-      k_pages, v_pages, block_tables, lengths, tunables, layer: as
+      k_pages, v_pages, block_tables, lengths, tunables, layer, page_layout: as
         ``triton_paged_decode_attention``; ``lengths`` counts the new token.
 
     Returns:
@@ -268,9 +303,9 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
       ValueError: as ``triton_paged_decode_attention``, and when ``k_new``/``v_new`` are
         not ``[B, K, D]`` in the pool's dtype.
     """
-    check_paged_args(q, k_pages, v_pages, block_tables, lengths, 1,
-                     1 if num_splits is None else num_splits, layer=layer)
-    want = (q.shape[0], k_pages.shape[-2], q.shape[-1])
+    head_major = _checked_layout(page_layout, q, k_pages, v_pages, block_tables, lengths,
+                                 num_splits, layer)
+    want = (q.shape[0], token_major_shape(k_pages.shape[-4:], head_major)[2], q.shape[-1])
     for name, x in (("k_new", k_new), ("v_new", v_new)):
         if x.shape != want or x.dtype != k_pages.dtype:
             raise ValueError(f"{name} must be {want} {k_pages.dtype} (one token per sequence "
@@ -278,6 +313,6 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
     launch = decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
                            block_tokens=block_tokens, num_splits=num_splits,
                            num_warps=num_warps, num_stages=num_stages,
-                           prefetch_table=prefetch_table)
+                           prefetch_table=prefetch_table, head_major=head_major)
     return _decode_append(q, k_new, v_new, k_pages, v_pages, block_tables, lengths,
                           launch=launch)

@@ -81,11 +81,11 @@ def paged_prefill_kernel(
     m = tl.full((BLOCK_Q * GROUP_ROWS,), MASKED, tl.float32)
     den = tl.zeros((BLOCK_Q * GROUP_ROWS,), tl.float32)
     off, valid = tile_offsets(table_ptr, seq, head, 0, stop, layer_off, num_pages, HEAD_DIM,
-                              PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS)
+                              PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, False)
     for start in range(0, stop, BLOCK_TOKENS):
         off, valid, next_off, next_valid = step_offsets(
             off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
-            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE)
+            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, False)
         o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, start,
                                 HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, True)
         off, valid = next_off, next_valid

@@ -219,6 +219,52 @@ def test_append_checks_new_token_shape_and_dtype() -> None:
             tpd.triton_paged_decode_append(q, good, bad, k, v, tables, lengths)
 
 
+def _head_major(pages: jax.Array) -> jax.Array:
+    """[P, S, K, D] -> [P, K, S, D] (the same page ids, one S * D run per KV head)."""
+    return jnp.swapaxes(pages, -3, -2)
+
+
+@pytest.mark.parametrize("case", CASES[::2], ids=[f"case{i}" for i in range(0, len(CASES), 2)])
+def test_head_major_pages_equal_token_major(case: tuple[Any, ...]) -> None:
+    """The same pools stored head-major give the token-major kernel's output bit for bit,
+    in the plain and the append kernel (whose written pools are the same pages)."""
+    *shape, dtype, num_splits, pages_per_block, lengths = case
+    args = make_inputs(sum(lengths) + 5, *shape, dtype, lengths)
+    q, k, v, tables, lens = args
+    kw: dict[str, Any] = {"block_tokens": max(16, pages_per_block * shape[4]),
+                          "num_splits": num_splits}
+    want = tpd.triton_paged_decode_attention(*args, **kw)
+    got = tpd.triton_paged_decode_attention(q, _head_major(k), _head_major(v), tables, lens,
+                                            page_layout="head-major", **kw)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    rng = np.random.default_rng(1)
+    new = [jnp.asarray(rng.standard_normal((q.shape[0], k.shape[2], q.shape[2])), dtype)
+           for _ in range(2)]
+    out_t, k_t, v_t = tpd.triton_paged_decode_append(q, *new, k, v, tables, lens, **kw)
+    out_h, k_h, v_h = tpd.triton_paged_decode_append(q, *new, _head_major(k), _head_major(v),
+                                                     tables, lens, page_layout="head-major",
+                                                     **kw)
+    np.testing.assert_array_equal(np.asarray(out_h, np.float32), np.asarray(out_t, np.float32))
+    np.testing.assert_array_equal(np.asarray(k_h), np.asarray(_head_major(k_t)))
+    np.testing.assert_array_equal(np.asarray(v_h), np.asarray(_head_major(v_t)))
+
+
+def test_head_major_stacked_layer_and_checks() -> None:
+    """Layer l of a stacked head-major pool; an unknown layout and a head-major pool whose
+    head_dim disagrees with q are rejected before launching."""
+    q, k, v, tables, lengths = make_inputs(9, 2, 2, 4, 64, 16, 3, BF16, [20, 41])
+    stacked = [jnp.stack([_head_major(x) * (i + 1) for i in range(3)]) for x in (k, v)]
+    got = tpd.triton_paged_decode_attention(q, *stacked, tables, lengths, layer=2,
+                                            page_layout="head-major")
+    want = tpd.triton_paged_decode_attention(q, k * 3, v * 3, tables, lengths)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="page_layout must be one of"):
+        tpd.triton_paged_decode_attention(q, k, v, tables, lengths, page_layout="kv-major")
+    with pytest.raises(ValueError, match="head_dim mismatch"):
+        tpd.triton_paged_decode_attention(q, k[..., :32], v[..., :32], tables, lengths,
+                                          page_layout="head-major")
+
+
 SHARED_BAD = [b for b in BAD_ARGUMENTS if b[0] != "block"]  # no pages_per_block here
 
 
@@ -251,7 +297,7 @@ def test_decode_launch() -> None:
     assert launch.scalars == (2, 100) and meta["LAYER_STRIDE"] == 100 * 16 * 8 * 128
     assert (meta["GROUP"], meta["ROWS"], meta["BLOCK_TOKENS"], meta["PAGES_PER_SPLIT"]) == (
         4, 16, 32, 8)
-    assert meta["PREFETCH_TABLE"] is True
+    assert meta["PREFETCH_TABLE"] is True and meta["HEAD_MAJOR"] is False
     assert meta["DOT_PRECISION"] == "tf32" and meta["SCALE"] == 128 ** -0.5
     assert launch.partial_shapes == ((4, 8, 8, 4, 128), (4, 8, 8, 4), (4, 8, 8, 4))
     small = dict(tpd.decode_launch((1, 2, 64), (9, 8, 1, 64), 5, jnp.float32, layer=None,
@@ -287,10 +333,12 @@ def test_default_launches_compile_for_h100() -> None:
 
 def test_append_kernel_compiles_for_h100() -> None:
     """The decode-append kernel at the engine's shape (Qwen2.5-0.5B: 14 heads, 2 KV heads,
-    head_dim 64, blocks of 16; one split and several) and the benchmark's, for sm_90."""
+    head_dim 64, blocks of 16; one split and several) and the benchmark's, and the plain
+    kernel on head-major pages, for sm_90."""
     _assert_fit_h100([[8, 14, 2, 64, 16, 33, "bfloat16", None, 4, 4, True],
                       [1, 14, 2, 64, 16, 4, "bfloat16", None, 4, 4, True],
-                      [32, 32, 8, 128, 16, 256, "float16", None, 4, 4, True]])
+                      [32, 32, 8, 128, 16, 256, "float16", None, 4, 4, True],
+                      [32, 32, 8, 128, 16, 256, "bfloat16", None, 4, 4, False, True]])
 
 
 @pytest.mark.slow

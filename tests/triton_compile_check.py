@@ -4,7 +4,7 @@ meta-parameters as constexprs), and print each launch's shared memory as JSON.
 
 Run in its own process: ``TRITON_INTERPRET`` must be unset when triton is imported.
 Usage: python tests/triton_compile_check.py '[[batch, heads, kv_heads, head_dim,
-page_size, max_blocks, dtype, block_tokens|null, num_warps, num_stages(, append)], ...]'
+page_size, max_blocks, dtype, block_tokens|null, num_warps, num_stages(, append(, head_major))], ...]'
 (the decode kernel, or with append true the decode-append kernel) or python tests/triton_compile_check.py prefill '[[batch, T, heads,
 kv_heads, head_dim, page_size, max_blocks, dtype, block_q|null, block_tokens|null,
 num_warps, num_stages], ...]' (the chunked-prefill kernel).
@@ -48,14 +48,15 @@ def _compile(kernel: Any, dtype: str, meta: dict[str, Any], num_warps: int,
 
 def shared_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, page_size: int,
                  max_blocks: int, dtype: str, block_tokens: int | None, num_warps: int,
-                 num_stages: int, append: bool = False) -> dict[str, int]:
-    """Compile one launch for sm_90 (the append kernel with ``append``); its shared
-    memory and settings."""
+                 num_stages: int, append: bool = False,
+                 head_major: bool = False) -> dict[str, int]:
+    """Compile one launch for sm_90 (the append kernel with ``append``, head-major pages
+    with ``head_major``); its shared memory and settings."""
     launch = decode_launch((batch, heads, head_dim), (batch * max_blocks, page_size,
                                                       kv_heads, head_dim),
                            max_blocks, jnp.dtype(dtype), layer=None,
                            block_tokens=block_tokens, num_splits=None,
-                           num_warps=num_warps, num_stages=num_stages)
+                           num_warps=num_warps, num_stages=num_stages, head_major=head_major)
     meta = dict(launch.meta)
     o_dtype = dtype if launch.grid[2] == 1 else "float32"  # one split: normalised output
     kernel = paged_decode_append_kernel if append else paged_decode_kernel
