@@ -8,6 +8,10 @@ columns ``[split * PAGES_PER_SPLIT, ...)`` of its sequence up to the sequence's 
 gathered from their pages: several pages, or part of one), and writes its unnormalised
 partial ``(o, m, den)`` for ``pallas_kernels.paged_decode.combine_splits`` — or, with one
 split, the normalised output itself in the output's dtype (no combine launched).
+``paged_decode_append_kernel`` is the same program that first appends the step's token:
+the program whose split holds position ``length - 1`` stores its K/V row in the page
+and folds it in from registers (the pools are aliased outputs). Pages are token-major
+``[P, S, K, D]``; ``HEAD_MAJOR`` reads ``[P, K, S, D]`` pages (``row_offset``).
 
 Launched by ``pallas_kernels.triton_paged_decode`` through jax-triton, whose calling
 convention this follows: array and scalar arguments in order, then the outputs, then
