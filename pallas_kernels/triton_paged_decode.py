@@ -137,10 +137,12 @@ def token_major_shape(page_shape: tuple[int, ...], head_major: bool) -> tuple[in
     return num_pages, page_size, kv_heads, head_dim
 
 
-def _checked_layout(page_layout: str, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                    block_tables: jax.Array, lengths: jax.Array, num_splits: int | None,
-                    layer: int | None) -> bool:
-    """``check_paged_args`` on the pools seen token-major; True for head-major pages."""
+def _checked_launch(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                    block_tables: jax.Array, lengths: jax.Array, *, page_layout: str,
+                    layer: int | None, block_tokens: int | None, num_splits: int | None,
+                    num_warps: int, num_stages: int, prefetch_table: bool) -> DecodeLaunch:
+    """``check_paged_args`` on the pools seen token-major, then ``decode_launch``: the
+    argument checks and launch of both public decode functions."""
     if page_layout not in PAGE_LAYOUTS:
         raise ValueError(f"page_layout must be one of {PAGE_LAYOUTS}, got {page_layout!r}")
     head_major = page_layout == "head-major"
@@ -153,7 +155,10 @@ def _checked_layout(page_layout: str, q: jax.Array, k_pages: jax.Array, v_pages:
 
     check_paged_args(q, seen(k_pages), seen(v_pages), block_tables, lengths, 1,
                      1 if num_splits is None else num_splits, layer=layer)
-    return head_major
+    return decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
+                         block_tokens=block_tokens, num_splits=num_splits,
+                         num_warps=num_warps, num_stages=num_stages,
+                         prefetch_table=prefetch_table, head_major=head_major)
 
 
 def triton_unavailable_reason() -> str | None:
@@ -263,12 +268,10 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
       ValueError: as ``paged_decode_attention`` (``check_paged_args``) and on Triton
         launch settings ``decode_launch`` rejects, before launching.
     """
-    head_major = _checked_layout(page_layout, q, k_pages, v_pages, block_tables, lengths,
-                                 num_splits, layer)
-    launch = decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
-                           block_tokens=block_tokens, num_splits=num_splits,
-                           num_warps=num_warps, num_stages=num_stages,
-                           prefetch_table=prefetch_table, head_major=head_major)
+    launch = _checked_launch(q, k_pages, v_pages, block_tables, lengths,
+                             page_layout=page_layout, layer=layer, block_tokens=block_tokens,
+                             num_splits=num_splits, num_warps=num_warps,
+                             num_stages=num_stages, prefetch_table=prefetch_table)
     return _decode(q, k_pages, v_pages, block_tables, lengths, launch=launch)
 
 
@@ -303,16 +306,14 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
       ValueError: as ``triton_paged_decode_attention``, and when ``k_new``/``v_new`` are
         not ``[B, K, D]`` in the pool's dtype.
     """
-    head_major = _checked_layout(page_layout, q, k_pages, v_pages, block_tables, lengths,
-                                 num_splits, layer)
-    want = (q.shape[0], token_major_shape(k_pages.shape[-4:], head_major)[2], q.shape[-1])
+    launch = _checked_launch(q, k_pages, v_pages, block_tables, lengths,
+                             page_layout=page_layout, layer=layer, block_tokens=block_tokens,
+                             num_splits=num_splits, num_warps=num_warps,
+                             num_stages=num_stages, prefetch_table=prefetch_table)
+    want = (q.shape[0], launch.grid[1], q.shape[-1])  # grid: (batch, kv_heads, splits)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
         if x.shape != want or x.dtype != k_pages.dtype:
             raise ValueError(f"{name} must be {want} {k_pages.dtype} (one token per sequence "
                              f"and KV head), got {x.shape} {x.dtype}")
-    launch = decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
-                           block_tokens=block_tokens, num_splits=num_splits,
-                           num_warps=num_warps, num_stages=num_stages,
-                           prefetch_table=prefetch_table, head_major=head_major)
     return _decode_append(q, k_new, v_new, k_pages, v_pages, block_tables, lengths,
                           launch=launch)
