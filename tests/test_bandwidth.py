@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,17 +41,32 @@ def test_bandwidths_are_finite_and_positive() -> None:
 
 def test_chained_calls_run_every_call() -> None:
     """Identical calls on the same inputs would be merged by XLA; the chain keeps all of
-    them (one dot each in the compiled program) and returns a value of the last call."""
+    them (one dot each in the compiled program). An output shaped like the first argument
+    is the next call's first argument (no kernel between calls): the chain's value is the
+    float64 product of the whole sequence. Otherwise each call's input is perturbed by a
+    value of the previous output and the chain returns the last call's value."""
     import re
 
     from kvjax.analysis.bandwidth import chained_calls, time_chained
 
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((64, 64)), jnp.float32)
-    sets = [(a, a), (a + 1, a)]
+    rng = np.random.default_rng(0)
+    a, b, c = (jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32) for _ in range(3))
+    sets = [(a, b), (a + 1, c)]
     chain = chained_calls(jnp.matmul, 7)
     hlo = chain.lower(tuple(sets)).compile().as_text()
     assert len(re.findall(r"= f32\[64,64\]\{[^}]*\} dot\(", hlo)) == 7
-    np.testing.assert_allclose(float(chain(tuple(sets))), float((a @ a)[0, 0]), rtol=1e-5)
+    want = np.asarray(a, np.float64)
+    for i in range(7):  # fed through: set 1's first argument is never used
+        want = want @ np.asarray(sets[i % 2][1], np.float64)
+    np.testing.assert_allclose(float(chain(tuple(sets))), want[0, 0], rtol=1e-4)
+
+    def narrow(x: jax.Array, y: jax.Array) -> jax.Array:  # [64, 3]: not fed through
+        return x @ y[:, :3]
+
+    perturbed = chained_calls(narrow, 7)
+    assert len(re.findall(r"dot\(", perturbed.lower(tuple(sets)).compile().as_text())) == 7
+    np.testing.assert_allclose(float(perturbed(tuple(sets))),
+                               float((sets[0][0] @ sets[0][1])[0, 0]), rtol=1e-5)
     assert time_chained(jnp.matmul, sets, iters=4, reps=2) > 0
     with pytest.raises(ValueError):
         time_chained(jnp.matmul, [], iters=4)

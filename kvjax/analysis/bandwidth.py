@@ -43,15 +43,19 @@ def time_queued(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
 
 def chained_calls(fn: Callable[..., Any], iters: int) -> Callable[..., jax.Array]:
     """A jitted ``sets -> scalar`` that makes ``iters`` dependent calls of ``fn``, call
-    ``i`` on ``sets[i % len(sets)]`` (see ``time_chained``)."""
+    ``i`` on ``sets[i % len(sets)]`` (see ``time_chained``); returns element 0 of the
+    last call's first output leaf, as float32."""
 
     @jax.jit
     def chain(sets: tuple[tuple[Any, ...], ...]) -> jax.Array:
         link = jnp.zeros((), jnp.float32)
+        fed: jax.Array | None = None
         for i in range(iters):
             args = sets[i % len(sets)]
-            first = args[0] + (link * 0).astype(args[0].dtype)
+            first = fed if fed is not None else args[0] + (link * 0).astype(args[0].dtype)
             out = jax.tree.leaves(fn(first, *args[1:]))[0]
+            fits = out.shape == args[0].shape and out.dtype == args[0].dtype
+            fed = out if fits else None
             link = jnp.ravel(out)[0].astype(jnp.float32)
         return link
 
@@ -65,10 +69,13 @@ def time_chained(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
     Host dispatch (tens of microseconds per jitted call) is out of the measurement:
     ``time_queued`` only hides it while each call runs longer than its dispatch. The
     calls are unrolled (no device loop, whose per-iteration predicate costs a sync),
-    cycle through ``arg_sets``, and are chained so that none can be merged or skipped:
-    call ``i``'s first argument is perturbed by ``0 * (a value of call i-1's output)``,
-    one tiny elementwise kernel per call, which the figure includes. ``fn``'s first
-    argument and first output leaf must be floating-point arrays.
+    cycle through ``arg_sets``, and are chained so that none can be merged or skipped.
+    When ``fn``'s first output leaf has its first argument's shape and dtype (a decode
+    kernel's output and its queries), that output *is* the next call's first argument:
+    the calls follow each other with nothing launched between them, as layers of a model
+    do. Otherwise call ``i``'s first argument is perturbed by ``0 * (a value of call
+    i-1's output)``, one tiny elementwise kernel per call, which the figure includes.
+    ``fn``'s first argument and first output leaf must be floating-point arrays.
     """
     if iters < 1 or reps < 1 or not arg_sets:
         raise ValueError("iters and reps must be >= 1 and arg_sets non-empty")
