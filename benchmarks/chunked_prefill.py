@@ -36,8 +36,8 @@ from pallas_kernels.triton_paged_decode import triton_unavailable_reason
 SETTINGS = ({"block_q": 16, "pages_per_block": 4}, {"block_q": 32, "pages_per_block": 4},
             {"block_q": 64, "pages_per_block": 4}, {"block_q": 64, "pages_per_block": 8})
 TRITON_SETTINGS: tuple[dict[str, int], ...] = (
-    {}, {"num_splits": 1}, {"num_splits": 2}, {"num_splits": 4},
-    {"block_tokens": 32, "num_stages": 3}, {"block_tokens": 32, "num_stages": 3, "num_splits": 1})
+    {}, {"prefetch_table": False}, {"block_tokens": 32, "num_stages": 3},
+    {"block_tokens": 64, "num_stages": 2, "prefetch_table": False})
 
 
 def make_row(batch: int, history: int, chunk: int, heads: int, kv_heads: int, head_dim: int,

@@ -29,8 +29,6 @@ from pallas_kernels.triton_paged_decode import (
 )
 
 QUERY_ROWS = 64  # default query tile: tokens x group heads (padded), about this many rows
-SPLIT_PROGRAMS = 512  # auto split-K: split query tiles until about this many programs
-MAX_SPLITS = 4
 
 
 def default_block_tokens(head_dim: int) -> int:
@@ -47,67 +45,33 @@ def default_block_q(group_rows: int) -> int:
     return max(1, QUERY_ROWS // group_rows)
 
 
-def auto_num_splits(programs: int) -> int:
-    """Split-K factor for ``programs`` query-tile programs: enough splits for about
-    ``SPLIT_PROGRAMS`` programs, at most ``MAX_SPLITS``; 1 (no split) when there are
-    already that many."""
-    return max(1, min(MAX_SPLITS, SPLIT_PROGRAMS // max(programs, 1)))
-
-
 @dataclasses.dataclass(frozen=True)
 class PrefillLaunch:
     """One launch of ``paged_prefill_kernel``, everything but the arrays.
 
-    The kernel takes (q, k_pages, v_pages, block_tables, meta, *scalars) then the outputs
-    (``out_shapes``: the float32 output, the split partials and counts), then ``meta`` by
-    name.
+    The kernel takes (q, k_pages, v_pages, block_tables, meta, *scalars) then the output
+    (float32, ``out_shape``), then ``meta`` by name.
     """
 
-    grid: tuple[int, int, int]  # (batch, kv_heads, query tiles * splits)
+    grid: tuple[int, int, int]  # (batch, kv_heads, query tiles)
     scalars: tuple[int, int]  # (layer, num_pages)
     meta: tuple[tuple[str, int | float | str], ...]  # the tl.constexpr parameters
     num_warps: int
     num_stages: int
     out_shape: tuple[int, int, int, int]  # [B, T, H, D]
 
-    @property
-    def num_splits(self) -> int:
-        return int(dict(self.meta)["NUM_SPLITS"])
-
-    def out_shapes(self) -> list[jax.ShapeDtypeStruct]:
-        """float32 ``out_shape``; partials ``[slots, splits, rows(, D)]`` and int32 counts
-        ``[slots]`` for the splits (one element each, unused, without split-K)."""
-        meta = dict(self.meta)
-        splits, rows, head_dim = self.num_splits, int(meta["BLOCK_Q"]) * int(
-            meta["GROUP_ROWS"]), int(meta["HEAD_DIM"])
-        slots = self.grid[0] * self.grid[1] * (self.grid[2] // splits)
-        part = (slots, splits, rows) if splits > 1 else (1,)
-        part_o = (*part, head_dim) if splits > 1 else (1,)
-        return [jax.ShapeDtypeStruct(self.out_shape, jnp.float32),
-                jax.ShapeDtypeStruct(part_o, jnp.float32),
-                jax.ShapeDtypeStruct(part, jnp.float32),
-                jax.ShapeDtypeStruct(part, jnp.float32),
-                jax.ShapeDtypeStruct((slots if splits > 1 else 1,), jnp.int32)]
-
-    @property
-    def zeroed_outputs(self) -> tuple[int, ...]:
-        """The split counts, zeroed by jax-triton before the launch (with split-K)."""
-        return (4,) if self.num_splits > 1 else ()
-
 
 def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                    dtype: jnp.dtype, *, layer: int | None, block_q: int | None,
                    block_tokens: int | None, num_warps: int, num_stages: int,
-                   prefetch_table: bool = True, num_splits: int | None = None
-                   ) -> PrefillLaunch:
+                   prefetch_table: bool = True) -> PrefillLaunch:
     """The launch for q ``[B, T, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K,
     D]`` read at ``layer``) with ``max_blocks`` table columns; arguments already passed
-    ``check_prefill_args``. None picks ``default_block_q`` / ``default_block_tokens`` /
-    ``auto_num_splits``. The query tile has at least 16 rows (one mma tile) and at most
-    T's tokens.
+    ``check_prefill_args``. None picks ``default_block_q`` / ``default_block_tokens``.
+    The query tile has at least 16 rows (one mma tile) and at most T's tokens.
 
     Raises:
-      ValueError: on ``block_q`` not a power of two >= 1 or ``num_splits`` < 1, and as
+      ValueError: on ``block_q`` not a power of two >= 1, and as
         ``check_launch_settings``.
     """
     batch, t, heads, head_dim = q_shape
@@ -123,18 +87,12 @@ def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_bl
         raise ValueError(f"block_q must be a power of two >= 1, got {block_q!r}")
     block_q = min(block_q, 1 << (max(t, 1) - 1).bit_length())
     block_q = max(block_q, MIN_BLOCK_TOKENS // group_rows)  # >= 16 rows for tl.dot
-    q_tiles = max(1, -(-t // block_q))
-    if num_splits is None:
-        num_splits = auto_num_splits(batch * kv_heads * q_tiles)
-    if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     meta = (("T", t), ("GROUP", group), ("GROUP_ROWS", group_rows), ("BLOCK_Q", block_q),
             ("HEAD_DIM", head_dim), ("PAGE_SIZE", page_size), ("KV_HEADS", kv_heads),
             ("LAYER_STRIDE", math.prod(pool_shape[-4:])), ("MAX_BLOCKS", max_blocks),
             ("BLOCK_TOKENS", block_tokens), ("SCALE", head_dim ** -0.5),
-            ("DOT_PRECISION", dot_precision(dtype)), ("PREFETCH_TABLE", bool(prefetch_table)),
-            ("NUM_SPLITS", num_splits))
-    return PrefillLaunch(grid=(batch, kv_heads, q_tiles * num_splits),
+            ("DOT_PRECISION", dot_precision(dtype)), ("PREFETCH_TABLE", bool(prefetch_table)))
+    return PrefillLaunch(grid=(batch, kv_heads, max(1, -(-t // block_q))),
                          scalars=(layer or 0, num_pages), meta=meta, num_warps=num_warps,
                          num_stages=num_stages, out_shape=(batch, t, heads, head_dim))
 
@@ -152,10 +110,11 @@ def _prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables:
     meta = dict(launch.meta)
     chunk = chunk_meta(q_lens, lengths, q.shape[1], int(meta["MAX_BLOCKS"]) *
                        int(meta["PAGE_SIZE"]))
-    out, *_ = triton_call(
+    (out,) = triton_call(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), chunk, *launch.scalars,
-        kernel=paged_prefill_kernel, out_shape=launch.out_shapes(),
-        zeroed_outputs=launch.zeroed_outputs, grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        kernel=paged_prefill_kernel,
+        out_shape=[jax.ShapeDtypeStruct(launch.out_shape, jnp.float32)],
+        grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
         name="kvjax_paged_prefill", **meta)
     return out.astype(q.dtype)
 
@@ -165,8 +124,7 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
                                    lengths: jax.Array, *, block_q: int | None = None,
                                    block_tokens: int | None = None, num_warps: int = 4,
                                    num_stages: int = 4, layer: int | None = None,
-                                   prefetch_table: bool = True,
-                                   num_splits: int | None = None) -> jax.Array:
+                                   prefetch_table: bool = True) -> jax.Array:
     """Causal attention of a ragged chunk of new tokens over paged K/V (Triton, GPU).
 
     Args:
@@ -183,8 +141,6 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
         pool and layer ``layer`` is read in place.
       prefetch_table: read each step's block-table entries one step ahead (as
         ``triton_paged_decode_attention``).
-      num_splits: programs per query tile, each over a run of the positions it sees,
-        merged by the last to finish (split-K); None: ``auto_num_splits``.
 
     Returns:
       [B, T, H, D] in the dtype of ``q``; padding rows are zeros.
@@ -197,5 +153,5 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
     launch = prefill_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype,
                             layer=layer, block_q=block_q, block_tokens=block_tokens,
                             num_warps=num_warps, num_stages=num_stages,
-                            prefetch_table=prefetch_table, num_splits=num_splits)
+                            prefetch_table=prefetch_table)
     return _prefill(q, k_pages, v_pages, block_tables, q_lens, lengths, launch=launch)

@@ -8,11 +8,8 @@ of two), so each K/V tile is read once per group and query tile. It walks the
 sequence's positions from 0 up to the tile's last query position (causal skip),
 ``BLOCK_TOKENS`` at a time, each step one ``[BLOCK_TOKENS, HEAD_DIM]`` tile gathered
 from the block table's pages, with an online softmax; row ``r`` sees positions
-``<= lengths - q_lens + token``. With ``NUM_SPLITS`` > 1 the positions a query tile
-sees are cut into that many runs of whole steps, one program each (split-K, for when
-the query tiles alone leave SMs idle: one long sequence), and the last of them to finish
-merges their partials (``merge_partials``, shared with the decode kernel); otherwise the
-program normalises its rows itself. The output is float32; padding rows, missing pages
+``<= lengths - q_lens + token``. No split-K (the query tiles give parallelism): the
+program normalises and writes the float32 output itself; padding rows, missing pages
 and empty chunks give zeros.
 
 Launched by ``pallas_kernels.triton_chunked_prefill`` through jax-triton (arrays and
@@ -28,9 +25,7 @@ from pallas_kernels.triton_decode_kernel import (
     MASKED,
     UPCAST_DOTS,
     attend_tile,
-    merge_partials,
     step_offsets,
-    store_partial,
     tile_offsets,
 )
 
@@ -45,10 +40,6 @@ def paged_prefill_kernel(
     layer: tl.tensor,  # int: layer read (0 for a single-layer pool)
     num_pages: tl.tensor,  # int: P
     o_ptr: tl.tensor,  # f32 [B, T, H, D]
-    part_o_ptr: tl.tensor,  # f32 [B * KV_HEADS * Q_TILES, NUM_SPLITS, ROWS, HEAD_DIM]
-    part_m_ptr: tl.tensor,  # f32 [B * KV_HEADS * Q_TILES, NUM_SPLITS, ROWS]
-    part_den_ptr: tl.tensor,  # f32 [B * KV_HEADS * Q_TILES, NUM_SPLITS, ROWS]
-    count_ptr: tl.tensor,  # int32 [B * KV_HEADS * Q_TILES], zero at launch
     T: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_ROWS: tl.constexpr,
@@ -62,13 +53,10 @@ def paged_prefill_kernel(
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,  # programs per query tile (grid axis 2: Q_TILES * NUM_SPLITS)
 ) -> None:
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    tile = tl.program_id(2) // NUM_SPLITS
-    split = tl.program_id(2) % NUM_SPLITS
-    first_tok = tile * BLOCK_Q
+    first_tok = tl.program_id(2) * BLOCK_Q
     rows = tl.arange(0, BLOCK_Q * GROUP_ROWS)
     dims = tl.arange(0, HEAD_DIM)
 
@@ -87,34 +75,20 @@ def paged_prefill_kernel(
 
     last_tok = tl.minimum(first_tok + BLOCK_Q, q_len) - 1  # < first_tok: no query here
     stop = tl.where(last_tok >= first_tok, length - q_len + last_tok + 1, 0)
-    # this split's positions: [first, stop_split), whole steps
-    span = tl.cdiv(tl.cdiv(stop, NUM_SPLITS), BLOCK_TOKENS) * BLOCK_TOKENS
-    first = split * span
-    stop_split = tl.minimum(stop, first + span)
     layer_off = tl.cast(layer, tl.int64) * LAYER_STRIDE
 
     o = tl.zeros((BLOCK_Q * GROUP_ROWS, HEAD_DIM), tl.float32)
     m = tl.full((BLOCK_Q * GROUP_ROWS,), MASKED, tl.float32)
     den = tl.zeros((BLOCK_Q * GROUP_ROWS,), tl.float32)
-    off, valid = tile_offsets(table_ptr, seq, head, first, stop_split, layer_off, num_pages,
-                              HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, False)
-    for start in range(first, stop_split, BLOCK_TOKENS):
+    off, valid = tile_offsets(table_ptr, seq, head, 0, stop, layer_off, num_pages, HEAD_DIM,
+                              PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, False)
+    for start in range(0, stop, BLOCK_TOKENS):
         off, valid, next_off, next_valid = step_offsets(
-            off, valid, table_ptr, seq, head, start, stop_split, layer_off, num_pages,
-            HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, False)
+            off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
+            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, False)
         o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, start,
                                 HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, True)
         off, valid = next_off, next_valid
 
-    if NUM_SPLITS == 1:
-        o = o / tl.where(den > 0, den, 1.0)[:, None]
-        tl.store(o_ptr + qo_off, o, mask=in_out[:, None])
-    else:
-        slot = (seq * KV_HEADS + head) * (tl.num_programs(2) // NUM_SPLITS) + tile
-        every = rows >= 0
-        store_partial(o, m, den, part_o_ptr, part_m_ptr, part_den_ptr, slot, split, rows,
-                      every, BLOCK_Q * GROUP_ROWS, HEAD_DIM, NUM_SPLITS)
-        merged, last = merge_partials(part_o_ptr, part_m_ptr, part_den_ptr, count_ptr, slot,
-                                      rows, every, BLOCK_Q * GROUP_ROWS,
-                                      BLOCK_Q * GROUP_ROWS, HEAD_DIM, NUM_SPLITS)
-        tl.store(o_ptr + qo_off, merged, mask=in_out[:, None] & last)
+    o = o / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(o_ptr + qo_off, o, mask=in_out[:, None])

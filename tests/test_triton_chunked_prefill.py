@@ -30,32 +30,26 @@ from pallas_kernels.chunked_prefill import paged_prefill_attention
 from pallas_kernels.triton_paged_decode import H100_SHARED_BYTES
 
 
-@pytest.mark.parametrize(("prefetch_table", "num_splits"), [(False, 1), (True, 1), (True, 3)])
+@pytest.mark.parametrize("prefetch_table", [False, True])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_kernel_matches_references(case: tuple[Any, ...], prefetch_table: bool,
-                                   num_splits: int) -> None:
+def test_kernel_matches_references(case: tuple[Any, ...], prefetch_table: bool) -> None:
     """The Pallas kernel's cases; steps of 16 tokens (parts of pages or several); the
-    table read in each step or one step ahead; one program per query tile or three (each
-    over a third of the positions the tile sees, some of them empty, merged in the
-    kernel)."""
+    table read in each step or one step ahead."""
     *shape, dtype, block_q, _, q_lens, lengths = case
     args = make_inputs(sum(lengths) + 7, *shape, dtype, q_lens, lengths)
     check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
                                                           block_tokens=16,
-                                                          prefetch_table=prefetch_table,
-                                                          num_splits=num_splits))
+                                                          prefetch_table=prefetch_table))
 
 
 def _random(seed: int) -> None:
-    """A random case; the table prefetched on odd seeds; 1-4 splits per query tile."""
+    """A random case; the table prefetched on odd seeds."""
     *shape, dtype, block_q, q_lens, lengths = random_case(seed)
     args = make_inputs(seed, *shape, dtype, q_lens, lengths)
-    rng = np.random.default_rng(seed)
-    block_tokens = int(rng.choice([16, 32, 64]))
+    block_tokens = int(np.random.default_rng(seed).choice([16, 32, 64]))
     check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
                                                           block_tokens=block_tokens,
-                                                          prefetch_table=bool(seed % 2),
-                                                          num_splits=int(rng.integers(1, 5))))
+                                                          prefetch_table=bool(seed % 2)))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -104,7 +98,6 @@ def test_layer_of_stacked_pool_read_in_place() -> None:
     ({"block_tokens": 8}, "block_tokens must be a power of two >= 16"),
     ({"num_warps": 3}, "num_warps must be one of"),
     ({"num_stages": 0}, "num_stages must be"),
-    ({"num_splits": 0}, "num_splits must be an int >= 1"),
 ])
 def test_bad_arguments_raise(change: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -113,19 +106,13 @@ def test_bad_arguments_raise(change: dict[str, Any], message: str) -> None:
 
 def test_prefill_launch() -> None:
     """Grid, tiles and constexprs: Qwen2.5-0.5B's GQA 7 (rows padded to 8), 64-row query
-    tiles by default, at least 16 rows, at most T's tokens; split-K to about 512
-    programs, at most 4 splits."""
+    tiles by default, at least 16 rows, at most T's tokens."""
     launch = tcp.prefill_launch((4, 100, 14, 64), (2, 500, 16, 2, 64), 40, jnp.bfloat16,
                                 layer=1, block_q=None, block_tokens=None, num_warps=4,
                                 num_stages=4)
     meta = dict(launch.meta)
     assert (meta["GROUP"], meta["GROUP_ROWS"], meta["BLOCK_Q"]) == (7, 8, 8)
-    assert launch.grid == (4, 2, 13 * 4) and launch.scalars == (1, 500)  # 104 tiles: 4 splits
-    assert meta["NUM_SPLITS"] == 4 and launch.zeroed_outputs == (4,)
-    assert [o.shape for o in launch.out_shapes()] == [
-        (4, 100, 14, 64), (104, 4, 64, 64), (104, 4, 64), (104, 4, 64), (104,)]
-    assert tcp.auto_num_splits(512) == tcp.auto_num_splits(4096) == 1
-    assert tcp.auto_num_splits(256) == 2 and tcp.auto_num_splits(1) == 4
+    assert launch.grid == (4, 2, 13) and launch.scalars == (1, 500)
     assert meta["BLOCK_TOKENS"] == 16 and meta["DOT_PRECISION"] == "tf32"
     assert meta["PREFETCH_TABLE"] is True
     assert meta["LAYER_STRIDE"] == 500 * 16 * 2 * 64 and launch.out_shape == (4, 100, 14, 64)
