@@ -16,8 +16,6 @@ random bf16 weights, every row at context ``C`` over a paged pool (block 16). Fo
 ``--scatter-writes`` measures the decode step as it was before the decode-append kernel:
 under ``triton`` the step's K/V written by two XLA scatters per layer and attended by
 ``triton_paged_decode_attention`` (an A/B of the fused write in one run).
-``--xla-merge`` keeps the append kernel but merges its splits with XLA's
-``combine_splits`` after it instead of in the kernel (an A/B of the in-kernel merge).
 
 ``--xla-flags`` runs the grid once per flag set, the environment's own first, each in a
 child process of its own (XLA reads its flags once, at start, and a process keeps the
@@ -182,22 +180,9 @@ def use_scatter_writes() -> None:
     paged.triton_paged_decode_append = scatter_then_attend  # type: ignore[assignment]
 
 
-def use_xla_merge() -> None:
-    """The paged cache's triton decode step with its splits merged by XLA's
-    ``combine_splits`` (``merge_in_kernel=False``) for this process."""
-    import functools
-
-    from kvjax.cache import paged
-
-    paged.triton_paged_decode_append = functools.partial(  # type: ignore[assignment]
-        paged.triton_paged_decode_append, merge_in_kernel=False)
-
-
 def run_grid(a: argparse.Namespace) -> dict[str, Any]:
     if a.scatter_writes:
         use_scatter_writes()
-    if a.xla_merge:
-        use_xla_merge()
     bw = read_bandwidth(256 if a.tiny else 4096)
     print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
@@ -250,7 +235,7 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
                         print(f"      {t['us_per_step']:7.1f} us {t['calls_per_step']:5.1f}x "
                               f"{t['name']}")
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "scatter_writes": a.scatter_writes, "xla_merge": a.xla_merge,
+            "scatter_writes": a.scatter_writes,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "read_bandwidth": bw,
             "weight_bytes": wbytes, "steps": a.steps, "rows": rows}
 
@@ -271,8 +256,6 @@ def main() -> None:
                     "write --xla-flags=--xla_...)")
     ap.add_argument("--scatter-writes", action="store_true",
                     help="triton decode steps write K/V by XLA scatters (no append kernel)")
-    ap.add_argument("--xla-merge", action="store_true",
-                    help="triton decode steps merge their splits in XLA, not in the kernel")
     ap.add_argument("--hlo-dir", default=None,
                     help="write each burst's optimised HLO text here")
     ap.add_argument("--out", default=None, help="JSON results path")
@@ -293,7 +276,6 @@ def main() -> None:
                         "--out", f.name]
                 argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
                 argv += ["--trace"] * a.trace + ["--scatter-writes"] * a.scatter_writes
-                argv += ["--xla-merge"] * a.xla_merge
                 argv += ["--hlo-dir", a.hlo_dir] if a.hlo_dir and not flags.strip() else []
                 print(f"--- XLA_FLAGS={flags!r}", flush=True)
                 done = subprocess.run(argv, env={**os.environ, "XLA_FLAGS": flags},

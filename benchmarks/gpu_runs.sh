@@ -33,11 +33,6 @@
 #   decode-append  the decode kernel writing the step's K/V: GPU check, burst A/B
 #                (--scatter-writes), engine vs HF at 8/32 x 512 (2026-12-06: the parts
 #                ran in separate calls; engine_vs_hf alone took 57-156 s)     ~ 4 min *
-#   merge-kernels  decode kernels merging their splits in kernel vs XLA's combine (GPU check,
-#                four decode rows with the baselines), chunked prefill with split-K
-#                (no Pallas columns), token- vs head-major pages                 ~ 7 min *
-#   merge-engine   the engine's decode burst with the in-kernel merge vs XLA's
-#                (--xla-merge), then engine vs HF at 8/32 x 512                 ~ 6 min *
 #   serve        kvjax serve-bench on configs/serve-bench-gpu.yaml         ~ 3 min *
 #   preempt      the same under memory pressure: recompute vs swap preemption ~ 9 min *
 #   probe-recipe attention-sweep mha alone at five shapes (recipe 2 otherwise) ~ 6.2 min
@@ -141,21 +136,6 @@ case "$group" in
     run decode_step_profile 100 $py benchmarks/decode_step_profile.py \
         --cells 8x512 32x512 8x2048 --attention triton --no-half --trace --reps 5 \
         --out "$out/decode_step_profile.json"
-    run engine_vs_hf_b8b32 230 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf_b8b32.json" \
-        --batches 8 32 --prompts 512 --max-batch 32 --decode-steps 8 --overlap-bursts \
-        --skip-hf-dynamic --skip-online ;;
-  merge-kernels)
-    run check_decode_append 60 $py benchmarks/check_decode_append.py
-    run paged_decode 300 $py benchmarks/paged_decode.py --rows 8x4096,32x1024,32x4096,64x4096
-    run chunked_prefill 150 $py benchmarks/chunked_prefill.py --no-pallas
-    run paged_decode_layout 200 $py benchmarks/paged_decode.py --sweep triton --head-major \
-        --rows 8x4096,32x1024,32x4096,64x4096 --triton 32:auto:4:4:1 ;;
-  merge-engine)
-    for merge in xla kernel; do
-      run "decode_step_profile_$merge" 110 $py benchmarks/decode_step_profile.py \
-          $([ $merge = xla ] && echo --xla-merge) --cells 8x512 32x512 8x2048 \
-          --attention triton --no-half --trace --reps 5 --out "$out/decode_step_profile_$merge.json"
-    done
     run engine_vs_hf_b8b32 230 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf_b8b32.json" \
         --batches 8 32 --prompts 512 --max-batch 32 --decode-steps 8 --overlap-bursts \
         --skip-hf-dynamic --skip-online ;;

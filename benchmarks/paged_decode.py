@@ -54,25 +54,24 @@ PallasSetting = tuple[int, int, int, int]
 PALLAS: tuple[PallasSetting, ...] = ((8, 1, 4, 2), (8, 4, 4, 2), (4, 8, 4, 2), (16, 2, 4, 2))
 PALLAS_SWEEP = tuple((ppb, sp, w, st) for ppb, sp in ((8, 1), (8, 2), (8, 4), (4, 8), (4, 16))
                      for w in (4, 8) for st in (2, 3))
-# Triton: (block_tokens, num_splits (None = auto), num_warps, num_stages, prefetch_table,
-# merge_in_kernel); the first is the default launch.
-TritonSetting = tuple[int, int | None, int, int, bool, bool]
+# Triton: (block_tokens, num_splits (None = auto), num_warps, num_stages, prefetch_table);
+# the first is the default launch.
+TritonSetting = tuple[int, int | None, int, int, bool]
 TRITON: tuple[TritonSetting, ...] = (
-    (32, None, 4, 4, True, True), (32, None, 4, 4, True, False), (128, None, 4, 3, False, True),
-    (64, None, 4, 4, True, True), (32, None, 2, 4, True, True))
+    (32, None, 4, 4, True), (32, None, 4, 4, False), (128, None, 4, 3, False),
+    (64, None, 4, 4, True), (32, None, 2, 4, True))
 TRITON_SWEEP: tuple[TritonSetting, ...] = tuple(
-    (bt, sp, w, st, pf, True) for bt, stages in ((32, (4, 6)), (64, (3, 4)), (128, (3,)))
+    (bt, sp, w, st, pf) for bt, stages in ((32, (4, 6)), (64, (3, 4)), (128, (3,)))
     for sp in (1, 2, 4, 8) for w in (4,) for st in stages for pf in (False, True))
 
 
 def parse_triton_settings(spec: str) -> tuple[TritonSetting, ...]:
-    """``"bt:sp:warps:stages:pf[:merge],..."`` (sp ``auto`` for the auto split, pf and merge
-    0/1; merge, the splits merged in the kernel, defaults to 1) -> settings."""
+    """``"bt:sp:warps:stages:pf,..."`` (sp ``auto`` for the auto split, pf 0/1) -> settings."""
     settings = []
     for item in spec.split(","):
-        bt, sp, w, st, pf, *merge = item.split(":")
+        bt, sp, w, st, pf = item.split(":")
         settings.append((int(bt), None if sp == "auto" else int(sp), int(w), int(st),
-                         bool(int(pf)), bool(int(merge[0])) if merge else True))
+                         bool(int(pf))))
     return tuple(settings)
 
 
@@ -166,16 +165,12 @@ def run_row(b: int, s: int, pallas: Sequence[PallasSetting], triton: Sequence[Tr
                  paged_decode_attention(*a, pages_per_block=ppb, num_splits=splits,
                                         num_warps=w, num_stages=st)), ours_sets)
         for ppb, splits, warps, stages in pallas], [
-        (f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}{' pf' * pf}"
-         f"{' xla-merge' * (not merge)}{tag}",
-         jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages, pf=pf, mg=merge,
-                 lay=layout:
+        (f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}{' pf' * pf}{tag}",
+         jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages, pf=pf, lay=layout:
                  triton_paged_decode_attention(*a, block_tokens=bt, num_splits=splits,
                                                num_warps=w, num_stages=st,
-                                               prefetch_table=pf, page_layout=lay,
-                                               merge_in_kernel=mg)), sets)
-        for tokens, splits, warps, stages, pf, merge in triton
-        for layout, tag, sets in layouts]]
+                                               prefetch_table=pf, page_layout=lay)), sets)
+        for tokens, splits, warps, stages, pf in triton for layout, tag, sets in layouts]]
     # Alternate the two kernels so that a spent budget cuts both alike.
     for pair in itertools.zip_longest(*kernels):
         for name, fn, sets in filter(None, pair):

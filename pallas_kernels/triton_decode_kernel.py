@@ -43,11 +43,9 @@ def paged_decode_kernel(
     length_ptr: tl.tensor,  # int32 [B]
     layer: tl.tensor,  # int: layer read (0 for a single-layer pool)
     num_pages: tl.tensor,  # int: P
-    o_ptr: tl.tensor,  # [B, H, D], q's dtype (with MERGE_IN_KERNEL or one split)
-    part_o_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP, HEAD_DIM] split partials
-    part_m_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP]
-    part_den_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP]
-    count_ptr: tl.tensor,  # int32 [B * KV_HEADS], zero at launch: splits finished
+    o_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP, HEAD_DIM]; NUM_SPLITS 1: [B, H, D], q's dtype
+    m_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP]
+    den_ptr: tl.tensor,  # f32 [B, KV_HEADS, NUM_SPLITS, GROUP]
     GROUP: tl.constexpr,
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -62,14 +60,12 @@ def paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,  # pages [P, KV_HEADS, PAGE_SIZE, HEAD_DIM] instead of [P, S, K, D]
-    MERGE_IN_KERNEL: tl.constexpr,  # the last split to finish merges (else: XLA's combine)
 ) -> None:
     """Attend positions ``[0, length)`` of each sequence's pages."""
     decode_program(q_ptr, k_ptr, v_ptr, q_ptr, q_ptr, table_ptr, length_ptr, layer, num_pages,
-                   o_ptr, part_o_ptr, part_m_ptr, part_den_ptr, count_ptr, GROUP, ROWS,
-                   HEAD_DIM, PAGE_SIZE, KV_HEADS, LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS,
-                   PAGES_PER_SPLIT, BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE,
-                   HEAD_MAJOR, MERGE_IN_KERNEL, False, KV_HEADS * GROUP)
+                   o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE, KV_HEADS,
+                   LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT, BLOCK_TOKENS, SCALE,
+                   DOT_PRECISION, PREFETCH_TABLE, HEAD_MAJOR, False, KV_HEADS * GROUP)
 
 
 @triton.jit
@@ -82,10 +78,8 @@ def paged_decode_append_kernel(
     layer: tl.tensor,
     num_pages: tl.tensor,
     o_ptr: tl.tensor,  # as paged_decode_kernel
-    part_o_ptr: tl.tensor,
-    part_m_ptr: tl.tensor,
-    part_den_ptr: tl.tensor,
-    count_ptr: tl.tensor,
+    m_ptr: tl.tensor,
+    den_ptr: tl.tensor,
     k_out_ptr: tl.tensor,  # the same buffer as k_ptr (aliased output; written through k_ptr)
     v_out_ptr: tl.tensor,  # the same buffer as v_ptr
     GROUP: tl.constexpr,
@@ -102,7 +96,6 @@ def paged_decode_append_kernel(
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
-    MERGE_IN_KERNEL: tl.constexpr,
 ) -> None:
     """Write each sequence's new token (K/V at position ``length - 1``) into its page and
     attend positions ``[0, length)``: the scatter of the step's K/V and the decode
@@ -112,10 +105,10 @@ def paged_decode_append_kernel(
     heads = KV_HEADS * GROUP
     decode_program(qkv_ptr, k_ptr, v_ptr, qkv_ptr + heads * HEAD_DIM,
                    qkv_ptr + (heads + KV_HEADS) * HEAD_DIM, table_ptr, length_ptr, layer,
-                   num_pages, o_ptr, part_o_ptr, part_m_ptr, part_den_ptr, count_ptr, GROUP,
-                   ROWS, HEAD_DIM, PAGE_SIZE, KV_HEADS, LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS,
-                   PAGES_PER_SPLIT, BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE,
-                   HEAD_MAJOR, MERGE_IN_KERNEL, True, heads + 2 * KV_HEADS)
+                   num_pages, o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE,
+                   KV_HEADS, LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT,
+                   BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, HEAD_MAJOR, True,
+                   heads + 2 * KV_HEADS)
 
 
 @triton.jit
@@ -130,10 +123,8 @@ def decode_program(
     layer: tl.tensor,
     num_pages: tl.tensor,
     o_ptr: tl.tensor,
-    part_o_ptr: tl.tensor,
-    part_m_ptr: tl.tensor,
-    part_den_ptr: tl.tensor,
-    count_ptr: tl.tensor,
+    m_ptr: tl.tensor,
+    den_ptr: tl.tensor,
     GROUP: tl.constexpr,
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -148,7 +139,6 @@ def decode_program(
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
-    MERGE_IN_KERNEL: tl.constexpr,
     APPEND: tl.constexpr,
     Q_ROWS: tl.constexpr,  # HEAD_DIM rows per sequence in the q (and new K/V) array
 ) -> None:
@@ -196,91 +186,12 @@ def decode_program(
                                  seq, head, new, first, stop, layer_off, num_pages, HEAD_DIM,
                                  PAGE_SIZE, KV_HEADS, MAX_BLOCKS, SCALE, Q_ROWS, HEAD_MAJOR)
 
-    out_rows = (seq.to(tl.int64) * KV_HEADS + head) * GROUP + rows  # rows of [B, H, D]
-    out_off = out_rows[:, None] * HEAD_DIM + dims[None, :]
+    out_rows = ((seq.to(tl.int64) * KV_HEADS + head) * NUM_SPLITS + split) * GROUP + rows
     if NUM_SPLITS == 1:  # the whole sequence: the normalised output, in o_ptr's dtype
         o = o / tl.where(den > 0, den, 1.0)[:, None]
-        tl.store(o_ptr + out_off, o, mask=real_row[:, None])
-    else:
-        slot = seq * KV_HEADS + head
-        store_partial(o, m, den, part_o_ptr, part_m_ptr, part_den_ptr, slot, split, rows,
-                      real_row, GROUP, HEAD_DIM, NUM_SPLITS)
-        if MERGE_IN_KERNEL:
-            merged, last = merge_partials(part_o_ptr, part_m_ptr, part_den_ptr, count_ptr,
-                                          slot, rows, real_row, ROWS, GROUP, HEAD_DIM,
-                                          NUM_SPLITS)
-            tl.store(o_ptr + out_off, merged, mask=real_row[:, None] & last)
-
-
-@triton.jit
-def store_partial(
-    o: tl.tensor,  # f32 [ROWS, HEAD_DIM] this split's unnormalised output
-    m: tl.tensor,  # f32 [ROWS]
-    den: tl.tensor,  # f32 [ROWS]
-    part_o_ptr: tl.tensor,  # f32 [SLOTS, NUM_SPLITS, PART_ROWS, HEAD_DIM]
-    part_m_ptr: tl.tensor,  # f32 [SLOTS, NUM_SPLITS, PART_ROWS]
-    part_den_ptr: tl.tensor,  # f32 [SLOTS, NUM_SPLITS, PART_ROWS]
-    slot: tl.tensor,  # the group of NUM_SPLITS programs (one query block) this one is in
-    split: tl.tensor,
-    rows: tl.tensor,  # int [ROWS] row index, < PART_ROWS where row_ok
-    row_ok: tl.tensor,  # bool [ROWS] rows kept
-    PART_ROWS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-) -> None:
-    """Store split ``split``'s partial ``(o, m, den)`` at ``[slot, split]``."""
-    dims = tl.arange(0, HEAD_DIM)
-    at = (slot.to(tl.int64) * NUM_SPLITS + split) * PART_ROWS + rows
-    tl.store(part_o_ptr + at[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
-    tl.store(part_m_ptr + at, m, mask=row_ok)
-    tl.store(part_den_ptr + at, den, mask=row_ok)
-
-
-@triton.jit
-def merge_partials(
-    part_o_ptr: tl.tensor,  # as store_partial
-    part_m_ptr: tl.tensor,
-    part_den_ptr: tl.tensor,
-    count_ptr: tl.tensor,  # int32 [SLOTS], zero at launch: splits of the slot finished
-    slot: tl.tensor,
-    rows: tl.tensor,
-    row_ok: tl.tensor,
-    ROWS: tl.constexpr,
-    PART_ROWS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-) -> tuple[tl.tensor, tl.tensor]:
-    """After ``store_partial``: count this split as finished; the program that finishes
-    its slot last merges the slot's ``NUM_SPLITS`` partials with ``combine_splits``'s
-    float32 math (weights ``exp(m - max m)``; every split empty: zeros). Returns
-    ``(out, last)``: the normalised ``f32 [ROWS, HEAD_DIM]`` output, meaningful only
-    where the scalar ``last`` (this program merged; the others load nothing).
-
-    Ordering: a CTA barrier puts every thread's partial stores before the program's one
-    acquire-release atomic on the slot's count (GPU scope); the merging program's loads
-    come after that atomic and bypass L1 (``.cg``), so they see every split's partial.
-    """
-    dims = tl.arange(0, HEAD_DIM)
-    tl.debug_barrier()
-    finished = tl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu")
-    last = finished == NUM_SPLITS - 1
-    read = row_ok & last
-    base = slot.to(tl.int64) * NUM_SPLITS
-    m_all = tl.full((ROWS,), MASKED, tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        at = (base + s) * PART_ROWS + rows
-        m_s = tl.load(part_m_ptr + at, mask=read, other=MASKED, cache_modifier=".cg")
-        m_all = tl.maximum(m_all, m_s)
-    out = tl.zeros((ROWS, HEAD_DIM), tl.float32)
-    total = tl.zeros((ROWS,), tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        at = (base + s) * PART_ROWS + rows
-        w = tl.exp(tl.load(part_m_ptr + at, mask=read, other=MASKED, cache_modifier=".cg")
-                   - m_all)  # an empty split: m = MASKED -> 0 (1 when every split is empty)
-        total += w * tl.load(part_den_ptr + at, mask=read, other=0.0, cache_modifier=".cg")
-        out += w[:, None] * tl.load(part_o_ptr + at[:, None] * HEAD_DIM + dims[None, :],
-                                    mask=read[:, None], other=0.0, cache_modifier=".cg")
-    return out / tl.where(total > 0, total, 1.0)[:, None], last
+    tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=real_row[:, None])
+    tl.store(m_ptr + out_rows, m, mask=real_row)
+    tl.store(den_ptr + out_rows, den, mask=real_row)
 
 
 @triton.jit

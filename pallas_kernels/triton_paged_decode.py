@@ -72,11 +72,8 @@ class DecodeLaunch:
     """One launch of ``paged_decode_kernel``, everything but the arrays.
 
     The kernel takes (q, k_pages, v_pages, block_tables, lengths, *scalars) then the
-    outputs (``out_shapes``: the output in q's dtype, the float32 split partials o, m,
-    den, the int32 split counts), then ``meta`` by name. The output is written by the
-    kernel with one split (normalised in place) and with ``MERGE_IN_KERNEL`` (the last
-    split of each sequence and KV head to finish merges); otherwise XLA's
-    ``combine_splits`` merges the partials.
+    outputs (o, m, den: float32 arrays of ``partial_shapes``; with one split o is the
+    normalised output in q's dtype), then ``meta`` by name.
     """
 
     grid: tuple[int, int, int]  # (batch, kv_heads, num_splits)
@@ -90,38 +87,15 @@ class DecodeLaunch:
     def group(self) -> int:
         return int(dict(self.meta)["GROUP"])
 
-    @property
-    def merged_by_kernel(self) -> bool:
-        """Whether the kernel writes the final output (one split, or merged in kernel)."""
-        return self.grid[2] == 1 or bool(dict(self.meta)["MERGE_IN_KERNEL"])
-
-    def out_shapes(self, q_shape: tuple[int, ...], dtype: jnp.dtype
-                   ) -> list[jax.ShapeDtypeStruct]:
-        """The kernel's outputs: ``[B, H, D]`` in q's dtype, the float32 partials (one
-        element each when there is one split: unused) and the int32 ``[B * K]`` counts
-        (zeroed at launch: ``ZEROED_OUTPUTS``)."""
-        parts = self.partial_shapes if self.grid[2] > 1 else ((1,), (1,), (1,))
-        counts = (self.grid[0] * self.grid[1],) if self.grid[2] > 1 else (1,)
-        return [jax.ShapeDtypeStruct(tuple(q_shape), dtype),
-                *(jax.ShapeDtypeStruct(s, jnp.float32) for s in parts),
-                jax.ShapeDtypeStruct(counts, jnp.int32)]
-
-    @property
-    def zeroed_outputs(self) -> tuple[int, ...]:
-        """Outputs jax-triton zeroes before the launch: the split counts, when read."""
-        return (4,) if self.grid[2] > 1 and self.merged_by_kernel else ()
-
 
 def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                   dtype: jnp.dtype, *, layer: int | None, block_tokens: int | None,
                   num_splits: int | None, num_warps: int, num_stages: int,
-                  prefetch_table: bool = True, head_major: bool = False,
-                  merge_in_kernel: bool = True) -> DecodeLaunch:
+                  prefetch_table: bool = True, head_major: bool = False) -> DecodeLaunch:
     """The launch for q ``[B, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K, D]``
     read at ``layer``; with ``head_major`` ``[(L,) P, K, S, D]``) with ``max_blocks`` table
     columns; arguments already passed ``check_paged_args``. None picks the default:
-    ``default_block_tokens``, ``auto_num_splits``. ``merge_in_kernel``: several splits are
-    merged by the last of them to finish (else by XLA's ``combine_splits`` after it).
+    ``default_block_tokens``, ``auto_num_splits``.
 
     Raises:
       ValueError: on ``block_tokens`` not a power of two >= 16, ``num_warps`` not in
@@ -145,8 +119,7 @@ def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blo
             ("MAX_BLOCKS", max_blocks), ("NUM_SPLITS", num_splits),
             ("PAGES_PER_SPLIT", pages_per_split), ("BLOCK_TOKENS", block_tokens),
             ("SCALE", head_dim ** -0.5), ("DOT_PRECISION", dot_precision(dtype)),
-            ("PREFETCH_TABLE", bool(prefetch_table)), ("HEAD_MAJOR", bool(head_major)),
-            ("MERGE_IN_KERNEL", bool(merge_in_kernel)))
+            ("PREFETCH_TABLE", bool(prefetch_table)), ("HEAD_MAJOR", bool(head_major)))
     stats = (batch, kv_heads, num_splits, group)
     return DecodeLaunch(grid=(batch, kv_heads, num_splits), scalars=(layer or 0, num_pages),
                         meta=meta, num_warps=num_warps, num_stages=num_stages,
@@ -167,8 +140,7 @@ def token_major_shape(page_shape: tuple[int, ...], head_major: bool) -> tuple[in
 def _checked_launch(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *, page_layout: str,
                     layer: int | None, block_tokens: int | None, num_splits: int | None,
-                    num_warps: int, num_stages: int, prefetch_table: bool,
-                    merge_in_kernel: bool) -> DecodeLaunch:
+                    num_warps: int, num_stages: int, prefetch_table: bool) -> DecodeLaunch:
     """``check_paged_args`` on the pools seen token-major, then ``decode_launch``: the
     argument checks and launch of both public decode functions."""
     if page_layout not in PAGE_LAYOUTS:
@@ -186,8 +158,7 @@ def _checked_launch(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     return decode_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype, layer=layer,
                          block_tokens=block_tokens, num_splits=num_splits,
                          num_warps=num_warps, num_stages=num_stages,
-                         prefetch_table=prefetch_table, head_major=head_major,
-                         merge_in_kernel=merge_in_kernel)
+                         prefetch_table=prefetch_table, head_major=head_major)
 
 
 def triton_unavailable_reason() -> str | None:
@@ -203,31 +174,37 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
-def _merge(q: jax.Array, outs: list[jax.Array], launch: DecodeLaunch) -> jax.Array:
-    """[B, H, D] in q's dtype from the kernel's outputs: its own output when it wrote one,
-    else XLA's ``combine_splits`` of the partials."""
-    if launch.merged_by_kernel:
-        return outs[0]
-    _, o, m, den, _ = outs
+def _out_shapes(launch: DecodeLaunch, dtype: jnp.dtype) -> list[jax.ShapeDtypeStruct]:
+    """The kernel's (o, m, den): float32 partials, or with one split o normalised in q's
+    dtype (the kernel writes it; no combine)."""
+    o_dtype = dtype if launch.grid[2] == 1 else jnp.float32
+    return [jax.ShapeDtypeStruct(s, dt) for s, dt in zip(
+        launch.partial_shapes, (o_dtype, jnp.float32, jnp.float32), strict=True)]
+
+
+def _merge(q: jax.Array, o: jax.Array, m: jax.Array, den: jax.Array,
+           launch: DecodeLaunch) -> jax.Array:
+    """[B, H, D] in q's dtype from the kernel's outputs (the combine, for several splits)."""
+    if launch.grid[2] == 1:
+        return o.reshape(q.shape)
     return combine_splits(o, m, den, launch.group, q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("launch",))
 def _decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
             lengths: jax.Array, *, launch: DecodeLaunch) -> jax.Array:
-    """The kernel through ``jax_triton.triton_call`` (one launch; XLA's split combine
-    after it only when the kernel does not merge its splits)."""
+    """The kernel through ``jax_triton.triton_call``, then the split combine (none for
+    one split: the kernel normalises and writes ``q``'s dtype, one launch in all)."""
     from jax_triton import triton_call
 
     from pallas_kernels.triton_decode_kernel import paged_decode_kernel
 
-    outs = triton_call(
+    o, m, den = triton_call(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
-        *launch.scalars, kernel=paged_decode_kernel,
-        out_shape=launch.out_shapes(q.shape, q.dtype), zeroed_outputs=launch.zeroed_outputs,
+        *launch.scalars, kernel=paged_decode_kernel, out_shape=_out_shapes(launch, q.dtype),
         grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
         name="kvjax_paged_decode", **dict(launch.meta))
-    return _merge(q, list(outs), launch)
+    return _merge(q, o, m, den, launch)
 
 
 @functools.partial(jax.jit, static_argnames=("launch",))
@@ -243,14 +220,13 @@ def _decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: ja
 
     pools = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)] * 2
     qkv = jnp.concatenate([q, k_new, v_new], axis=1)  # XLA fuses it into their producers
-    *outs, k_pages, v_pages = triton_call(
+    o, m, den, k_pages, v_pages = triton_call(
         qkv, k_pages, v_pages, block_tables.astype(jnp.int32),
         lengths.astype(jnp.int32), *launch.scalars, kernel=paged_decode_append_kernel,
-        out_shape=launch.out_shapes(q.shape, q.dtype) + pools,
-        input_output_aliases={1: 5, 2: 6}, zeroed_outputs=launch.zeroed_outputs,
+        out_shape=_out_shapes(launch, q.dtype) + pools, input_output_aliases={1: 3, 2: 4},
         grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
         name="kvjax_paged_decode_append", **dict(launch.meta))
-    return _merge(q, outs, launch), k_pages, v_pages
+    return _merge(q, o, m, den, launch), k_pages, v_pages
 
 
 def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -259,8 +235,7 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
                                   num_splits: int | None = None, num_warps: int = 4,
                                   num_stages: int = 4, layer: int | None = None,
                                   prefetch_table: bool = True,
-                                  page_layout: str = "token-major",
-                                  merge_in_kernel: bool = True) -> jax.Array:
+                                  page_layout: str = "token-major") -> jax.Array:
     """Decode attention of one new token per sequence over paged K/V (Triton kernel, GPU).
 
     Args:
@@ -285,9 +260,6 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
       page_layout: ``"token-major"`` (pages ``[P, S, K, D]``, the paged cache's layout)
         or ``"head-major"`` (pages ``[P, K, S, D]``: one contiguous ``S * D`` run per KV
         head; for measuring the layout, docs/paged-decode-kernel.md).
-      merge_in_kernel: with several splits, the last split of each sequence and KV head
-        to finish merges the partials and writes the output (a count per group, zeroed
-        at launch, orders them); False: XLA's ``combine_splits`` after the kernel.
 
     Returns:
       [B, H, D] in the dtype of ``q``.
@@ -299,8 +271,7 @@ def triton_paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax
     launch = _checked_launch(q, k_pages, v_pages, block_tables, lengths,
                              page_layout=page_layout, layer=layer, block_tokens=block_tokens,
                              num_splits=num_splits, num_warps=num_warps,
-                             num_stages=num_stages, prefetch_table=prefetch_table,
-                             merge_in_kernel=merge_in_kernel)
+                             num_stages=num_stages, prefetch_table=prefetch_table)
     return _decode(q, k_pages, v_pages, block_tables, lengths, launch=launch)
 
 
@@ -310,7 +281,7 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                                block_tokens: int | None = None, num_splits: int | None = None,
                                num_warps: int = 4, num_stages: int = 4,
                                layer: int | None = None, prefetch_table: bool = True,
-                               page_layout: str = "token-major", merge_in_kernel: bool = True
+                               page_layout: str = "token-major"
                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Append each sequence's new token to its pages and attend over them, one launch.
 
@@ -323,9 +294,8 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
 
     Args:
       q: [B, H, D]; k_new, v_new: [B, K, D], all in the pool's dtype.
-      k_pages, v_pages, block_tables, lengths, tunables, layer, page_layout,
-        merge_in_kernel: as ``triton_paged_decode_attention``; ``lengths`` counts the new
-        token.
+      k_pages, v_pages, block_tables, lengths, tunables, layer, page_layout: as
+        ``triton_paged_decode_attention``; ``lengths`` counts the new token.
 
     Returns:
       (out [B, H, D] in q's dtype, k_pages, v_pages with the new tokens written). Under a
@@ -339,8 +309,7 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
     launch = _checked_launch(q, k_pages, v_pages, block_tables, lengths,
                              page_layout=page_layout, layer=layer, block_tokens=block_tokens,
                              num_splits=num_splits, num_warps=num_warps,
-                             num_stages=num_stages, prefetch_table=prefetch_table,
-                             merge_in_kernel=merge_in_kernel)
+                             num_stages=num_stages, prefetch_table=prefetch_table)
     want = (q.shape[0], launch.grid[1], q.shape[-1])  # grid: (batch, kv_heads, splits)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
         if x.shape != want or x.dtype != k_pages.dtype:

@@ -29,8 +29,8 @@ from pallas_kernels.triton_prefill_kernel import paged_prefill_kernel
 _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _ARRAYS = {"q_ptr": None, "k_ptr": None, "v_ptr": None, "qkv_ptr": None,
            "k_out_ptr": None, "v_out_ptr": None, "table_ptr": "i32",
-           "length_ptr": "i32", "meta_ptr": "i32", "o_ptr": None, "part_o_ptr": "fp32",
-           "part_m_ptr": "fp32", "part_den_ptr": "fp32", "count_ptr": "i32"}
+           "length_ptr": "i32", "meta_ptr": "i32", "o_ptr": None, "m_ptr": "fp32",
+           "den_ptr": "fp32"}
 
 
 def _compile(kernel: Any, dtype: str, meta: dict[str, Any], num_warps: int,
@@ -58,10 +58,10 @@ def shared_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, page_size
                            block_tokens=block_tokens, num_splits=None,
                            num_warps=num_warps, num_stages=num_stages, head_major=head_major)
     meta = dict(launch.meta)
+    o_dtype = dtype if launch.grid[2] == 1 else "float32"  # one split: normalised output
     kernel = paged_decode_append_kernel if append else paged_decode_kernel
-    compiled = _compile(kernel, dtype, meta, launch.num_warps, launch.num_stages, dtype)
-    return {"shared": int(compiled.metadata.shared), "block_tokens": int(meta["BLOCK_TOKENS"]),
-            "splits": int(meta["NUM_SPLITS"])}
+    compiled = _compile(kernel, dtype, meta, launch.num_warps, launch.num_stages, o_dtype)
+    return {"shared": int(compiled.metadata.shared), "block_tokens": int(meta["BLOCK_TOKENS"])}
 
 
 def prefill_shared_bytes(batch: int, t: int, heads: int, kv_heads: int, head_dim: int,

@@ -45,22 +45,13 @@ def _from_torch(x: Any) -> np.ndarray:
     return np.asarray(x.numpy())
 
 
-def _fresh(out: jax.ShapeDtypeStruct, zeroed: bool) -> Any:
-    dtype = getattr(torch, jnp.dtype(out.dtype).name)
-    fill = 0 if zeroed else (float("nan") if dtype.is_floating_point else -1)
-    return torch.full(out.shape, fill, dtype=dtype)
-
-
 def _interpreted_triton_call(*args: Any, kernel: Any, out_shape: list[jax.ShapeDtypeStruct],
                              grid: tuple[int, ...], num_warps: int, num_stages: int,
                              name: str, input_output_aliases: dict[int, int] | None = None,
-                             zeroed_outputs: tuple[int, ...] = (),
                              **meta: Any) -> list[jax.Array]:
     """``jax_triton.triton_call`` on the Triton interpreter (host callback). An aliased
     output (``input_output_aliases``: array-argument index -> output index) is its input's
-    buffer, as on the GPU: the kernel receives it twice and it comes back as written.
-    Outputs in ``zeroed_outputs`` start as zeros, the others as NaN (floats) or -1
-    (integers): garbage a kernel must not read."""
+    buffer, as on the GPU: the kernel receives it twice and it comes back as written."""
     del name
     is_scalar = [isinstance(a, bool | int | float) for a in args]
     arrays = [a for a, s in zip(args, is_scalar, strict=True) if not s]
@@ -70,7 +61,8 @@ def _interpreted_triton_call(*args: Any, kernel: Any, out_shape: list[jax.ShapeD
         inputs = [_to_torch(x) for x in host]
         it = iter(inputs)
         launch_args = [a if s else next(it) for a, s in zip(args, is_scalar, strict=True)]
-        outs = [inputs[aliases[j]] if j in aliases else _fresh(o, j in zeroed_outputs)
+        outs = [inputs[aliases[j]] if j in aliases else
+                torch.empty(o.shape, dtype=getattr(torch, jnp.dtype(o.dtype).name))
                 for j, o in enumerate(out_shape)]
         kernel[grid](*launch_args, *outs, num_warps=num_warps, num_stages=num_stages, **meta)
         return tuple(_from_torch(o) for o in outs)
