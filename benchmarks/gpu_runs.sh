@@ -9,7 +9,8 @@
 #   prefill      chunked prefill alone: Pallas and Triton kernels vs XLA      ~ 2.5 min *
 #   kernel-tables  paged decode (four rows, all columns) + chunked prefill   ~ 3.6 min
 #   layout       Triton decode on token-major vs head-major pages (four rows)   ~ 2 min *
-#   prefill-tiles  Triton chunked prefill, query tiles of 16/8/4 tokens, two rows ~ 1 min *
+#   prefill-tiles  Triton chunked prefill, query tiles of 16/32 tokens, 16-64-token
+#                steps, 4/8 warps, four rows                                   ~ 2 min *
 #   mla          absorbed MLA decode kernel vs XLA gather and torch SDPA      ~ 3 min *
 #   sweep        Triton kernel tunables per row                            ~ 4 min *
 #   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
@@ -83,10 +84,12 @@ case "$group" in
   layout)  # token-major vs head-major pages in the Triton decode kernel (same pages transposed)
     run paged_decode_layout 300 $py benchmarks/paged_decode.py --sweep triton --head-major \
         --rows 8x4096,32x1024,32x4096,64x4096 --triton 32:auto:4:4:1,64:auto:4:4:1 ;;
-  prefill-tiles)  # smaller query tiles where the grid is small (one sequence, 512 new tokens)
-    run chunked_prefill_tiles 200 $py benchmarks/chunked_prefill.py --no-pallas \
-        --rows 1x4096x512,8x4096x128 \
-        --triton '[{}, {"block_q": 8}, {"block_q": 4}, {"block_q": 8, "block_tokens": 32}]' ;;
+  prefill-tiles)  # query tiles of 16 and 32 tokens (64 / 128 rows), 16-64-token steps
+    run chunked_prefill_tiles 240 $py benchmarks/chunked_prefill.py --no-pallas --triton \
+        '[{}, {"block_tokens": 32, "num_stages": 3}, {"block_q": 16, "block_tokens": 64, "num_stages": 3},
+          {"block_q": 32, "num_warps": 8}, {"block_q": 32, "num_warps": 8, "block_tokens": 32, "num_stages": 3},
+          {"block_q": 32, "num_warps": 8, "block_tokens": 64, "num_stages": 3},
+          {"block_q": 32, "block_tokens": 32, "num_stages": 3}]' ;;
   mla)
     run mla_decode 300 $py benchmarks/mla_decode.py ;;
   sweep)
