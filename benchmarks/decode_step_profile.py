@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import json
 import os
 import subprocess
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.analysis.bandwidth import read_bandwidth, time_queued
+from kvjax.analysis.gpu_trace import gpu_kernel_events, kernel_summary
 from kvjax.analysis.presets import get_preset
 from kvjax.engine.engine import _engine_decode_burst
 from kvjax.engine.generate import kv_bytes_per_token
@@ -110,39 +110,12 @@ def trace_summary(model: Decoder, params: Any, args: tuple[Any, ...], steps: int
     ids, k, v = _engine_decode_burst(model, params, k, v, *rest, steps=steps,
                                      attention=attention, all_greedy=True)
     jax.block_until_ready(ids)
-    with tempfile.TemporaryDirectory() as logdir:
-        with jax.profiler.trace(logdir, create_perfetto_trace=True):
-            ids, k, v = _engine_decode_burst(model, params, k, v, *rest, steps=steps,
-                                             attention=attention, all_greedy=True)
-            jax.block_until_ready(ids)
-        files = list(Path(logdir).rglob("*.trace.json.gz")) + list(
-            Path(logdir).rglob("perfetto_trace.json.gz"))
-        if not files:
-            return {"error": f"no trace json under {logdir}"}
-        with gzip.open(files[0], "rt") as f:
-            events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu
-               and "dur" in e]
-    if not kernels:
-        return {"error": "no GPU events in the trace", "processes": sorted(set(names.values()))}
-    start = min(e["ts"] for e in kernels)
-    end = max(e["ts"] + e["dur"] for e in kernels)
-    by_name: collections.Counter[str] = collections.Counter()
-    counts: collections.Counter[str] = collections.Counter()
-    for e in kernels:
-        by_name[e["name"]] += e["dur"]
-        counts[e["name"]] += 1
-    busy = sum(e["dur"] for e in kernels)
-    return {"processes": sorted(n for p, n in names.items() if p in gpu),
-            "kernels_per_step": len(kernels) / steps,
-            "kernel_us_per_step": busy / steps,
-            "span_us_per_step": (end - start) / steps,
-            "top": [{"name": n[:90], "us_per_step": t / steps, "calls_per_step": counts[n] / steps}
-                    for n, t in by_name.most_common(24)]}
+    try:
+        events = gpu_kernel_events(lambda: _engine_decode_burst(
+            model, params, k, v, *rest, steps=steps, attention=attention, all_greedy=True))
+    except RuntimeError as err:
+        return {"error": str(err)}
+    return kernel_summary(events, steps)
 
 
 def write_hlo(path: Path, model: Decoder, params: Any, args: tuple[Any, ...], steps: int,

@@ -79,7 +79,7 @@ case "$group" in
   prefill)
     run chunked_prefill 200 $py benchmarks/chunked_prefill.py ;;
   kernel-tables)  # the decode and prefill tables of docs/paged-decode-kernel.md, no generate
-    run paged_decode 300 $py benchmarks/paged_decode.py --rows 8x4096,32x1024,32x4096,64x4096
+    run paged_decode 300 $py benchmarks/paged_decode.py --rows 8x4096,32x1024,32x4096,64x4096 --trace
     run chunked_prefill 200 $py benchmarks/chunked_prefill.py ;;
   layout)  # token-major vs head-major pages in the Triton decode kernel (same pages transposed)
     run paged_decode_layout 300 $py benchmarks/paged_decode.py --sweep triton --head-major \

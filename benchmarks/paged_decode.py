@@ -36,11 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.analysis.bandwidth import (
+    chained_calls,
     read_bandwidth,
     time_chained,
     time_cuda_events,
     time_queued,
 )
+from kvjax.analysis.gpu_trace import gpu_kernel_events, kernel_summary
 from kvjax.cache.paged import paged_attention_reference
 from pallas_kernels.paged_decode import paged_decode_attention
 from pallas_kernels.triton_paged_decode import (
@@ -116,6 +118,20 @@ def torch_sdpa(b: int, s: int) -> float | str:
 
 TIMERS = {"chained": time_chained, "queued": time_queued}
 timer = time_chained  # set from --timing in main()
+traced: set[str] = set()  # --trace: names of columns whose chained program is profiled
+
+
+def trace_chain(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]],
+                iters: int = 30) -> dict[str, float]:
+    """Profile one run of ``iters`` chained calls: kernels, summed kernel time and span per
+    call (the gaps between kernels are span minus busy)."""
+    chain = chained_calls(fn, iters)
+    sets = tuple(tuple(a) for a in arg_sets)
+    jax.block_until_ready(chain(sets))
+    summary = kernel_summary(gpu_kernel_events(lambda: chain(sets)), iters, top=4)
+    return {"kernels_per_call": summary["kernels_per_step"],
+            "busy_s": summary["kernel_us_per_step"] * 1e-6,
+            "span_s": summary["span_us_per_step"] * 1e-6}
 
 
 def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
@@ -130,6 +146,8 @@ def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
         if expected is not None:
             res[name + " err"] = rel_err(fn(*arg_sets[0]), expected)
         res[name] = timer(fn, arg_sets, iters=30)
+        if name in traced:
+            res[name + " trace"] = trace_chain(fn, arg_sets)
     except Exception as err:  # report and go on: one setting must not sink the table
         res[name] = _error(err)
 
@@ -204,7 +222,11 @@ def print_row(res: dict[str, Any], bw: float, sweep: bool) -> None:
         if k in ("batch", "context", "kv_bytes", "read_bandwidth") or (
                 sweep and k.endswith("err")):
             continue
-        if isinstance(v, float) and not k.endswith("err"):
+        if k.endswith(" trace") and isinstance(v, dict):
+            print(f"    trace: {v['kernels_per_call']:.1f} kernels/call, kernels busy "
+                  f"{v['busy_s'] * 1e6:.1f} us ({_share(res, v['busy_s'], bw):.1f}%), span "
+                  f"{v['span_s'] * 1e6:.1f} us a call")
+        elif isinstance(v, float) and not k.endswith("err"):
             print(f"  {k:<38}{v * 1e6:9.1f} us  {_share(res, v, bw):5.1f}%")
         elif isinstance(v, float):
             print(f"  {k:<38}{v:9.1e}")
@@ -242,12 +264,16 @@ def main() -> None:
     ap.add_argument("--triton", type=parse_triton_settings,
                     help="the Triton settings to time, 'bt:sp:warps:stages:pf,...' (sp 'auto'; "
                          "pf 1 = prefetch_table), instead of the default list or sweep")
+    ap.add_argument("--trace", action="store_true",
+                    help="also profile the chained program of the first Triton setting, the "
+                         "built-in ks8 and the XLA gather: kernel time vs gaps per call")
     ap.add_argument("--head-major", action="store_true",
                     help="also time every Triton setting on head-major pages [P, K, S, D] "
                          "(the same pages transposed; columns marked 'hm')")
     args = ap.parse_args()
     global timer
     timer = TIMERS[args.timing]
+
     specs = args.rows.split(",")
     reason = triton_unavailable_reason()
     bw = read_bandwidth(4096)
@@ -260,6 +286,11 @@ def main() -> None:
     triton = {None: TRITON, "pallas": (), "triton": TRITON_SWEEP}[args.sweep]
     if args.triton:
         triton = args.triton
+    if args.trace:
+        traced.update(("jax builtin ks8 ppcb8", "xla gather+einsum"))
+        if triton:
+            bt, sp, w, st, pf = triton[0]
+            traced.add(f"kvjax triton bt{bt} sp{sp or 'auto'} w{w} st{st}{' pf' * pf}")
     if reason is not None:
         triton = ()
     # In the 2026-11-23 H100 run the first Triton setting timed in the process took 3.3x
