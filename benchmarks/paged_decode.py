@@ -5,8 +5,9 @@ random block tables, every sequence at full length). Columns, all in the same pr
 kvjax's Pallas kernel and kvjax's Triton kernel through jax-triton (a few settings each),
 JAX's built-in Pallas ``paged_attention`` (three settings), an XLA gather + einsum
 (kvjax's reference) and PyTorch SDPA on a dense cache (not paged). Prints time per call
-(by default 30 dependent calls inside one program, each call's output the next call's
-queries, so nothing runs between calls: ``kvjax.analysis.bandwidth.time_chained``;
+(by default dependent calls inside one program, each call's output the next call's
+queries, so nothing runs between calls, timed as the slope between programs of 30 and 60
+calls: ``kvjax.analysis.bandwidth.time_chained``;
 ``--timing queued`` queues jitted calls from Python; PyTorch is timed by CUDA events over
 calls queued back to back) and KV bytes / time as a share of the read bandwidth
 measured in the same run. A backend that cannot be imported is skipped with the reason;
@@ -258,12 +259,15 @@ def main() -> None:
                     help="time budget of the run, shared evenly by the rows: a row stops "
                          "timing new kvjax settings when its share is spent")
     ap.add_argument("--timing", choices=tuple(TIMERS), default="chained",
-                    help="chained: 30 calls inside one program (no host dispatch between "
-                         "them); queued: 30 jitted calls queued back to back from Python "
-                         "(the 2026-11-23 tables)")
+                    help="chained: per call, the slope between programs of 30 and 60 "
+                         "dependent calls (no host dispatch between them, a program's fixed "
+                         "cost cancelled); queued: 30 jitted calls queued back to back from "
+                         "Python (the 2026-11-23 tables)")
     ap.add_argument("--triton", type=parse_triton_settings,
                     help="the Triton settings to time, 'bt:sp:warps:stages:pf,...' (sp 'auto'; "
                          "pf 1 = prefetch_table), instead of the default list or sweep")
+    ap.add_argument("--no-pallas", dest="pallas", action="store_false",
+                    help="leave out the Pallas kernel's columns")
     ap.add_argument("--trace", action="store_true",
                     help="also profile the chained program of the first Triton setting, the "
                          "built-in ks8 and the XLA gather: kernel time vs gaps per call")
@@ -283,6 +287,8 @@ def main() -> None:
     if reason is not None:
         print(f"kvjax triton column skipped: {reason}", flush=True)
     pallas = {None: PALLAS, "pallas": PALLAS_SWEEP, "triton": ()}[args.sweep]
+    if not args.pallas:
+        pallas = ()
     triton = {None: TRITON, "pallas": (), "triton": TRITON_SWEEP}[args.sweep]
     if args.triton:
         triton = args.triton

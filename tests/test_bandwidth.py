@@ -67,6 +67,17 @@ def test_chained_calls_run_every_call() -> None:
     assert len(re.findall(r"dot\(", perturbed.lower(tuple(sets)).compile().as_text())) == 7
     np.testing.assert_allclose(float(perturbed(tuple(sets))),
                                float((sets[0][0] @ sets[0][1])[0, 0]), rtol=1e-5)
-    assert time_chained(jnp.matmul, sets, iters=4, reps=2) > 0
     with pytest.raises(ValueError):
         time_chained(jnp.matmul, [], iters=4)
+
+
+def test_time_chained_is_the_per_call_slope() -> None:
+    """The difference of two chain lengths: positive, and for calls much longer than a
+    program's fixed cost, close to the time of one call run alone."""
+    from kvjax.analysis.bandwidth import time_chained
+
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.standard_normal((384, 384)) / 20, jnp.float32)
+    per_call = time_chained(jnp.matmul, [(a, a)], iters=6, reps=5)
+    alone = time_queued(jax.jit(jnp.matmul), [(a, a)], iters=6, reps=5)
+    assert 0 < per_call < 3 * alone
