@@ -7,7 +7,7 @@
 #   kernels      paged decode (all columns, ~2.5 min), chunked prefill vs XLA
 #                (~1.3 min), generate_paged bf16/fp32 (fp32 > 90 s)        ~ 8 min *
 #   prefill      chunked prefill alone: Pallas and Triton kernels vs XLA      ~ 2.5 min *
-#   kernel-tables  paged decode (four rows, all columns) + chunked prefill   ~ 3.6 min
+#   kernel-tables  paged decode (four rows, all columns, traced) + chunked prefill ~ 5 min *
 #   layout       Triton decode on token-major vs head-major pages (four rows)   ~ 2 min *
 #   prefill-tiles  Triton chunked prefill, query tiles of 16/32 tokens, 16-64-token
 #                steps, 4/8 warps, four rows                                   ~ 2 min *
