@@ -147,10 +147,14 @@ def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
         if expected is not None:
             res[name + " err"] = rel_err(fn(*arg_sets[0]), expected)
         res[name] = timer(fn, arg_sets, iters=30)
-        if name in traced:
-            res[name + " trace"] = trace_chain(fn, arg_sets)
     except Exception as err:  # report and go on: one setting must not sink the table
         res[name] = _error(err)
+        return
+    if name in traced:
+        try:
+            res[name + " trace"] = trace_chain(fn, arg_sets)
+        except Exception as err:  # the timing stands without its trace
+            res[name + " trace"] = _error(err)
 
 
 def run_row(b: int, s: int, pallas: Sequence[PallasSetting], triton: Sequence[TritonSetting],
