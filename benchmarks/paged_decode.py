@@ -78,6 +78,12 @@ def parse_triton_settings(spec: str) -> tuple[TritonSetting, ...]:
     return tuple(settings)
 
 
+def triton_column(setting: TritonSetting) -> str:
+    """The table's column name of a Triton setting (token-major pages)."""
+    tokens, splits, warps, stages, pf = setting
+    return f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}{' pf' * pf}"
+
+
 class Budget:
     """Wall-clock budget: settings started after it is spent are skipped."""
 
@@ -188,7 +194,7 @@ def run_row(b: int, s: int, pallas: Sequence[PallasSetting], triton: Sequence[Tr
                  paged_decode_attention(*a, pages_per_block=ppb, num_splits=splits,
                                         num_warps=w, num_stages=st)), ours_sets)
         for ppb, splits, warps, stages in pallas], [
-        (f"kvjax triton bt{tokens} sp{splits or 'auto'} w{warps} st{stages}{' pf' * pf}{tag}",
+        (triton_column((tokens, splits, warps, stages, pf)) + tag,
          jax.jit(lambda *a, bt=tokens, splits=splits, w=warps, st=stages, pf=pf, lay=layout:
                  triton_paged_decode_attention(*a, block_tokens=bt, num_splits=splits,
                                                num_warps=w, num_stages=st,
@@ -299,8 +305,7 @@ def main() -> None:
     if args.trace:
         traced.update(("jax builtin ks8 ppcb8", "xla gather+einsum"))
         if triton:
-            bt, sp, w, st, pf = triton[0]
-            traced.add(f"kvjax triton bt{bt} sp{sp or 'auto'} w{w} st{st}{' pf' * pf}")
+            traced.add(triton_column(triton[0]))
     if reason is not None:
         triton = ()
     # In the 2026-11-23 H100 run the first Triton setting timed in the process took 3.3x
