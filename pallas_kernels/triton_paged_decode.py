@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import importlib
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -208,22 +209,23 @@ def _decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: 
 
 
 @functools.partial(jax.jit, static_argnames=("launch",))
-def _decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
-                   v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array, *,
+def _decode_append(qkv: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                   block_tables: jax.Array, lengths: jax.Array, *,
                    launch: DecodeLaunch) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``paged_decode_append_kernel``: the pools are outputs aliased to their inputs
-    (written in place when the caller's pool buffer can be reused, as in a jitted step
-    that threads the pool through)."""
+    """``paged_decode_append_kernel`` on q and the new K/V packed ``[B, H + 2K, D]``: the
+    pools are outputs aliased to their inputs (written in place when the caller's pool
+    buffer can be reused, as in a jitted step that threads the pool through)."""
     from jax_triton import triton_call
 
     from pallas_kernels.triton_decode_kernel import paged_decode_append_kernel
 
     pools = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)] * 2
-    qkv = jnp.concatenate([q, k_new, v_new], axis=1)  # XLA fuses it into their producers
+    heads = qkv.shape[1] - 2 * launch.grid[1]
+    q = jax.ShapeDtypeStruct((qkv.shape[0], heads, qkv.shape[2]), qkv.dtype)
     o, m, den, k_pages, v_pages = triton_call(
         qkv, k_pages, v_pages, block_tables.astype(jnp.int32),
         lengths.astype(jnp.int32), *launch.scalars, kernel=paged_decode_append_kernel,
-        out_shape=_out_shapes(launch, q.dtype) + pools, input_output_aliases={1: 3, 2: 4},
+        out_shape=_out_shapes(launch, qkv.dtype) + pools, input_output_aliases={1: 3, 2: 4},
         grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
         name="kvjax_paged_decode_append", **dict(launch.meta))
     return _merge(q, o, m, den, launch), k_pages, v_pages
@@ -315,5 +317,28 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
         if x.shape != want or x.dtype != k_pages.dtype:
             raise ValueError(f"{name} must be {want} {k_pages.dtype} (one token per sequence "
                              f"and KV head), got {x.shape} {x.dtype}")
-    return _decode_append(q, k_new, v_new, k_pages, v_pages, block_tables, lengths,
-                          launch=launch)
+    qkv = jnp.concatenate([q, k_new, v_new], axis=1)  # XLA fuses it into their producers
+    return _decode_append(qkv, k_pages, v_pages, block_tables, lengths, launch=launch)
+
+
+def triton_paged_decode_append_packed(qkv: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                                      block_tables: jax.Array, lengths: jax.Array, *,
+                                      layer: int | None = None, **tunables: Any
+                                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``triton_paged_decode_append`` with q and the new K/V already packed: ``qkv``
+    [B, H + 2K, D] in the pool's dtype (q heads, then K's, then V's; what
+    ``pallas_kernels.triton_fused_layer.norm_qkv_rope`` writes), K the pool's KV heads.
+    ``tunables``: ``triton_paged_decode_append``'s keyword settings. Same returns and
+    errors."""
+    if qkv.ndim != 3 or k_pages.ndim < 4:
+        raise ValueError(f"qkv must be [B, H + 2K, D] and the pools [(L,) P, S, K, D], got "
+                         f"{qkv.shape} and {k_pages.shape}")
+    kv_heads = k_pages.shape[-2] if tunables.get("page_layout", "token-major") == \
+        "token-major" else k_pages.shape[-3]
+    heads = qkv.shape[1] - 2 * kv_heads
+    if heads < kv_heads:
+        raise ValueError(f"qkv has {qkv.shape[1]} heads, fewer than the pool's 3 * {kv_heads} "
+                         f"K/V heads need")
+    return triton_paged_decode_append(qkv[:, :heads], qkv[:, heads:heads + kv_heads],
+                                      qkv[:, heads + kv_heads:], k_pages, v_pages,
+                                      block_tables, lengths, layer=layer, **tunables)

@@ -23,6 +23,12 @@ from triton.compiler import ASTSource
 
 from pallas_kernels.triton_chunked_prefill import prefill_launch
 from pallas_kernels.triton_decode_kernel import paged_decode_append_kernel, paged_decode_kernel
+from pallas_kernels.triton_fused_layer import gate_up_launch, matmul_launch, qkv_launch
+from pallas_kernels.triton_layer_kernels import (
+    matmul_residual_kernel,
+    norm_gate_up_kernel,
+    norm_qkv_rope_kernel,
+)
 from pallas_kernels.triton_paged_decode import decode_launch
 from pallas_kernels.triton_prefill_kernel import paged_prefill_kernel
 
@@ -80,8 +86,38 @@ def prefill_shared_bytes(batch: int, t: int, heads: int, kv_heads: int, head_dim
             "block_tokens": int(meta["BLOCK_TOKENS"])}
 
 
+def layer_shared_bytes(batch: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                       inter: int, dtype: str) -> dict[str, int]:
+    """Compile the three fused-layer programs at one decode shape (default launch
+    settings) for sm_90; the shared memory of each."""
+    dt = jnp.dtype(dtype)
+    w = _TRITON_TYPES[dtype]
+    launches = {
+        "norm_qkv_rope": (norm_qkv_rope_kernel, qkv_launch(
+            batch, hidden, heads, kv_heads, head_dim, dt, has_bias=True, eps=1e-6,
+            block_k=128)[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 3),
+        "matmul_residual": (matmul_residual_kernel, matmul_launch(
+            batch, inter, hidden, dt, has_bias=False, block_n=32, block_k=128)[1], {}, 4),
+        "norm_gate_up": (norm_gate_up_kernel, gate_up_launch(
+            batch, hidden, inter, dt, eps=1e-6, block_n=32, block_k=128)[1], {}, 3),
+    }
+    out = {}
+    for name, (kernel, meta, f32_arrays, stages) in launches.items():
+        signature = {n: "constexpr" if n in meta else "*" + f32_arrays.get(n, w)
+                     for n in kernel.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                 if n not in meta}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=meta, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4, "num_stages": stages})
+        out[name] = int(compiled.metadata.shared)
+    return out
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "prefill":
+    if sys.argv[1] == "layer":
+        print(json.dumps([layer_shared_bytes(*c) for c in json.loads(sys.argv[2])]))
+    elif sys.argv[1] == "prefill":
         print(json.dumps([prefill_shared_bytes(*c) for c in json.loads(sys.argv[2])]))
     else:
         print(json.dumps([shared_bytes(*config) for config in json.loads(sys.argv[1])]))

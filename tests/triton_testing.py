@@ -45,14 +45,20 @@ def _from_torch(x: Any) -> np.ndarray:
     return np.asarray(x.numpy())
 
 
-def _interpreted_triton_call(*args: Any, kernel: Any, out_shape: list[jax.ShapeDtypeStruct],
+def _interpreted_triton_call(*args: Any, kernel: Any,
+                             out_shape: jax.ShapeDtypeStruct | list[jax.ShapeDtypeStruct],
                              grid: tuple[int, ...], num_warps: int, num_stages: int,
                              name: str, input_output_aliases: dict[int, int] | None = None,
-                             **meta: Any) -> list[jax.Array]:
+                             **meta: Any) -> jax.Array | list[jax.Array]:
     """``jax_triton.triton_call`` on the Triton interpreter (host callback). An aliased
     output (``input_output_aliases``: array-argument index -> output index) is its input's
-    buffer, as on the GPU: the kernel receives it twice and it comes back as written."""
+    buffer, as on the GPU: the kernel receives it twice and it comes back as written. One
+    output shape (not a list) gives one array, as jax-triton does."""
     del name
+    if isinstance(out_shape, jax.ShapeDtypeStruct):
+        return _interpreted_triton_call(*args, kernel=kernel, out_shape=[out_shape], grid=grid,
+                                        num_warps=num_warps, num_stages=num_stages, name="",
+                                        input_output_aliases=input_output_aliases, **meta)[0]
     is_scalar = [isinstance(a, bool | int | float) for a in args]
     arrays = [a for a, s in zip(args, is_scalar, strict=True) if not s]
     aliases = {o: i for i, o in (input_output_aliases or {}).items()}
@@ -89,8 +95,9 @@ def interpreted_jax_triton(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def compile_for_h100(configs: list[list[Any]], kernel: str = "decode") -> list[dict[str, int]]:
-    """Run ``triton_compile_check.py`` (sm_90 compile, no GPU) for ``kernel`` ("decode" or
-    "prefill") in a process of its own (without TRITON_INTERPRET); one result per config."""
+    """Run ``triton_compile_check.py`` (sm_90 compile, no GPU) for ``kernel`` ("decode",
+    "prefill" or "layer") in a process of its own (without TRITON_INTERPRET); one result per
+    config."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("triton_compile_check.py")
     args = [json.dumps(configs)] if kernel == "decode" else [kernel, json.dumps(configs)]

@@ -35,10 +35,15 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return w * y.astype(x.dtype)
+        return rms_norm(x, self.param("weight", nn.initializers.ones, (x.shape[-1],),
+                                      self.dtype), self.eps)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """``w * x / rms(x)`` over the last axis, normalised in float32, cast back first."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w * y.astype(x.dtype)
 
 
 def rope_tables(cfg: RopeSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
