@@ -13,6 +13,10 @@ random bf16 weights, every row at context ``C`` over a paged pool (block 16). Fo
 * with ``--trace``: a profiler trace of one burst, summarised as GPU kernels per token
   step, summed kernel time per step, and the kernels that take the most time.
 
+``--attention fused`` is the burst through the fused Triton layer kernels
+(``Engine(fused_decode=True)``: ``kvjax.models.fused_decode``) with the Triton decode
+kernel; ``triton`` the Flax forward with it.
+
 ``--scatter-writes`` measures the decode step as it was before the decode-append kernel:
 under ``triton`` the step's K/V written by two XLA scatters per layer and attended by
 ``triton_paged_decode_attention`` (an A/B of the fused write in one run).
@@ -83,6 +87,14 @@ def burst_args(model: Decoder, batch: int, context: int, steps: int) -> tuple[An
     return k, v, tokens, positions, active, tables, sp, seeds, draws
 
 
+def backend(attention: str) -> dict[str, Any]:
+    """``_engine_decode_burst``'s keywords for a ``--attention`` value ("fused": the
+    fused layer kernels with the Triton decode kernel)."""
+    if attention == "fused":
+        return {"attention": "triton", "fused": True}
+    return {"attention": attention}
+
+
 def step_seconds(model: Decoder, params: Any, args: tuple[Any, ...], steps: int,
                  attention: str, reps: int) -> float:
     """Median seconds per token step of bursts queued back to back (pool donated and
@@ -92,8 +104,8 @@ def step_seconds(model: Decoder, params: Any, args: tuple[Any, ...], steps: int,
 
     def call() -> jax.Array:
         ids, state["k"], state["v"] = _engine_decode_burst(
-            model, params, state["k"], state["v"], *rest, steps=steps, attention=attention,
-            all_greedy=True)
+            model, params, state["k"], state["v"], *rest, steps=steps, all_greedy=True,
+            **backend(attention))
         return ids
 
     return time_queued(lambda: call(), [()], iters=10, reps=reps) / steps
@@ -108,11 +120,11 @@ def trace_summary(model: Decoder, params: Any, args: tuple[Any, ...], steps: int
     """Profile one (warm) burst; GPU kernel events per token step from the trace."""
     k, v, *rest = args
     ids, k, v = _engine_decode_burst(model, params, k, v, *rest, steps=steps,
-                                     attention=attention, all_greedy=True)
+                                     all_greedy=True, **backend(attention))
     jax.block_until_ready(ids)
     try:
         events = gpu_kernel_events(lambda: _engine_decode_burst(
-            model, params, k, v, *rest, steps=steps, attention=attention, all_greedy=True))
+            model, params, k, v, *rest, steps=steps, all_greedy=True, **backend(attention)))
     except RuntimeError as err:
         return {"error": str(err)}
     return kernel_summary(events, steps)
@@ -122,8 +134,8 @@ def write_hlo(path: Path, model: Decoder, params: Any, args: tuple[Any, ...], st
               attention: str) -> None:
     """The burst's optimised HLO (after XLA's fusion passes) as text, and a count of its
     fusions by kind on stdout."""
-    compiled = _engine_decode_burst.lower(model, params, *args, steps=steps,
-                                          attention=attention, all_greedy=True).compile()
+    compiled = _engine_decode_burst.lower(model, params, *args, steps=steps, all_greedy=True,
+                                          **backend(attention)).compile()
     text = compiled.as_text() or ""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -188,7 +200,7 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
             if a.hlo_dir:
                 write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{attention}.txt", full, full_params,
                           burst_args(full, batch, context, a.steps), a.steps, attention)
-            if a.trace and attention == a.attention[0]:
+            if a.trace:
                 row["trace"] = trace_summary(full, full_params, burst_args(
                     full, batch, context, a.steps), a.steps, attention)
             rows.append(row)
@@ -223,7 +235,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-half", dest="half", action="store_false",
                     help="skip the half-depth model (no per-layer split)")
-    ap.add_argument("--trace", action="store_true", help="profile the first backend")
+    ap.add_argument("--trace", action="store_true", help="profile one burst of each backend")
     ap.add_argument("--xla-flags", action="append", default=[],
                     help="also run in a child process with these XLA_FLAGS (repeatable; "
                     "write --xla-flags=--xla_...)")

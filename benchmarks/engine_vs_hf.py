@@ -314,6 +314,9 @@ def main() -> None:
     ap.add_argument("--overlap-bursts", action="store_true",
                     help="also an engine row per --decode-steps value with overlap_bursts "
                          "(the next burst dispatched before the last one is read)")
+    ap.add_argument("--fused-decode", action="store_true",
+                    help="also each engine row with fused_decode (decode bursts through the "
+                         "fused Triton layer kernels; GPU)")
     ap.add_argument("--skip-hf-dynamic", action="store_true",
                     help="time HF generate with the static cache only")
     args = ap.parse_args()
@@ -379,19 +382,22 @@ def main() -> None:
     record["engine_max_batch"] = max_batch
     for p in s.prompts:
         need = -(-(p + s.new) // BLOCK)
-        variants = [(steps, False) for steps in args.decode_steps] + [
-            (steps, True) for steps in args.decode_steps if args.overlap_bursts]
+        variants = [(steps, False, False) for steps in args.decode_steps] + [
+            (steps, True, False) for steps in args.decode_steps if args.overlap_bursts]
+        variants += [(steps, overlap, True) for steps, overlap, _ in variants
+                     if args.fused_decode]
         engines = [Engine(lm.model, lm.params, num_blocks=max_batch * need + need,
                           block_size=BLOCK, max_batch=max_batch, prefill_chunk=p,
                           max_tokens_per_step=max(s.budget, p), decode_steps=steps,
-                          overlap_bursts=overlap)
-                   for steps, overlap in variants]
+                          overlap_bursts=overlap, fused_decode=fused)
+                   for steps, overlap, fused in variants]
         engine = engines[0]
         for b in s.batches:
             row: dict[str, Any] = {"batch": b, "prompt": p, "new": s.new, **hf_rows[b, p]}
             row["engine"] = engine_cell(engine, prompts[b, p], s.new, args.repeats)
-            for (steps, overlap), other in zip(variants[1:], engines[1:], strict=True):
-                name = f"engine_steps{steps}" + ("_overlap" if overlap else "")
+            for (steps, overlap, fused), other in zip(variants[1:], engines[1:], strict=True):
+                name = (f"engine_steps{steps}" + ("_overlap" if overlap else "")
+                        + ("_fused" if fused else ""))
                 r = row[name] = engine_cell(other, prompts[b, p], s.new, args.repeats)
                 r.pop("tokens", None)
                 ok_st = "error" not in row["hf_static"]

@@ -31,6 +31,9 @@
 #   engine       engine vs Hugging Face generate (offline grid + online)   ~ 7 min (412 s, H100)
 #   engine-b8    the same at batch 1 and 8: burst lengths, overlapped bursts;
 #                and the decode-step profile                              ~ 5.1 min
+#   fused        the fused decode-layer kernels: burst A/B (traced), GPU check  ~ 5 min *
+#   fused-kernels  the fused layer kernels alone over launch settings, vs XLA   ~ 4 min *
+#   fused-engine   engine vs HF static, 8/32 x 512, with and without them     ~ 5 min *
 #   decode-append  the decode kernel writing the step's K/V: GPU check, burst A/B
 #                (--scatter-writes), engine vs HF at 8/32 x 512 (2026-12-06: the parts
 #                ran in separate calls; engine_vs_hf alone took 57-156 s)     ~ 4 min *
@@ -131,6 +134,19 @@ case "$group" in
         --skip-hf-dynamic --skip-online
     run decode_step_profile 240 $py benchmarks/decode_step_profile.py --trace \
         --cells 8x512 32x512 --attention triton --out "$out/decode_step_profile.json" ;;
+  fused)  # the fused decode-layer kernels: GPU check, burst A/B (fused vs Flax + Triton
+    # decode kernel), engine vs HF static at 8/32 x 512 with and without them
+    run decode_step_profile_fused 200 $py benchmarks/decode_step_profile.py \
+        --cells 8x512 32x512 8x2048 --attention fused triton --no-half --trace --reps 5 \
+        --out "$out/decode_step_profile_fused.json"
+    run check_fused_decode 150 $py benchmarks/check_fused_decode.py ;;
+  fused-kernels)  # the fused layer kernels alone over launch settings, vs XLA
+    run fused_layer_kernels 280 $py benchmarks/fused_layer_kernels.py \
+        --out "$out/fused_layer_kernels.json" ;;
+  fused-engine)
+    run engine_vs_hf_fused 300 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf_fused.json" \
+        --batches 8 32 --prompts 512 --max-batch 32 --decode-steps 8 --overlap-bursts \
+        --fused-decode --skip-hf-dynamic --skip-online ;;
   decode-append)  # the K/V write inside the decode kernel: GPU check, A/B of the burst, engine
     run check_decode_append 60 $py benchmarks/check_decode_append.py
     run decode_step_profile_scatter 100 $py benchmarks/decode_step_profile.py --scatter-writes \

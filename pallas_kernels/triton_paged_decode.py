@@ -183,7 +183,7 @@ def _out_shapes(launch: DecodeLaunch, dtype: jnp.dtype) -> list[jax.ShapeDtypeSt
         launch.partial_shapes, (o_dtype, jnp.float32, jnp.float32), strict=True)]
 
 
-def _merge(q: jax.Array, o: jax.Array, m: jax.Array, den: jax.Array,
+def _merge(q: jax.Array | jax.ShapeDtypeStruct, o: jax.Array, m: jax.Array, den: jax.Array,
            launch: DecodeLaunch) -> jax.Array:
     """[B, H, D] in q's dtype from the kernel's outputs (the combine, for several splits)."""
     if launch.grid[2] == 1:

@@ -3,8 +3,6 @@ references and a float64 NumPy computation; argument checks; the sm_90 compile."
 
 from __future__ import annotations
 
-from tests.triton_testing import compile_for_h100, interpreted_jax_triton  # noqa: F401, I001
-
 from typing import Any
 
 import jax
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import triton_fused_layer as tfl
+from tests.triton_testing import compile_for_h100, interpreted_jax_triton  # noqa: F401
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 

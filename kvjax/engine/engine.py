@@ -96,6 +96,7 @@ from kvjax.engine.shapes import pow2
 from kvjax.memory.allocator import AllocatorStats, BlockAllocator, OutOfBlocksError
 from kvjax.memory.host_pool import HostPool, HostPoolStats
 from kvjax.memory.prefix_cache import PrefixCache
+from kvjax.models.fused_decode import check_fusable, fused_decode_step
 from kvjax.models.llama import Decoder
 
 Event = tuple[int, int]  # (request id, new token id)
@@ -307,13 +308,13 @@ def _sample_rows(logits: jax.Array, sp: SamplingArrays, seeds: ArrayLike, draws:
                          sp)
 
 
-@partial(jax.jit, static_argnames=("model", "steps", "attention", "all_greedy"),
+@partial(jax.jit, static_argnames=("model", "steps", "attention", "all_greedy", "fused"),
          donate_argnames=("k_pages", "v_pages"))
 def _engine_decode_burst(model: Decoder, params: Any, k_pages: jax.Array, v_pages: jax.Array,
                          tokens: ArrayLike, positions: ArrayLike, active: ArrayLike,
                          tables: ArrayLike, sp: SamplingArrays, seeds: ArrayLike,
-                         draws: ArrayLike, *, steps: int, attention: str, all_greedy: bool
-                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         draws: ArrayLike, *, steps: int, attention: str, all_greedy: bool,
+                         fused: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``steps`` decode forwards in one device loop, each feeding back its samples.
 
     tokens, positions, active, draws int32 [B]: row ``b`` feeds ``tokens[b]`` at
@@ -322,7 +323,9 @@ def _engine_decode_burst(model: Decoder, params: Any, k_pages: jax.Array, v_page
     have position -1 (nothing written or read). tables int32 [B, M], seeds uint32 [B],
     k_pages/v_pages [L, P, S, K, D] (donated). Returns (ids int32 [B, steps]; entries at
     ``j >= active[b]`` are meaningless), k_pages, v_pages. Equal, token for token, to
-    ``steps`` calls of ``_engine_step`` with width 1.
+    ``steps`` calls of ``_engine_step`` with width 1. ``fused``: each forward is
+    ``fused_decode_step`` (the fused Triton layer kernels; ``attention`` "triton") instead
+    of the Flax model's.
     """
     tokens, positions, active, draws = (jnp.asarray(a, jnp.int32)
                                         for a in (tokens, positions, active, draws))
@@ -335,13 +338,17 @@ def _engine_decode_burst(model: Decoder, params: Any, k_pages: jax.Array, v_page
         tok, k, v, ids = carry
         live = j < active
         pos = jnp.where(live, positions + j, -1)
-        cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
-                           lengths=jnp.where(live, pos, 0), attention=attention)
-        out: Any = model.apply({"params": params}, tok[:, None], pos[:, None], cache,
-                               logit_index=jnp.zeros_like(tok))
-        logits, new = out
+        if fused:
+            logits, k, v = fused_decode_step(params, model.cfg, tok, pos, k, v, tables)
+        else:
+            cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
+                               lengths=jnp.where(live, pos, 0), attention=attention)
+            out: Any = model.apply({"params": params}, tok[:, None], pos[:, None], cache,
+                                   logit_index=jnp.zeros_like(tok))
+            logits, new = out
+            k, v = new.k_pages, new.v_pages
         nxt = _sample_rows(logits, sp, seeds, draws + j, all_greedy=all_greedy)
-        return nxt, new.k_pages, new.v_pages, ids.at[:, j].set(nxt)
+        return nxt, k, v, ids.at[:, j].set(nxt)
 
     ids = jnp.zeros((tokens.shape[0], steps), jnp.int32)
     _, k_pages, v_pages, ids = lax.fori_loop(0, steps, body, (tokens, k_pages, v_pages, ids))
@@ -409,6 +416,11 @@ class Engine:
         Outputs are unchanged.
       preemption: "recompute" (free a victim's blocks; it prefills again) or "swap"
         (copy its K/V to a host pool first and back at re-admission).
+      fused_decode: decode bursts run ``kvjax.models.fused_decode.fused_decode_step``
+        (each layer's norms, projections, RoPE and residual adds in four fused Triton
+        kernels around the decode kernel) instead of the Flax forward; needs attention
+        "triton" (GPU). Outputs agree up to rounding (the same math, another kernel
+        order); prefill chunks and single steps keep the Flax forward.
       swap_blocks: pages the swap host pool holds (needed, >= 1, for "swap").
       host_staging: how swaps copy: one of ``kvjax.memory.host_pool.STAGING``.
 
@@ -420,7 +432,8 @@ class Engine:
                  max_tokens_per_step: int | None = None, prefix_caching: bool = False,
                  detokenize: Detokenize | None = None, attention: str = "auto",
                  decode_steps: int = 1, preemption: str = "recompute", swap_blocks: int = 0,
-                 host_staging: str = "pageable", overlap_bursts: bool = False) -> None:
+                 host_staging: str = "pageable", overlap_bursts: bool = False,
+                 fused_decode: bool = False) -> None:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
                             ("decode_steps", decode_steps)):
@@ -454,6 +467,14 @@ class Engine:
         self._pending: list[Event] = []  # tokens read early (by cancel), not yet returned
         self.attention = resolve_attention(attention, block_size, cfg.head_dim)
         check_attention_backend(self.attention, block_size, cfg.head_dim)
+        if not isinstance(fused_decode, bool):
+            raise ValueError(f"fused_decode must be a bool, got {fused_decode!r}")
+        if fused_decode:
+            if self.attention != "triton":
+                raise ValueError(f"fused_decode needs attention 'triton' (the Triton kernels), "
+                                 f"got {self.attention!r}")
+            check_fusable(cfg)
+        self.fused_decode = fused_decode
         self.allocator = BlockAllocator(num_blocks, block_size, kv_bytes_per_token(model))
         self.prefix_cache = (PrefixCache(self.allocator, vocab_size=cfg.vocab_size)
                              if prefix_caching else None)
@@ -1063,7 +1084,7 @@ class Engine:
         ids, self._k, self._v = _engine_decode_burst(
             self.model, self.params, self._k, self._v, tokens, positions, active, tables, sp,
             seeds, draws, steps=self.decode_steps, attention=self.attention,
-            all_greedy=all_greedy)
+            all_greedy=all_greedy, fused=self.fused_decode)
         return ids
 
     def stream(self, on_token: Callable[[int, int], None] | None = None) -> Iterator[Event]:

@@ -72,7 +72,7 @@ def build_engine(cfg: ServeBenchConfig) -> Engine:
                   prefix_caching=e.prefix_caching, attention=e.attention,
                   decode_steps=e.decode_steps, preemption=e.preemption,
                   swap_blocks=e.swap_blocks, host_staging=e.host_staging,
-                  overlap_bursts=e.overlap_bursts)
+                  overlap_bursts=e.overlap_bursts, fused_decode=e.fused_decode)
 
 
 def replay(engine: Engine, items: list[WorkItem], *, progress: bool = True) -> Replay:

@@ -90,6 +90,7 @@ class EngineSpec:
     swap_blocks: int = 0  # host pool pages for preemption "swap"
     host_staging: str = "pageable"  # swap copies: "pageable", "pinned" or "pinned-slots"
     overlap_bursts: bool = False  # dispatch the next decode burst before reading this one
+    fused_decode: bool = False  # decode bursts through the fused Triton layer kernels
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_batch", "prefill_chunk", "decode_steps"):

@@ -1,0 +1,121 @@
+"""The fused decode-layer kernels alone, at the Qwen2.5-0.5B decode shapes (GPU).
+
+For 8 and 32 rows (bf16): ``norm_qkv_rope``, ``matmul_residual`` as the o projection
+(896 -> 896) and as the down projection (4864 -> 896) and ``norm_gate_up`` (896 -> 2 x
+4864), each over a grid of launch settings, against the same math in XLA (the jnp
+references, jitted). Each call reads one of 24 weight sets in turn (as the 24 layers
+do, so the weights do not stay in L2); times are ``time_chained`` slopes, and each
+row gives the weight bytes over the time as a share of the read bandwidth measured in
+the same run.
+
+GPU: python benchmarks/fused_layer_kernels.py --out $OUT/fused_layer_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.analysis.bandwidth import read_bandwidth, time_chained
+from pallas_kernels import triton_fused_layer as tfl
+
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 896, 4864, 14, 2, 64, 24
+BF16 = jnp.bfloat16
+
+
+def _weights(key: int, shape: tuple[int, ...]) -> list[jax.Array]:
+    keys = jax.random.split(jax.random.key(key), LAYERS)
+    return [(jax.random.normal(k, shape, jnp.float32) * shape[0] ** -0.5).astype(BF16)
+            for k in keys]
+
+
+def cases(batch: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
+                                          list[tuple[Any, ...]], list[dict[str, int]], int]]:
+    """name -> (kernel(settings) -> fn, xla fn, arg sets, settings grid, weight bytes)."""
+    rng = np.random.default_rng(batch)
+    x = jnp.asarray(rng.standard_normal((batch, HIDDEN)), BF16)
+    nw = jnp.asarray(rng.standard_normal(HIDDEN), BF16)
+    half = HEAD_DIM // 2
+    cos = jnp.asarray(np.cos(rng.uniform(0, 6, (batch, half))), jnp.float32)
+    sin = jnp.asarray(np.sin(rng.uniform(0, 6, (batch, half))), jnp.float32)
+    wq, wk, wv = (_weights(s, (HIDDEN, n * HEAD_DIM)) for s, n in
+                  ((1, HEADS), (2, KV_HEADS), (3, KV_HEADS)))
+    bq, bk, bv = (jnp.asarray(rng.standard_normal(n * HEAD_DIM), BF16)
+                  for n in (HEADS, KV_HEADS, KV_HEADS))
+    wo, wd = _weights(4, (HIDDEN, HIDDEN)), _weights(5, (INTER, HIDDEN))
+    wg, wu = _weights(6, (HIDDEN, INTER)), _weights(7, (HIDDEN, INTER))
+    h = jnp.asarray(rng.standard_normal((batch, INTER)), BF16)
+    a = jnp.asarray(rng.standard_normal((batch, HIDDEN)), BF16)
+    sizes = lambda *ws: sum(int(w[0].nbytes) for w in ws)  # noqa: E731
+    qkv_grid = [dict(block_k=bk_, num_stages=st) for bk_, st in
+                itertools.product((128, 256), (3, 4))]
+    mm_grid = [dict(block_n=n, block_k=bk_, num_stages=4)
+               for n, bk_ in itertools.product((16, 32), (128, 256, 512))]
+    gu_grid = [dict(block_n=n, block_k=bk_, num_stages=3)
+               for n, bk_ in itertools.product((16, 32, 64), (128, 256))]
+    return {
+        "norm_qkv_rope": (
+            lambda st: lambda x_, q, k, v: tfl.norm_qkv_rope(
+                x_, nw, q, k, v, bq, bk, bv, cos, sin, head_dim=HEAD_DIM, eps=1e-6, **st),
+            lambda x_, q, k, v: tfl.norm_qkv_rope_reference(
+                x_, nw, q, k, v, bq, bk, bv, cos, sin, head_dim=HEAD_DIM, eps=1e-6),
+            [(x, q, k, v) for q, k, v in zip(wq, wk, wv, strict=True)], qkv_grid,
+            sizes(wq, wk, wv)),
+        "o_proj": (
+            lambda st: lambda r, w: tfl.matmul_residual(a, w, None, r, **st),
+            lambda r, w: tfl.matmul_residual_reference(a, w, None, r),
+            [(x, w) for w in wo], mm_grid, sizes(wo)),
+        "down_proj": (
+            lambda st: lambda r, w: tfl.matmul_residual(h, w, None, r, **st),
+            lambda r, w: tfl.matmul_residual_reference(h, w, None, r),
+            [(x, w) for w in wd], mm_grid, sizes(wd)),
+        "norm_gate_up": (
+            lambda st: lambda x_, g, u: tfl.norm_gate_up(x_, nw, g, u, eps=1e-6, **st),
+            lambda x_, g, u: tfl.norm_gate_up_reference(x_, nw, g, u, eps=1e-6),
+            [(x, g, u) for g, u in zip(wg, wu, strict=True)], gu_grid, sizes(wg, wu)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    bw = read_bandwidth()
+    print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for batch in args.batches:
+        for name, (kernel, xla, arg_sets, grid, nbytes) in cases(batch).items():
+            t_xla = time_chained(jax.jit(xla), arg_sets, iters=24, reps=3)
+            best: dict[str, Any] | None = None
+            for st in grid:
+                try:
+                    t = time_chained(kernel(st), arg_sets, iters=24, reps=3)
+                except Exception as err:  # a setting that does not compile: report, go on
+                    print(f"  {batch:>3} {name:<13} {st}: {type(err).__name__}"[:200])
+                    continue
+                row = {"batch": batch, "kernel": name, "settings": st, "us": 1e6 * t,
+                       "xla_us": 1e6 * t_xla, "bw_share": nbytes / t / bw,
+                       "speedup_vs_xla": t_xla / t}
+                rows.append(row)
+                if best is None or t < best["us"] / 1e6:
+                    best = row
+            if best is not None:
+                print(f"  {batch:>3} {name:<13} xla {1e6 * t_xla:6.2f} us ({nbytes / t_xla / bw:4.0%})"
+                      f" | best {best['us']:6.2f} us ({best['bw_share']:4.0%}), "
+                      f"{best['speedup_vs_xla']:.2f}x xla, {best['settings']}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": jax.devices()[0].device_kind,
+                                              "read_bandwidth": bw, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The fused decode step (the layer kernels and the decode-append kernel in Triton's
+interpreter) against the Flax model over the XLA paged cache, and the serving engine's
+bursts through it token-identical to the dense cache (float32)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.cache import paged
+from kvjax.cache.paged import PagedCache
+from kvjax.engine.generate import generate
+from kvjax.models import LoadedModel, load_checkpoint
+from kvjax.models.fused_decode import check_fusable, fused_decode_step
+from kvjax.models.tiny import build_tiny_checkpoint
+from tests.triton_testing import interpreted_jax_triton  # noqa: F401
+
+
+def _checkpoint(tmp: Path, family: str, **kw: object) -> LoadedModel:
+    path = build_tiny_checkpoint(tmp, family=family, hidden_size=256, num_heads=4,  # type: ignore[arg-type]
+                                 intermediate_size=192, max_position_embeddings=256,
+                                 weight_std=0.15, **kw)  # type: ignore[arg-type]
+    return load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """q/k/v biases, tied embeddings, GQA 4:2, head_dim 64."""
+    return _checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", num_kv_heads=2, seed=3,
+                       tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """q/k/v/o biases (attention_bias), Llama-3 RoPE scaling, MQA, separate LM head."""
+    return _checkpoint(tmp_path_factory.mktemp("llama"), "llama", num_kv_heads=1, seed=4,
+                       attention_bias=True, llama3_rope_scaling=True,
+                       tie_word_embeddings=False)
+
+
+@pytest.fixture
+def triton_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paged, "triton_unavailable_reason", lambda: None)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama"])
+def test_fused_step_matches_flax_forward(name: str, request: pytest.FixtureRequest) -> None:
+    """Logits and the written pools of one decode step equal the Flax forward's over the
+    XLA paged cache: rows at different lengths, a padding row (position -1), scrambled
+    block tables."""
+    lm: LoadedModel = request.getfixturevalue(name)
+    cfg = lm.config
+    rng = np.random.default_rng(21)
+    batch, page, per_row = 5, 8, 6
+    num_pages = batch * per_row + 3
+    tables = rng.permutation(num_pages)[:batch * per_row].reshape(batch, per_row)
+    tables = jnp.asarray(tables, jnp.int32)
+    positions = jnp.asarray([0, 7, 8, 30, -1], jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, batch), jnp.int32)
+    shape = (cfg.num_layers, num_pages, page, cfg.num_kv_heads, cfg.head_dim)
+    k = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    v = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
+                       lengths=jnp.maximum(positions, 0), attention="xla")
+    want, new = lm.model.apply({"params": lm.params}, tokens[:, None], positions[:, None],
+                               cache, logit_index=jnp.zeros_like(tokens))
+    got, k2, v2 = fused_decode_step(lm.params, cfg, tokens, positions, k, v, tables)
+    real = np.asarray(positions) >= 0
+    assert got.shape == (batch, cfg.vocab_size) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(k2), np.asarray(new.k_pages), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(v2), np.asarray(new.v_pages), rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(np.asarray(k2), np.asarray(k))  # something was written
+
+
+@pytest.mark.usefixtures("triton_allowed")
+def test_engine_fused_bursts_token_identical_to_dense(qwen2: LoadedModel) -> None:
+    """Overlapped 3-step bursts through the fused step (and single steps and prompt chunks
+    through the Flax forward with the Triton kernels) give the dense cache's tokens, and
+    every block is returned."""
+    from kvjax.engine.engine import Engine
+
+    lm = qwen2
+    rng = np.random.default_rng(23)
+    prompts = [rng.integers(3, lm.config.vocab_size, n).tolist() for n in (1, 19, 10, 4)]
+    limits = [9, 6, 8, 11]
+    dense = generate(lm.model, lm.params, prompts, max_new_tokens=limits, cache="dense")
+    engine = Engine(lm.model, lm.params, num_blocks=20, block_size=8, max_batch=4,
+                    prefill_chunk=8, decode_steps=3, overlap_bursts=True, attention="triton",
+                    fused_decode=True)
+    out = engine.generate(prompts, max_new_tokens=limits)
+    assert out.tokens == dense.tokens
+    assert any(s.decode_steps == 3 for s in engine.step_metrics)
+    assert engine.pool_stats().num_sequences == 0
+
+
+def test_engine_fused_decode_rejections(qwen2: LoadedModel) -> None:
+    from kvjax.engine.engine import Engine
+
+    lm = qwen2
+    with pytest.raises(ValueError, match="fused_decode needs attention 'triton'"):
+        Engine(lm.model, lm.params, num_blocks=8, block_size=8, attention="xla",
+               fused_decode=True)
+    with pytest.raises(ValueError, match="fused_decode must be a bool"):
+        Engine(lm.model, lm.params, num_blocks=8, block_size=8, attention="xla",
+               fused_decode=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="head_dim a power of two >= 32"):
+        check_fusable(dataclasses.replace(lm.config, head_dim=48))
