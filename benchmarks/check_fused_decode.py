@@ -12,6 +12,8 @@ GPU: python benchmarks/check_fused_decode.py
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +48,8 @@ def main() -> None:
             @jax.jit
             def flax_step(k: jax.Array, v: jax.Array, tokens: jax.Array = tokens,
                           pos: jax.Array = pos, tables: jax.Array = tables,
-                          model: Decoder = model) -> tuple[jax.Array, jax.Array, jax.Array]:
+                          model: Decoder = model, params: Any = params
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
                 cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
                                    lengths=jnp.maximum(pos, 0), attention="triton")
                 logits, new = model.apply({"params": params}, tokens[:, None], pos[:, None],
