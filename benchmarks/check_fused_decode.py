@@ -12,6 +12,7 @@ GPU: python benchmarks/check_fused_decode.py
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -25,6 +26,17 @@ from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
 
 BLOCK = 16
+
+
+@partial(jax.jit, static_argnums=0)
+def flax_step(model: Decoder, params: Any, k: jax.Array, v: jax.Array, tokens: jax.Array,
+              pos: jax.Array, tables: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The Flax forward over a PagedCache with the Triton decode kernel."""
+    cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
+                       lengths=jnp.maximum(pos, 0), attention="triton")
+    logits, new = model.apply({"params": params}, tokens[:, None], pos[:, None], cache,
+                              logit_index=jnp.zeros_like(tokens))
+    return logits, new.k_pages, new.v_pages
 
 
 def main() -> None:
@@ -45,18 +57,7 @@ def main() -> None:
             pos = jnp.asarray(positions)
             tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, batch), jnp.int32)
 
-            @jax.jit
-            def flax_step(k: jax.Array, v: jax.Array, tokens: jax.Array = tokens,
-                          pos: jax.Array = pos, tables: jax.Array = tables,
-                          model: Decoder = model, params: Any = params
-                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
-                cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
-                                   lengths=jnp.maximum(pos, 0), attention="triton")
-                logits, new = model.apply({"params": params}, tokens[:, None], pos[:, None],
-                                          cache, logit_index=jnp.zeros_like(tokens))
-                return logits, new.k_pages, new.v_pages
-
-            want, wk, wv = flax_step(k, v)
+            want, wk, wv = flax_step(model, params, k, v, tokens, pos, tables)
             got, gk, gv = jax.jit(fused_decode_step, static_argnums=1)(
                 params, cfg, tokens, pos, k, v, tables)
             real = positions >= 0
