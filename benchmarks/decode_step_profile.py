@@ -165,9 +165,22 @@ def use_scatter_writes() -> None:
     paged.triton_paged_decode_append = scatter_then_attend  # type: ignore[assignment]
 
 
+def use_xla_triton_launch() -> None:
+    """Every Triton kernel launched as XLA's Triton custom call
+    (``pallas_kernels.xla_triton``) instead of jax-triton's host custom call."""
+    import types
+
+    from pallas_kernels.xla_triton import xla_triton_call
+
+    sys.modules["jax_triton"] = types.SimpleNamespace(  # type: ignore[assignment]
+        triton_call=xla_triton_call)
+
+
 def run_grid(a: argparse.Namespace) -> dict[str, Any]:
     if a.scatter_writes:
         use_scatter_writes()
+    if a.launch == "xla":
+        use_xla_triton_launch()
     bw = read_bandwidth(256 if a.tiny else 4096)
     print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
@@ -220,7 +233,7 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
                         print(f"      {t['us_per_step']:7.1f} us {t['calls_per_step']:5.1f}x "
                               f"{t['name']}")
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "scatter_writes": a.scatter_writes,
+            "scatter_writes": a.scatter_writes, "launch": a.launch,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "read_bandwidth": bw,
             "weight_bytes": wbytes, "steps": a.steps, "rows": rows}
 
@@ -241,6 +254,9 @@ def main() -> None:
                     "write --xla-flags=--xla_...)")
     ap.add_argument("--scatter-writes", action="store_true",
                     help="triton decode steps write K/V by XLA scatters (no append kernel)")
+    ap.add_argument("--launch", choices=("jax-triton", "xla"), default="jax-triton",
+                    help="how Triton kernels launch: jax-triton's custom call, or XLA's "
+                         "Triton custom call (pallas_kernels.xla_triton)")
     ap.add_argument("--hlo-dir", default=None,
                     help="write each burst's optimised HLO text here")
     ap.add_argument("--out", default=None, help="JSON results path")
@@ -261,6 +277,7 @@ def main() -> None:
                         "--out", f.name]
                 argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
                 argv += ["--trace"] * a.trace + ["--scatter-writes"] * a.scatter_writes
+                argv += ["--launch", a.launch]
                 argv += ["--hlo-dir", a.hlo_dir] if a.hlo_dir and not flags.strip() else []
                 print(f"--- XLA_FLAGS={flags!r}", flush=True)
                 done = subprocess.run(argv, env={**os.environ, "XLA_FLAGS": flags},

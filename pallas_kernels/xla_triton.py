@@ -1,0 +1,94 @@
+"""A ``@triton.jit`` kernel as XLA's own Triton custom call (``__gpu$xla.gpu.triton``).
+
+jax-triton launches a kernel through a host custom call (``triton_kernel_call``), which
+XLA cannot put into a command buffer (CUDA graph): every launch is dispatched from the
+host, and the XLA kernels around it fall out of the graph too. Handing XLA the kernel's
+Triton IR instead (as Pallas's Triton lowering did) makes it an ordinary kernel of the
+XLA program that XLA compiles itself and captures with the rest.
+
+``xla_triton_call`` keeps jax-triton's calling convention for kernels whose arguments
+are all arrays (then the outputs, then the ``tl.constexpr`` meta-parameters by name):
+the Triton IR is generated from the Python kernel by the installed ``triton`` (for
+sm_90), and XLA lowers it with the Triton it was built with. GPU only.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i32",
+                 "uint32": "u32", "int64": "i64"}
+
+
+@functools.lru_cache(maxsize=256)
+def triton_ir(kernel: Any, pointer_types: tuple[str, ...], meta: tuple[tuple[str, Any], ...],
+              num_warps: int, num_stages: int) -> tuple[str, str]:
+    """The kernel's Triton IR (text) and its function name: pointer arguments of the given
+    Triton element types (16-byte aligned), ``meta`` as constexprs."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    constexprs = dict(meta)
+    names = [n for n in kernel.arg_names if n not in constexprs]
+    if len(names) != len(pointer_types):
+        raise ValueError(f"{kernel.__name__} takes {len(names)} arrays ({names}), got "
+                         f"{len(pointer_types)}")
+    types = dict(zip(names, pointer_types, strict=True))
+    signature = {n: "constexpr" if n in constexprs else "*" + types[n]
+                 for n in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if n not in constexprs}
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs).make_ir(
+        target, options, backend.get_codegen_implementation(options),
+        backend.get_module_map(), context)
+    text = str(module)
+    found = re.search(r"tt\.func public @([\w$.]+)", text)
+    if found is None:
+        raise ValueError(f"no public function in the Triton IR of {kernel.__name__}")
+    return text, found.group(1)
+
+
+def xla_triton_call(*args: jax.Array | int | float | bool, kernel: Any,
+                    out_shape: jax.ShapeDtypeStruct | list[jax.ShapeDtypeStruct],
+                    grid: tuple[int, ...], num_warps: int = 4, num_stages: int = 3,
+                    name: str = "", input_output_aliases: dict[int, int] | None = None,
+                    **meta: Any) -> jax.Array | list[jax.Array]:
+    """Launch ``kernel`` on ``grid`` as an XLA Triton custom call (jax-triton's
+    ``triton_call`` arguments). Python scalars among the arguments become constexprs of
+    their parameter (one compiled kernel per value). ``input_output_aliases`` indexes
+    the array arguments. One output shape gives one array."""
+    del name
+    meta = dict(meta)
+    arrays: list[jax.Array] = []
+    for arg_name, a in zip(kernel.arg_names, args, strict=False):
+        if isinstance(a, bool | int | float):
+            meta[arg_name] = a
+        else:
+            arrays.append(a)
+    single = isinstance(out_shape, jax.ShapeDtypeStruct)
+    outs = [out_shape] if isinstance(out_shape, jax.ShapeDtypeStruct) else list(out_shape)
+    dtypes = [x.dtype for x in arrays] + [o.dtype for o in outs]
+    types = tuple(_TRITON_TYPES[jnp.dtype(d).name] for d in dtypes)
+    text, fn_name = triton_ir(kernel, types, tuple(sorted(meta.items())), num_warps, num_stages)
+    gx, gy, gz = (*grid, 1, 1)[:3]
+    call = jax.ffi.ffi_call(
+        "__gpu$xla.gpu.triton", outs[0] if single else outs,
+        input_output_aliases=input_output_aliases or {}, custom_call_api_version=4)
+    result = call(*arrays, name=fn_name, ir=text, num_stages=np.int32(num_stages),
+                  num_warps=np.int32(num_warps), grid_x=np.int32(gx), grid_y=np.int32(gy),
+                  grid_z=np.int32(gz), debug=False)
+    return result if isinstance(result, jax.Array) else list(result)
