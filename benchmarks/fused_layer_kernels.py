@@ -4,9 +4,12 @@ For 8 and 32 rows (bf16): ``norm_qkv_rope``, ``matmul_residual`` as the o projec
 (896 -> 896) and as the down projection (4864 -> 896) and ``norm_gate_up`` (896 -> 2 x
 4864), each over a grid of launch settings, against the same math in XLA (the jnp
 references, jitted). Each call reads one of 24 weight sets in turn (as the 24 layers
-do, so the weights do not stay in L2); times are ``time_chained`` slopes, and each
-row gives the weight bytes over the time as a share of the read bandwidth measured in
-the same run.
+do, so the weights do not stay in L2). Times are GPU kernel time per call from a
+profiler trace of a 24-call chain (``chained_calls``; where the output is not the first
+argument's shape, the chain adds one tiny elementwise kernel a call, in both columns),
+and each row gives the weight bytes over that time as a share of the read bandwidth
+measured in the same run. (The slope of ``time_chained`` is too noisy for calls of a few
+microseconds: the programs' fixed cost varies by more than 24 such calls take.)
 
 GPU: python benchmarks/fused_layer_kernels.py --out $OUT/fused_layer_kernels.json
 """
@@ -24,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.analysis.bandwidth import read_bandwidth, time_chained
+from kvjax.analysis.bandwidth import chained_calls, read_bandwidth
+from kvjax.analysis.gpu_trace import gpu_kernel_events, kernel_summary
 from pallas_kernels import triton_fused_layer as tfl
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 896, 4864, 14, 2, 64, 24
@@ -57,10 +61,10 @@ def cases(batch: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
     sizes = lambda *ws: sum(int(w[0].nbytes) for w in ws)  # noqa: E731
     qkv_grid = [dict(block_k=bk_, num_stages=st) for bk_, st in
                 itertools.product((128, 256), (3, 4))]
-    mm_grid = [dict(block_n=n, block_k=bk_, num_stages=4)
-               for n, bk_ in itertools.product((16, 32), (128, 256, 512))]
-    gu_grid = [dict(block_n=n, block_k=bk_, num_stages=3)
-               for n, bk_ in itertools.product((16, 32, 64), (128, 256))]
+    mm_grid = [dict(block_n=n, block_k=bk_, num_stages=st, num_warps=w)
+               for n, bk_, st, w in itertools.product((16, 32), (128, 256, 512), (3, 4), (4,))]
+    gu_grid = [dict(block_n=n, block_k=bk_, num_stages=st, num_warps=w)
+               for n, bk_, st, w in itertools.product((16, 32, 64), (128, 256), (3, 4), (4, 8))]
     return {
         "norm_qkv_rope": (
             lambda st: lambda x_, q, k, v: tfl.norm_qkv_rope(
@@ -84,6 +88,15 @@ def cases(batch: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
     }
 
 
+def kernel_seconds(fn: Callable[..., Any], arg_sets: list[tuple[Any, ...]]) -> float:
+    """GPU kernel time per call of a traced 24-call chain."""
+    chain = chained_calls(fn, 24)
+    sets = tuple(arg_sets)
+    jax.block_until_ready(chain(sets))
+    summary = kernel_summary(gpu_kernel_events(lambda: chain(sets)), 24)
+    return float(summary["kernel_us_per_step"]) * 1e-6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
@@ -94,11 +107,11 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for batch in args.batches:
         for name, (kernel, xla, arg_sets, grid, nbytes) in cases(batch).items():
-            t_xla = time_chained(jax.jit(xla), arg_sets, iters=24, reps=3)
+            t_xla = kernel_seconds(xla, arg_sets)
             best: dict[str, Any] | None = None
             for st in grid:
                 try:
-                    t = time_chained(kernel(st), arg_sets, iters=24, reps=3)
+                    t = kernel_seconds(kernel(st), arg_sets)
                 except Exception as err:  # a setting that does not compile: report, go on
                     print(f"  {batch:>3} {name:<13} {st}: {type(err).__name__}"[:200])
                     continue
