@@ -165,22 +165,10 @@ def use_scatter_writes() -> None:
     paged.triton_paged_decode_append = scatter_then_attend  # type: ignore[assignment]
 
 
-def use_xla_triton_launch() -> None:
-    """Every Triton kernel launched as XLA's Triton custom call
-    (``pallas_kernels.xla_triton``) instead of jax-triton's host custom call."""
-    import types
-
-    from pallas_kernels.xla_triton import xla_triton_call
-
-    sys.modules["jax_triton"] = types.SimpleNamespace(  # type: ignore[assignment]
-        triton_call=xla_triton_call)
-
-
 def run_grid(a: argparse.Namespace) -> dict[str, Any]:
     if a.scatter_writes:
         use_scatter_writes()
-    if a.launch == "xla":
-        use_xla_triton_launch()
+    os.environ["KVJAX_TRITON_LAUNCH"] = a.launch
     bw = read_bandwidth(256 if a.tiny else 4096)
     print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
@@ -254,9 +242,10 @@ def main() -> None:
                     "write --xla-flags=--xla_...)")
     ap.add_argument("--scatter-writes", action="store_true",
                     help="triton decode steps write K/V by XLA scatters (no append kernel)")
-    ap.add_argument("--launch", choices=("jax-triton", "xla"), default="jax-triton",
-                    help="how Triton kernels launch: jax-triton's custom call, or XLA's "
-                         "Triton custom call (pallas_kernels.xla_triton)")
+    ap.add_argument("--launch", choices=("xla", "jax-triton"),
+                    default=os.environ.get("KVJAX_TRITON_LAUNCH", "xla"),
+                    help="how the Triton kernels launch (KVJAX_TRITON_LAUNCH; "
+                         "pallas_kernels.triton_launch)")
     ap.add_argument("--hlo-dir", default=None,
                     help="write each burst's optimised HLO text here")
     ap.add_argument("--out", default=None, help="JSON results path")

@@ -2,7 +2,7 @@
 
 The fused layer's ``matmul_residual`` kernel at the o-projection shape (8 rows, 896 ->
 896, bf16) launched (a) through jax-triton (``triton_kernel_call``), (b) as XLA's Triton
-custom call (``pallas_kernels.xla_triton.xla_triton_call``), against (c) the same math
+custom call (``pallas_kernels.triton_launch.xla_triton_call``), against (c) the same math
 in XLA. Checks (b) equals (a) bit for bit, then times 24-call chains of each (one of 24
 weight sets a call, the output fed back as the next residual; ``time_chained`` slope)
 and one chain with a profiler trace (kernel time vs span per call).
@@ -21,8 +21,8 @@ import numpy as np
 from kvjax.analysis.bandwidth import chained_calls, time_chained
 from kvjax.analysis.gpu_trace import gpu_kernel_events, kernel_summary
 from pallas_kernels.triton_fused_layer import matmul_launch, matmul_residual_reference
+from pallas_kernels.triton_launch import xla_triton_call
 from pallas_kernels.triton_layer_kernels import matmul_residual_kernel
-from pallas_kernels.xla_triton import xla_triton_call
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.chunked_prefill import check_prefill_args, chunk_meta
+from pallas_kernels.triton_launch import triton_call
 from pallas_kernels.triton_paged_decode import (
     MIN_BLOCK_TOKENS,
     check_launch_settings,
@@ -100,11 +101,9 @@ def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_bl
 @functools.partial(jax.jit, static_argnames=("launch",))
 def _prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
              q_lens: jax.Array, lengths: jax.Array, *, launch: PrefillLaunch) -> jax.Array:
-    """The kernel through ``jax_triton.triton_call``; the float32 output cast to q's dtype
+    """The kernel through ``triton_launch.triton_call``; the float32 output cast to q's dtype
     (a separate XLA convert: storing q's dtype from the kernel measured 4-20% slower on an
     H100, docs/paged-decode-kernel.md)."""
-    from jax_triton import triton_call
-
     from pallas_kernels.triton_prefill_kernel import paged_prefill_kernel
 
     meta = dict(launch.meta)

@@ -8,7 +8,9 @@ Triton decode-append kernel between them a Llama/Qwen2 layer's decode step is fi
 launches (plus the split combine) instead of the twelve XLA makes of the same layer
 (docs/serving-engine.md). The programs are in ``pallas_kernels.triton_layer_kernels``;
 ``triton`` and ``jax_triton`` are imported only when a kernel runs, so this module
-imports anywhere. The ``*_reference`` functions are the same math in jnp, rounded as
+imports anywhere. Default launch settings: the fastest in a sweep at the Qwen2.5-0.5B
+decode shape, 8 rows, on an H100 (``benchmarks/fused_layer_kernels.py``,
+docs/serving-engine.md). The ``*_reference`` functions are the same math in jnp, rounded as
 ``kvjax.models.llama`` rounds; the kernels are tested against them in Triton's
 interpreter.
 """
@@ -20,6 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.triton_launch import triton_call
 from pallas_kernels.triton_paged_decode import check_launch_settings, dot_precision
 
 MIN_ROWS = 16  # rows of one program: one mma tile
@@ -98,8 +101,8 @@ def norm_qkv_rope_reference(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: 
 def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
                   wv: jax.Array, bq: jax.Array | None, bk: jax.Array | None,
                   bv: jax.Array | None, cos: jax.Array, sin: jax.Array, *, head_dim: int,
-                  eps: float, block_k: int = 128, num_warps: int = 4,
-                  num_stages: int = 3) -> jax.Array:
+                  eps: float, block_k: int = 256, num_warps: int = 4,
+                  num_stages: int = 4) -> jax.Array:
     """RMSNorm of each row, the q/k/v projections (+ bias), RoPE on q and k: one launch.
 
     Args:
@@ -150,8 +153,6 @@ def _norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array
                    wv: jax.Array, bq: jax.Array | None, bk: jax.Array | None,
                    bv: jax.Array | None, cos: jax.Array, sin: jax.Array, *, head_dim: int,
                    eps: float, block_k: int, num_warps: int, num_stages: int) -> jax.Array:
-    from jax_triton import triton_call
-
     from pallas_kernels.triton_layer_kernels import norm_qkv_rope_kernel
 
     batch = x.shape[0]
@@ -195,8 +196,8 @@ def matmul_residual_reference(a: jax.Array, w: jax.Array, b: jax.Array | None,
 
 
 def matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: jax.Array,
-                    *, block_n: int = 32, block_k: int = 128, num_warps: int = 4,
-                    num_stages: int = 4) -> jax.Array:
+                    *, block_n: int = 32, block_k: int = 512, num_warps: int = 4,
+                    num_stages: int = 3) -> jax.Array:
     """``residual + (a @ w + b)``, the matmul accumulated in float32: one launch.
 
     Args:
@@ -225,8 +226,6 @@ def matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: j
 def _matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: jax.Array, *,
                      block_n: int, block_k: int, num_warps: int, num_stages: int
                      ) -> jax.Array:
-    from jax_triton import triton_call
-
     from pallas_kernels.triton_layer_kernels import matmul_residual_kernel
 
     (batch, k_dim), n = a.shape, w.shape[1]
@@ -260,8 +259,8 @@ def norm_gate_up_reference(x: jax.Array, norm_w: jax.Array, wg: jax.Array, wu: j
 
 
 def norm_gate_up(x: jax.Array, norm_w: jax.Array, wg: jax.Array, wu: jax.Array, *,
-                 eps: float, block_n: int = 32, block_k: int = 128, num_warps: int = 4,
-                 num_stages: int = 3) -> jax.Array:
+                 eps: float, block_n: int = 64, block_k: int = 128, num_warps: int = 8,
+                 num_stages: int = 4) -> jax.Array:
     """``silu(norm(x) @ wg) * (norm(x) @ wu)`` with the RMSNorm ``norm``: one launch.
 
     Args:
@@ -291,8 +290,6 @@ def norm_gate_up(x: jax.Array, norm_w: jax.Array, wg: jax.Array, wu: jax.Array, 
 def _norm_gate_up(x: jax.Array, norm_w: jax.Array, wg: jax.Array, wu: jax.Array, *,
                   eps: float, block_n: int, block_k: int, num_warps: int,
                   num_stages: int) -> jax.Array:
-    from jax_triton import triton_call
-
     from pallas_kernels.triton_layer_kernels import norm_gate_up_kernel
 
     (batch, hidden), inter = x.shape, wg.shape[1]

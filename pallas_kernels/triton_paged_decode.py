@@ -15,7 +15,7 @@ pool is read in place through a layer index passed as a scalar.
 ``decode_launch`` is a pure function from shapes and tunables to the launch (grid,
 scalar arguments, constexpr meta-parameters, warps, stages, output shapes); the
 jax-triton call here and the Triton-interpreter tests both launch from it. ``triton``
-and ``jax_triton`` are imported only when the kernel runs, so this module imports
+and ``jax_triton`` (``pallas_kernels.triton_launch``) are imported only when the kernel runs, so this module imports
 anywhere; ``triton_unavailable_reason`` tells whether the kernel can run here.
 """
 
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_decode import auto_num_splits, check_paged_args, combine_splits
+from pallas_kernels.triton_launch import triton_call, triton_launcher
 
 MIN_BLOCK_TOKENS = 16  # query rows (one mma tile) and step tokens (tl.dot needs K >= 16)
 MAX_TILE_BYTES = 8 * 1024  # default step: one K (and one V) tile of at most this size
@@ -164,10 +165,15 @@ def _checked_launch(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 def triton_unavailable_reason() -> str | None:
     """Why the Triton kernel cannot run in this process, or None when it can: it needs
-    a GPU as JAX's default backend and the ``triton`` and ``jax_triton`` packages."""
+    a GPU as JAX's default backend and the ``triton`` package (and ``jax_triton`` when
+    ``KVJAX_TRITON_LAUNCH`` selects it; ``pallas_kernels.triton_launch``)."""
     if jax.default_backend() != "gpu":
         return f"JAX's default backend is {jax.default_backend()}, not gpu"
-    for package in ("triton", "jax_triton"):
+    try:
+        launcher = triton_launcher()
+    except ValueError as err:
+        return str(err)
+    for package in ("triton",) + (("jax_triton",) if launcher == "jax-triton" else ()):
         try:
             importlib.import_module(package)
         except ImportError as err:
@@ -194,10 +200,8 @@ def _merge(q: jax.Array | jax.ShapeDtypeStruct, o: jax.Array, m: jax.Array, den:
 @functools.partial(jax.jit, static_argnames=("launch",))
 def _decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
             lengths: jax.Array, *, launch: DecodeLaunch) -> jax.Array:
-    """The kernel through ``jax_triton.triton_call``, then the split combine (none for
+    """The kernel through ``triton_launch.triton_call``, then the split combine (none for
     one split: the kernel normalises and writes ``q``'s dtype, one launch in all)."""
-    from jax_triton import triton_call
-
     from pallas_kernels.triton_decode_kernel import paged_decode_kernel
 
     o, m, den = triton_call(
@@ -215,8 +219,6 @@ def _decode_append(qkv: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     """``paged_decode_append_kernel`` on q and the new K/V packed ``[B, H + 2K, D]``: the
     pools are outputs aliased to their inputs (written in place when the caller's pool
     buffer can be reused, as in a jitted step that threads the pool through)."""
-    from jax_triton import triton_call
-
     from pallas_kernels.triton_decode_kernel import paged_decode_append_kernel
 
     pools = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)] * 2

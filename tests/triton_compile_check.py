@@ -95,21 +95,21 @@ def layer_shared_bytes(batch: int, hidden: int, heads: int, kv_heads: int, head_
     launches = {
         "norm_qkv_rope": (norm_qkv_rope_kernel, qkv_launch(
             batch, hidden, heads, kv_heads, head_dim, dt, has_bias=True, eps=1e-6,
-            block_k=128)[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 3),
+            block_k=256)[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 4, 4),
         "matmul_residual": (matmul_residual_kernel, matmul_launch(
-            batch, inter, hidden, dt, has_bias=False, block_n=32, block_k=128)[1], {}, 4),
+            batch, inter, hidden, dt, has_bias=False, block_n=32, block_k=512)[1], {}, 3, 4),
         "norm_gate_up": (norm_gate_up_kernel, gate_up_launch(
-            batch, hidden, inter, dt, eps=1e-6, block_n=32, block_k=128)[1], {}, 3),
+            batch, hidden, inter, dt, eps=1e-6, block_n=64, block_k=128)[1], {}, 4, 8),
     }
     out = {}
-    for name, (kernel, meta, f32_arrays, stages) in launches.items():
+    for name, (kernel, meta, f32_arrays, stages, warps) in launches.items():
         signature = {n: "constexpr" if n in meta else "*" + f32_arrays.get(n, w)
                      for n in kernel.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                  if n not in meta}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=meta, attrs=attrs),
                                   target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 4, "num_stages": stages})
+                                  options={"num_warps": warps, "num_stages": stages})
         out[name] = int(compiled.metadata.shared)
     return out
 

@@ -2,7 +2,8 @@
 compile check (``triton_compile_check.py``) run in a process of its own.
 
 jax-triton needs a GPU build of jaxlib, so the autouse fixture ``interpreted_jax_triton``
-(import it into a test module) replaces ``jax_triton`` by a module whose
+(import it into a test module) selects jax-triton as the kernels' launcher
+(``pallas_kernels.triton_launch``) and replaces ``jax_triton`` by a module whose
 ``triton_call`` keeps jax-triton's calling convention (arrays and Python scalars in
 order, then the outputs, then the meta-parameters as keywords) and runs the same
 ``@triton.jit`` kernel on torch CPU tensors under ``TRITON_INTERPRET=1`` through
@@ -84,6 +85,7 @@ def interpreted_jax_triton(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     monkeypatch.setitem(sys.modules, "jax_triton",
                         types.SimpleNamespace(triton_call=_interpreted_triton_call))
+    monkeypatch.setenv("KVJAX_TRITON_LAUNCH", "jax-triton")  # the launcher replaced here
     original = interpreter._patch_lang_tensor
 
     def patch_lang_tensor(tensor: Any, scope: Any) -> None:

@@ -1,20 +1,25 @@
-"""A ``@triton.jit`` kernel as XLA's own Triton custom call (``__gpu$xla.gpu.triton``).
+"""How the Triton kernels launch from JAX: as XLA's own Triton custom call (default) or
+through jax-triton.
 
 jax-triton launches a kernel through a host custom call (``triton_kernel_call``), which
 XLA cannot put into a command buffer (CUDA graph): every launch is dispatched from the
-host, and the XLA kernels around it fall out of the graph too. Handing XLA the kernel's
-Triton IR instead (as Pallas's Triton lowering did) makes it an ordinary kernel of the
-XLA program that XLA compiles itself and captures with the rest.
+host, ~11 us apart in a chain of short kernels on an H100 (docs/serving-engine.md), and
+the XLA kernels around it fall out of the graph too. ``xla_triton_call`` hands XLA the
+kernel's Triton IR instead (``__gpu$xla.gpu.triton``, as Pallas's Triton lowering did),
+so the kernel is an ordinary kernel of the XLA program, compiled by XLA's Triton and
+captured with the rest; it needs ``triton`` but not ``jax_triton``.
 
-``xla_triton_call`` keeps jax-triton's calling convention for kernels whose arguments
-are all arrays (then the outputs, then the ``tl.constexpr`` meta-parameters by name):
-the Triton IR is generated from the Python kernel by the installed ``triton`` (for
-sm_90), and XLA lowers it with the Triton it was built with. GPU only.
+``triton_call`` dispatches on ``KVJAX_TRITON_LAUNCH`` ("xla", the default, or
+"jax-triton"), read when a program is traced. Both keep jax-triton's calling convention:
+arrays and scalars in order, then the outputs, then the ``tl.constexpr`` meta-parameters
+by name. ``xla_triton_call`` generates the IR with the installed ``triton`` (for sm_90)
+and turns scalar arguments into constexprs. GPU only.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 from typing import Any
 
@@ -22,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+LAUNCHERS = ("xla", "jax-triton")
+LAUNCH_ENV = "KVJAX_TRITON_LAUNCH"
 _TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i32",
                  "uint32": "u32", "int64": "i64"}
 
@@ -55,6 +62,10 @@ def triton_ir(kernel: Any, pointer_types: tuple[str, ...], meta: tuple[tuple[str
     module = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs).make_ir(
         target, options, backend.get_codegen_implementation(options),
         backend.get_module_map(), context)
+    # Triton's own first stage: inline the helper functions (a reduction's combiner
+    # among them) so that XLA receives one function; XLA adds a dependent-launch wait
+    # at the start of every function, which a combiner inlined later cannot hold.
+    module = backend.make_ttir(module, {}, options, target.arch)
     text = str(module)
     found = re.search(r"tt\.func public @([\w$.]+)", text)
     if found is None:
@@ -92,3 +103,24 @@ def xla_triton_call(*args: jax.Array | int | float | bool, kernel: Any,
                   num_warps=np.int32(num_warps), grid_x=np.int32(gx), grid_y=np.int32(gy),
                   grid_z=np.int32(gz), debug=False)
     return result if isinstance(result, jax.Array) else list(result)
+
+
+def triton_launcher() -> str:
+    """The launcher ``KVJAX_TRITON_LAUNCH`` selects ("xla" when unset).
+
+    Raises:
+      ValueError: on a value not in ``LAUNCHERS``.
+    """
+    name = os.environ.get(LAUNCH_ENV, "xla")
+    if name not in LAUNCHERS:
+        raise ValueError(f"{LAUNCH_ENV} must be one of {LAUNCHERS}, got {name!r}")
+    return name
+
+
+def triton_call(*args: Any, **kwargs: Any) -> Any:
+    """Launch a Triton kernel with the selected launcher (jax-triton's arguments)."""
+    if triton_launcher() == "jax-triton":
+        from jax_triton import triton_call as jax_triton_call
+
+        return jax_triton_call(*args, **kwargs)
+    return xla_triton_call(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""``xla_triton_call`` lowers a Triton kernel to XLA's Triton custom call (checked on the
+"""``pallas_kernels.triton_launch``: ``xla_triton_call`` lowers a Triton kernel to XLA's Triton custom call (checked on the
 CPU by lowering for CUDA, in a process without the Triton interpreter)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     from pallas_kernels.triton_layer_kernels import matmul_residual_kernel
     from pallas_kernels.triton_decode_kernel import paged_decode_kernel
     from pallas_kernels.triton_paged_decode import decode_launch
-    from pallas_kernels.xla_triton import xla_triton_call
+    from pallas_kernels.triton_launch import xla_triton_call
 
     a = jnp.ones((5, 96), jnp.bfloat16); w = jnp.ones((96, 40), jnp.bfloat16)
     r = jnp.ones((5, 40), jnp.bfloat16)
