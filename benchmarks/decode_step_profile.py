@@ -242,8 +242,8 @@ def main() -> None:
                     "write --xla-flags=--xla_...)")
     ap.add_argument("--scatter-writes", action="store_true",
                     help="triton decode steps write K/V by XLA scatters (no append kernel)")
-    ap.add_argument("--launch", choices=("xla", "jax-triton"),
-                    default=os.environ.get("KVJAX_TRITON_LAUNCH", "xla"),
+    ap.add_argument("--launch", choices=("jax-triton", "xla"),
+                    default=os.environ.get("KVJAX_TRITON_LAUNCH", "jax-triton"),
                     help="how the Triton kernels launch (KVJAX_TRITON_LAUNCH; "
                          "pallas_kernels.triton_launch)")
     ap.add_argument("--hlo-dir", default=None,

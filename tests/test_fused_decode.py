@@ -10,6 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from triton_testing import interpreted_jax_triton  # noqa: F401
 
 from kvjax.cache import paged
 from kvjax.cache.paged import PagedCache
@@ -17,7 +18,6 @@ from kvjax.engine.generate import generate
 from kvjax.models import LoadedModel, load_checkpoint
 from kvjax.models.fused_decode import check_fusable, fused_decode_step
 from kvjax.models.tiny import build_tiny_checkpoint
-from tests.triton_testing import interpreted_jax_triton  # noqa: F401
 
 
 def _checkpoint(tmp: Path, family: str, **kw: object) -> LoadedModel:

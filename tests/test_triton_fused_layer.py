@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from triton_testing import compile_for_h100, interpreted_jax_triton  # noqa: F401
 
 from pallas_kernels import triton_fused_layer as tfl
-from tests.triton_testing import compile_for_h100, interpreted_jax_triton  # noqa: F401
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 

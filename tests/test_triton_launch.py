@@ -73,3 +73,17 @@ def test_lowers_to_xla_triton_custom_call() -> None:
     assert got["decode_calls"] == 1
     assert got["decode_operands"] == 5  # q, k, v, tables, lengths
     assert got["decode_scalars_gone"]
+
+
+def test_launcher_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """jax-triton unless KVJAX_TRITON_LAUNCH says "xla"; anything else is an error that
+    names the choices."""
+    from pallas_kernels.triton_launch import LAUNCH_ENV, triton_launcher
+
+    monkeypatch.delenv(LAUNCH_ENV, raising=False)
+    assert triton_launcher() == "jax-triton"
+    monkeypatch.setenv(LAUNCH_ENV, "xla")
+    assert triton_launcher() == "xla"
+    monkeypatch.setenv(LAUNCH_ENV, "cuda-graphs")
+    with pytest.raises(ValueError, match="KVJAX_TRITON_LAUNCH must be one of"):
+        triton_launcher()
