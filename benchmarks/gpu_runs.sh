@@ -32,6 +32,7 @@
 #   engine-b8    the same at batch 1 and 8: burst lengths, overlapped bursts;
 #                and the decode-step profile                              ~ 5.1 min
 #   fused        the fused decode-layer kernels: burst A/B (traced), GPU check  ~ 5 min *
+#   launch       XLA's Triton custom call vs jax-triton: a chained kernel, the burst ~ 5 min *
 #   fused-kernels  the fused layer kernels alone over launch settings, vs XLA   ~ 4 min *
 #   fused-engine   engine vs HF static, 8/32 x 512, with and without them     ~ 5 min *
 #   decode-append  the decode kernel writing the step's K/V: GPU check, burst A/B
@@ -140,6 +141,15 @@ case "$group" in
         --cells 8x512 32x512 8x2048 --attention fused triton --no-half --trace --reps 5 \
         --out "$out/decode_step_profile_fused.json"
     run check_fused_decode 150 $py benchmarks/check_fused_decode.py ;;
+  launch)  # XLA's Triton custom call vs jax-triton: one kernel chained, then the decode
+    # burst (default Flax step and fused step) under each launcher
+    run xla_triton_launch 100 $py benchmarks/xla_triton_launch.py
+    run decode_step_profile_launch_xla 150 $py benchmarks/decode_step_profile.py --launch xla \
+        --cells 8x512 32x512 --attention triton fused --no-half --trace --reps 5 \
+        --out "$out/decode_step_profile_launch_xla.json"
+    run decode_step_profile_launch_jax_triton 120 $py benchmarks/decode_step_profile.py \
+        --launch jax-triton --cells 8x512 32x512 --attention triton fused --no-half --reps 5 \
+        --out "$out/decode_step_profile_launch_jax_triton.json" ;;
   fused-kernels)  # the fused layer kernels alone over launch settings, vs XLA
     run fused_layer_kernels 280 $py benchmarks/fused_layer_kernels.py \
         --out "$out/fused_layer_kernels.json" ;;
