@@ -35,6 +35,16 @@ INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)
 
 
 @triton.jit
+def output_tile(BATCH: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
+    """Program ``(column block, row block)``'s rows and columns of a ``[BATCH, N]``
+    output, with their in-bounds masks: (rows, row_ok, cols, col_ok)."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < BATCH, cols, cols < N
+
+
+@triton.jit
 def rms_scale(x_ptr: tl.tensor, rows: tl.tensor, row_ok: tl.tensor, HIDDEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EPS: tl.constexpr) -> tl.tensor:
     """f32 [BLOCK_M]: ``rsqrt(mean(x ** 2) + EPS)`` of rows ``rows`` of x [B, HIDDEN]."""
@@ -177,10 +187,7 @@ def matmul_residual_kernel(
     DOT_PRECISION: tl.constexpr,
 ) -> None:
     """Program ``(column block, row block)``."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < BATCH
-    col_ok = cols < N
+    rows, row_ok, cols, col_ok = output_tile(BATCH, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K_DIM, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -218,10 +225,7 @@ def norm_gate_up_kernel(
     DOT_PRECISION: tl.constexpr,
 ) -> None:
     """Program ``(column block, row block)``."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < BATCH
-    col_ok = cols < INTER
+    rows, row_ok, cols, col_ok = output_tile(BATCH, INTER, BLOCK_M, BLOCK_N)
     scale = rms_scale(x_ptr, rows, row_ok, HIDDEN, BLOCK_M, BLOCK_K, EPS)
     gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
