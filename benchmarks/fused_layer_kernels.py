@@ -61,8 +61,9 @@ def cases(batch: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
     sizes = lambda *ws: sum(int(w[0].nbytes) for w in ws)  # noqa: E731
     qkv_grid = [dict(block_k=bk_, num_stages=st) for bk_, st in
                 itertools.product((128, 256), (3, 4))]
-    mm_grid = [dict(block_n=n, block_k=bk_, num_stages=st, num_warps=w)
-               for n, bk_, st, w in itertools.product((16, 32), (128, 256, 512), (3, 4), (4,))]
+    mm_grid = [dict(block_n=n, block_k=bk_, num_stages=st, split_k=sk)
+               for n, bk_, st, sk in itertools.product((16, 32, 64), (128, 512), (3, 4),
+                                                       (1, 4, 8))]
     gu_grid = [dict(block_n=n, block_k=bk_, num_stages=st, num_warps=w)
                for n, bk_, st, w in itertools.product((16, 32, 64), (128, 256), (3, 4), (4, 8))]
     return {

@@ -196,14 +196,17 @@ def matmul_residual_reference(a: jax.Array, w: jax.Array, b: jax.Array | None,
 
 
 def matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: jax.Array,
-                    *, block_n: int = 32, block_k: int = 512, num_warps: int = 4,
-                    num_stages: int = 3) -> jax.Array:
-    """``residual + (a @ w + b)``, the matmul accumulated in float32: one launch.
+                    *, block_n: int = 32, block_k: int = 512, split_k: int = 1,
+                    num_warps: int = 4, num_stages: int = 3) -> jax.Array:
+    """``residual + (a @ w + b)``, the matmul accumulated in float32: one launch, or with
+    ``split_k`` > 1 a launch of ``split_k`` times the programs (each a slice of the
+    contraction, float32 partials) and one XLA fusion summing them into the residual.
 
     Args:
       a: [B, K] rows; w: [K, N]; b: [N] or None; residual: [B, N]; one dtype.
       block_n, block_k: output columns and contraction per step of a program (powers
-        of two >= 16); num_warps, num_stages: launch settings.
+        of two >= 16); split_k: slices of the contraction (>= 1; fewer when K has fewer
+        ``block_k`` steps); num_warps, num_stages: launch settings.
 
     Returns:
       [B, N] in the rows' dtype.
@@ -218,34 +221,51 @@ def matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: j
     _check_weight("b", b, (w.shape[1],), a.dtype)
     _check_weight("residual", residual, (a.shape[0], w.shape[1]), a.dtype)
     _settings(block_n, block_k, num_warps, num_stages)
+    if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be an int >= 1, got {split_k!r}")
     return _matmul_residual(a, w, b, residual, block_n=block_n, block_k=block_k,
-                            num_warps=num_warps, num_stages=num_stages)
+                            split_k=split_k, num_warps=num_warps, num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "split_k", "num_warps",
+                                             "num_stages"))
 def _matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: jax.Array, *,
-                     block_n: int, block_k: int, num_warps: int, num_stages: int
-                     ) -> jax.Array:
+                     block_n: int, block_k: int, split_k: int, num_warps: int,
+                     num_stages: int) -> jax.Array:
     from pallas_kernels.triton_layer_kernels import matmul_residual_kernel
 
     (batch, k_dim), n = a.shape, w.shape[1]
     grid, meta = matmul_launch(batch, k_dim, n, a.dtype, has_bias=b is not None,
-                               block_n=block_n, block_k=block_k)
-    return triton_call(a, w, residual if b is None else b, residual,  # b unread if None
-                       kernel=matmul_residual_kernel,
-                       out_shape=jax.ShapeDtypeStruct((batch, n), a.dtype), grid=grid,
-                       num_warps=num_warps, num_stages=num_stages,
-                       name="kvjax_matmul_residual", **meta)
+                               block_n=block_n, block_k=block_k, split_k=split_k)
+    splits = grid[2]
+    out = jax.ShapeDtypeStruct((batch, n), a.dtype) if splits == 1 else \
+        jax.ShapeDtypeStruct((splits, batch, n), jnp.float32)
+    y = triton_call(a, w, residual if b is None else b, residual,  # b unread if None
+                    kernel=matmul_residual_kernel, out_shape=out, grid=grid,
+                    num_warps=num_warps, num_stages=num_stages,
+                    name="kvjax_matmul_residual", **meta)
+    if splits == 1:
+        return y
+    y = y.sum(axis=0).astype(a.dtype)  # the splits' sum, rounded as one matmul's result
+    if b is not None:
+        y = y + b
+    return residual + y
 
 
 def matmul_launch(batch: int, k_dim: int, n: int, dtype: jnp.dtype, *, has_bias: bool,
-                  block_n: int, block_k: int) -> tuple[tuple[int, int], dict[str, object]]:
-    """Grid and meta-parameters of ``matmul_residual_kernel``."""
+                  block_n: int, block_k: int, split_k: int = 1
+                  ) -> tuple[tuple[int, int, int], dict[str, object]]:
+    """Grid ``(column blocks, row blocks, splits)`` and meta-parameters of
+    ``matmul_residual_kernel``; splits are whole ``block_k`` steps, none empty."""
     rows = block_rows(batch)
-    return (-(-n // block_n), -(-batch // rows)), dict(
-        BATCH=batch, K_DIM=k_dim, N=n, BLOCK_M=rows, BLOCK_N=block_n,
-        BLOCK_K=min(block_k, _pow2_at_least(k_dim)), HAS_BIAS=has_bias,
-        DOT_PRECISION=dot_precision(dtype))
+    block_k = min(block_k, _pow2_at_least(k_dim))
+    steps = -(-k_dim // block_k)
+    per_split = -(-steps // min(split_k, steps))
+    splits = -(-steps // per_split)
+    return (-(-n // block_n), -(-batch // rows), splits), dict(
+        BATCH=batch, K_DIM=k_dim, N=n, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(dtype), SPLIT_K=splits,
+        K_PER_SPLIT=per_split * block_k)
 
 
 # ------------------------------------------------------------ RMSNorm + SwiGLU's first half

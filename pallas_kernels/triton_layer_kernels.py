@@ -176,7 +176,8 @@ def matmul_residual_kernel(
     w_ptr: tl.tensor,  # [K_DIM, N]
     b_ptr: tl.tensor,  # [N] (read only with HAS_BIAS)
     res_ptr: tl.tensor,  # [B, N]
-    out_ptr: tl.tensor,  # [B, N]: res + (a @ w (+ b)).to(dtype), in res's dtype
+    out_ptr: tl.tensor,  # [B, N]: res + (a @ w (+ b)).to(dtype), in res's dtype; with
+    # SPLIT_K > 1 f32 [SPLIT_K, B, N]: each split's partial a @ w (bias and res unread)
     BATCH: tl.constexpr,
     K_DIM: tl.constexpr,
     N: tl.constexpr,
@@ -185,11 +186,15 @@ def matmul_residual_kernel(
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
 ) -> None:
-    """Program ``(column block, row block)``."""
+    """Program ``(column block, row block, split)``: contraction ``[split * K_PER_SPLIT,
+    ...)``."""
     rows, row_ok, cols, col_ok = output_tile(BATCH, N, BLOCK_M, BLOCK_N)
+    split = tl.program_id(2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K_DIM, BLOCK_K):
+    for k0 in range(split * K_PER_SPLIT, tl.minimum((split + 1) * K_PER_SPLIT, K_DIM), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K_DIM
         a = tl.load(a_ptr + rows[:, None].to(tl.int64) * K_DIM + ks[None, :],
@@ -197,15 +202,18 @@ def matmul_residual_kernel(
         w = tl.load(w_ptr + ks[:, None].to(tl.int64) * N + cols[None, :],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = dot_acc(a, w, acc, DOT_PRECISION)
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
-    y = rounded(acc, dtype)
-    if HAS_BIAS:
-        y = rounded(y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :],
-                    dtype)
     at = rows[:, None].to(tl.int64) * N + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
-    res = tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + at, (res + y).to(dtype), mask=ok)
+    if SPLIT_K > 1:  # the partial; the caller sums the splits
+        tl.store(out_ptr + split.to(tl.int64) * (BATCH * N) + at, acc, mask=ok)
+    else:
+        dtype: tl.constexpr = out_ptr.dtype.element_ty
+        y = rounded(acc, dtype)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            y = rounded(y + bias[None, :], dtype)
+        res = tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + at, (res + y).to(dtype), mask=ok)
 
 
 @triton.jit

@@ -76,31 +76,46 @@ def test_norm_qkv_rope_matches_reference(case: tuple[int, ...], dtype: Any) -> N
         _close(got, jnp.asarray(np.concatenate(parts, axis=1)), dtype)
 
 
-MATMUL_CASES = [  # batch, k, n, bias, block_n
-    (1, 64, 32, False, 32),
-    (5, 100, 50, True, 16),  # ragged k and n
-    (16, 256, 96, False, 32),
-    (33, 48, 64, True, 64),  # 64-row tile
-    (65, 32, 16, False, 16),  # two 64-row programs
+MATMUL_CASES = [  # batch, k, n, bias, block_n, split_k
+    (1, 64, 32, False, 32, 1),
+    (5, 100, 50, True, 16, 1),  # ragged k and n
+    (5, 100, 50, True, 16, 3),  # 4 steps of 32 in 2 splits of 2 (the last one ragged)
+    (16, 256, 96, False, 32, 4),
+    (2, 64, 32, False, 32, 8),  # more splits asked than steps: one a step
+    (33, 48, 64, True, 64, 1),  # 64-row tile
+    (65, 32, 16, False, 16, 1),  # two 64-row programs
 ]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", MATMUL_CASES)
 def test_matmul_residual_matches_reference(case: tuple[int, ...], dtype: Any) -> None:
-    batch, k, n, bias, block_n = case
+    batch, k, n, bias, block_n, split_k = case
     rng = np.random.default_rng(hash(case) % 2**32 + 1)
     a = _rand(rng, (batch, k), dtype)
     w = _rand(rng, (k, n), dtype, k ** -0.5)
     b = _rand(rng, (n,), dtype) if bias else None
     res = _rand(rng, (batch, n), dtype)
-    got = tfl.matmul_residual(a, w, b, res, block_n=block_n, block_k=32)
+    got = tfl.matmul_residual(a, w, b, res, block_n=block_n, block_k=32, split_k=split_k)
     assert got.shape == (batch, n) and got.dtype == dtype
     _close(got, tfl.matmul_residual_reference(a, w, b, res), dtype)
     if dtype == jnp.float32:
         want = (np.asarray(res, np.float64) + np.asarray(a, np.float64) @ np.asarray(w, np.float64)
                 + (0 if b is None else np.asarray(b, np.float64)))
         _close(got, jnp.asarray(want), dtype)
+
+
+def test_matmul_split_launch() -> None:
+    """Splits are whole contraction steps and none is empty."""
+    grid, meta = tfl.matmul_launch(5, 100, 50, jnp.float32, has_bias=False, block_n=16,
+                                   block_k=32, split_k=3)
+    assert grid == (4, 1, 2) and meta["K_PER_SPLIT"] == 64 and meta["SPLIT_K"] == 2
+    grid, meta = tfl.matmul_launch(8, 4864, 896, jnp.bfloat16, has_bias=False, block_n=32,
+                                   block_k=128, split_k=4)
+    assert grid == (28, 1, 4) and meta["K_PER_SPLIT"] == 10 * 128  # 38 steps: 10+10+10+8
+    with pytest.raises(ValueError, match="split_k must be an int >= 1"):
+        tfl.matmul_residual(jnp.ones((2, 64)), jnp.ones((64, 32)), None, jnp.ones((2, 32)),
+                            split_k=0)
 
 
 GATE_UP_CASES = [  # batch, hidden, inter, block_n
@@ -166,5 +181,6 @@ def test_kernels_compile_for_h100() -> None:
                                 [32, 896, 14, 2, 64, 4864, "bfloat16"]], kernel="layer")
     assert len(results) == 2
     for r in results:
-        assert set(r) == {"norm_qkv_rope", "matmul_residual", "norm_gate_up"}
+        assert set(r) == {"norm_qkv_rope", "matmul_residual", "matmul_residual_split",
+                          "norm_gate_up"}
         assert all(v > 0 for v in r.values())

@@ -98,6 +98,9 @@ def layer_shared_bytes(batch: int, hidden: int, heads: int, kv_heads: int, head_
             block_k=256)[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 4, 4),
         "matmul_residual": (matmul_residual_kernel, matmul_launch(
             batch, inter, hidden, dt, has_bias=False, block_n=32, block_k=512)[1], {}, 3, 4),
+        "matmul_residual_split": (matmul_residual_kernel, matmul_launch(
+            batch, inter, hidden, dt, has_bias=False, block_n=32, block_k=128,
+            split_k=4)[1], {"out_ptr": "fp32"}, 4, 4),
         "norm_gate_up": (norm_gate_up_kernel, gate_up_launch(
             batch, hidden, inter, dt, eps=1e-6, block_n=64, block_k=128)[1], {}, 4, 8),
     }
