@@ -72,6 +72,29 @@ def normed_tile(x_ptr: tl.tensor, norm_ptr: tl.tensor, rows: tl.tensor, row_ok: 
 
 
 @triton.jit
+def normed_two_matmuls(x_ptr: tl.tensor, norm_ptr: tl.tensor, w1_ptr: tl.tensor,
+                       w2_ptr: tl.tensor, width: tl.tensor, rows: tl.tensor, row_ok: tl.tensor,
+                       cols: tl.tensor, col_ok: tl.tensor, HIDDEN: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EPS: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr) -> tuple[tl.tensor, tl.tensor]:
+    """f32 ``(norm(x) @ w1[:, cols], norm(x) @ w2[:, cols])`` for rows ``rows``: the
+    RMSNorm of the rows (``norm_ptr`` its weight) contracted with two ``[HIDDEN, width]``
+    row-major matrices in one pass over the contraction."""
+    scale = rms_scale(x_ptr, rows, row_ok, HIDDEN, BLOCK_M, BLOCK_K, EPS)
+    acc1 = tl.zeros((BLOCK_M, cols.shape[0]), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, cols.shape[0]), tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < HIDDEN
+        a = normed_tile(x_ptr, norm_ptr, rows, row_ok, scale, ks, k_ok, HIDDEN)
+        at = ks[:, None].to(tl.int64) * width + cols[None, :]
+        ok = k_ok[:, None] & col_ok[None, :]
+        acc1 = dot_acc(a, tl.load(w1_ptr + at, mask=ok, other=0.0), acc1, DOT_PRECISION)
+        acc2 = dot_acc(a, tl.load(w2_ptr + at, mask=ok, other=0.0), acc2, DOT_PRECISION)
+    return acc1, acc2
+
+
+@triton.jit
 def dot_acc(a: tl.tensor, w: tl.tensor, acc: tl.tensor, DOT_PRECISION: tl.constexpr
             ) -> tl.tensor:
     """``acc + a @ w`` in float32 (16-bit operands upcast under the interpreter)."""
@@ -136,18 +159,9 @@ def norm_qkv_rope_kernel(
         b_ptr = bv_ptr + (head - HEADS - KV_HEADS) * HEAD_DIM
         width = KV_HEADS * HEAD_DIM
 
-    scale = rms_scale(x_ptr, rows, row_ok, HIDDEN, BLOCK_M, BLOCK_K, EPS)
-    lo = tl.zeros((BLOCK_M, HALF), tl.float32)
-    hi = tl.zeros((BLOCK_M, HALF), tl.float32)
-    for k0 in range(0, HIDDEN, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < HIDDEN
-        a = normed_tile(x_ptr, norm_ptr, rows, row_ok, scale, ks, k_ok, HIDDEN)
-        w_rows = w_ptr + ks[:, None].to(tl.int64) * width
-        w_lo = tl.load(w_rows + half[None, :], mask=k_ok[:, None], other=0.0)
-        w_hi = tl.load(w_rows + HALF + half[None, :], mask=k_ok[:, None], other=0.0)
-        lo = dot_acc(a, w_lo, lo, DOT_PRECISION)
-        hi = dot_acc(a, w_hi, hi, DOT_PRECISION)
+    lo, hi = normed_two_matmuls(x_ptr, norm_ptr, w_ptr, w_ptr + HALF, width, rows, row_ok,
+                                half, half < HALF, HIDDEN, BLOCK_M, BLOCK_K, EPS,
+                                DOT_PRECISION)
 
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     lo = rounded(lo, dtype)
@@ -234,17 +248,8 @@ def norm_gate_up_kernel(
 ) -> None:
     """Program ``(column block, row block)``."""
     rows, row_ok, cols, col_ok = output_tile(BATCH, INTER, BLOCK_M, BLOCK_N)
-    scale = rms_scale(x_ptr, rows, row_ok, HIDDEN, BLOCK_M, BLOCK_K, EPS)
-    gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, HIDDEN, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < HIDDEN
-        a = normed_tile(x_ptr, norm_ptr, rows, row_ok, scale, ks, k_ok, HIDDEN)
-        at = ks[:, None].to(tl.int64) * INTER + cols[None, :]
-        ok = k_ok[:, None] & col_ok[None, :]
-        gate = dot_acc(a, tl.load(wg_ptr + at, mask=ok, other=0.0), gate, DOT_PRECISION)
-        up = dot_acc(a, tl.load(wu_ptr + at, mask=ok, other=0.0), up, DOT_PRECISION)
+    gate, up = normed_two_matmuls(x_ptr, norm_ptr, wg_ptr, wu_ptr, INTER, rows, row_ok, cols,
+                                  col_ok, HIDDEN, BLOCK_M, BLOCK_K, EPS, DOT_PRECISION)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     g = rounded(gate, dtype)
     silu = rounded(g * tl.sigmoid(g), dtype)

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import importlib
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -325,22 +324,27 @@ def triton_paged_decode_append(q: jax.Array, k_new: jax.Array, v_new: jax.Array,
 
 def triton_paged_decode_append_packed(qkv: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                       block_tables: jax.Array, lengths: jax.Array, *,
-                                      layer: int | None = None, **tunables: Any
+                                      block_tokens: int | None = None,
+                                      num_splits: int | None = None, num_warps: int = 4,
+                                      num_stages: int = 4, layer: int | None = None,
+                                      prefetch_table: bool = True,
+                                      page_layout: str = "token-major"
                                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``triton_paged_decode_append`` with q and the new K/V already packed: ``qkv``
     [B, H + 2K, D] in the pool's dtype (q heads, then K's, then V's; what
-    ``pallas_kernels.triton_fused_layer.norm_qkv_rope`` writes), K the pool's KV heads.
-    ``tunables``: ``triton_paged_decode_append``'s keyword settings. Same returns and
-    errors."""
+    ``pallas_kernels.triton_fused_layer.norm_qkv_rope`` writes), K the pool's KV heads;
+    handed to the kernel as it is. Same settings, returns and errors."""
     if qkv.ndim != 3 or k_pages.ndim < 4:
         raise ValueError(f"qkv must be [B, H + 2K, D] and the pools [(L,) P, S, K, D], got "
                          f"{qkv.shape} and {k_pages.shape}")
-    kv_heads = k_pages.shape[-2] if tunables.get("page_layout", "token-major") == \
-        "token-major" else k_pages.shape[-3]
+    kv_heads = k_pages.shape[-2] if page_layout == "token-major" else k_pages.shape[-3]
     heads = qkv.shape[1] - 2 * kv_heads
     if heads < kv_heads:
         raise ValueError(f"qkv has {qkv.shape[1]} heads, fewer than the pool's 3 * {kv_heads} "
                          f"K/V heads need")
-    return triton_paged_decode_append(qkv[:, :heads], qkv[:, heads:heads + kv_heads],
-                                      qkv[:, heads + kv_heads:], k_pages, v_pages,
-                                      block_tables, lengths, layer=layer, **tunables)
+    q = jax.ShapeDtypeStruct((qkv.shape[0], heads, qkv.shape[2]), qkv.dtype)
+    launch = _checked_launch(q, k_pages, v_pages, block_tables, lengths,  # type: ignore[arg-type]
+                             page_layout=page_layout, layer=layer, block_tokens=block_tokens,
+                             num_splits=num_splits, num_warps=num_warps,
+                             num_stages=num_stages, prefetch_table=prefetch_table)
+    return _decode_append(qkv, k_pages, v_pages, block_tables, lengths, launch=launch)
