@@ -7,11 +7,18 @@ logit difference (and the logits' scale), the share of rows whose greedy token a
 and the largest difference of the written pools. Float32: XLA's matmuls run at TF32 by
 default on the GPU, the kernels' at full float32, so the difference is XLA's rounding.
 
-GPU: python benchmarks/check_fused_decode.py
+``--reference-attention xla`` makes the reference the Flax forward over the XLA gather
+attention (no Triton program in it) and checks the Flax step with the Triton decode
+kernel against it too: with ``KVJAX_TRITON_LAUNCH=xla`` that checks every kernel launched
+as XLA's own Triton custom call.
+
+GPU: python benchmarks/check_fused_decode.py [--reference-attention xla]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 from functools import partial
 from typing import Any
 
@@ -28,18 +35,37 @@ from kvjax.models.random_init import random_params
 BLOCK = 16
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jax.jit, static_argnums=(0, 7))
 def flax_step(model: Decoder, params: Any, k: jax.Array, v: jax.Array, tokens: jax.Array,
-              pos: jax.Array, tables: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The Flax forward over a PagedCache with the Triton decode kernel."""
+              pos: jax.Array, tables: jax.Array, attention: str = "triton",
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The Flax forward over a PagedCache with the given attention backend."""
     cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
-                       lengths=jnp.maximum(pos, 0), attention="triton")
+                       lengths=jnp.maximum(pos, 0), attention=attention)
     logits, new = model.apply({"params": params}, tokens[:, None], pos[:, None], cache,
                               logit_index=jnp.zeros_like(tokens))
     return logits, new.k_pages, new.v_pages
 
 
+def report(name: str, want: jax.Array, got: jax.Array, pools: tuple[jax.Array, ...],
+           real: np.ndarray) -> None:
+    """One line: largest logit and pool differences, and greedy agreement on real rows."""
+    w, g = np.asarray(want)[real], np.asarray(got)[real]
+    agree = float((w.argmax(-1) == g.argmax(-1)).mean())
+    wk, wv, gk, gv = pools
+    pool = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+               for a, b in ((wk, gk), (wv, gv)))
+    print(f"{name}: max logit diff {np.abs(w - g).max():.3e} (logits max "
+          f"{np.abs(w).max():.2f}), greedy agreement {agree:.3f}, pools max diff "
+          f"{pool:.3e}", flush=True)
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reference-attention", choices=("triton", "xla"), default="triton")
+    ref = ap.parse_args().reference_attention
+    print(f"launch: {os.environ.get('KVJAX_TRITON_LAUNCH', 'jax-triton')}, reference: "
+          f"Flax forward with {ref} attention", flush=True)
     cfg = get_preset("qwen2.5-0.5b").to_model_config()
     rng = np.random.default_rng(0)
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -57,17 +83,16 @@ def main() -> None:
             pos = jnp.asarray(positions)
             tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, batch), jnp.int32)
 
-            want, wk, wv = flax_step(model, params, k, v, tokens, pos, tables)
+            want, wk, wv = flax_step(model, params, k, v, tokens, pos, tables, ref)
             got, gk, gv = jax.jit(fused_decode_step, static_argnums=1)(
                 params, cfg, tokens, pos, k, v, tables)
             real = positions >= 0
-            w, g = np.asarray(want)[real], np.asarray(got)[real]
-            agree = float((w.argmax(-1) == g.argmax(-1)).mean())
-            pool = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-                       for a, b in ((wk, gk), (wv, gv)))
-            print(f"{jnp.dtype(dtype).name} batch {batch}: max |fused - flax| logit "
-                  f"{np.abs(w - g).max():.3e} (logits max {np.abs(w).max():.2f}), greedy "
-                  f"agreement {agree:.3f}, pools max diff {pool:.3e}", flush=True)
+            name = f"{jnp.dtype(dtype).name} batch {batch}"
+            report(f"{name} fused vs flax-{ref}", want, got, (wk, wv, gk, gv), real)
+            if ref != "triton":
+                got, gk, gv = flax_step(model, params, k, v, tokens, pos, tables, "triton")
+                report(f"{name} flax-triton vs flax-{ref}", want, got, (wk, wv, gk, gv),
+                       real)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ from kvjax.engine.generate import generate
 from kvjax.engine.serve_bench import replay, summarize
 from kvjax.engine.workload import LengthDist, WorkloadConfig, make_workload
 from kvjax.models import LoadedModel, load_checkpoint
+from pallas_kernels.triton_launch import triton_launcher
 
 BLOCK = 16
 
@@ -341,7 +342,8 @@ def main() -> None:
                      "transformers": transformers.__version__},
         "hf_static": static_label, "weights": "random (transformers init), bf16, identical "
         "on both sides via save_pretrained -> kvjax load_checkpoint",
-        "engine_decode_steps": args.decode_steps, "offline": [], "phase_s": {}}
+        "engine_decode_steps": args.decode_steps, "triton_launch": triton_launcher(),
+        "offline": [], "phase_s": {}}
 
     def save() -> None:
         if args.out:

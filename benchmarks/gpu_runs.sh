@@ -32,7 +32,9 @@
 #   engine-b8    the same at batch 1 and 8: burst lengths, overlapped bursts;
 #                and the decode-step profile                              ~ 5.1 min
 #   fused        the fused decode-layer kernels: burst A/B (traced), GPU check  ~ 5 min *
-#   launch       XLA's Triton custom call vs jax-triton: a chained kernel, the burst ~ 5 min *
+#   launch       XLA's Triton custom call vs jax-triton: a chained kernel, a GPU check
+#                of both decode steps under it, the burst under each launcher  ~ 6 min *
+#   launch-engine  engine vs HF static, 8/32 x 512, kernels launched by XLA  ~ 3 min *
 #   fused-kernels  the fused layer kernels alone over launch settings, vs XLA   ~ 4 min *
 #   fused-engine   engine vs HF static, 8/32 x 512, with and without them     ~ 5 min *
 #   decode-append  the decode kernel writing the step's K/V: GPU check, burst A/B
@@ -144,12 +146,18 @@ case "$group" in
   launch)  # XLA's Triton custom call vs jax-triton: one kernel chained, then the decode
     # burst (default Flax step and fused step) under each launcher
     run xla_triton_launch 100 $py benchmarks/xla_triton_launch.py
+    KVJAX_TRITON_LAUNCH=xla run check_launch_xla 150 $py benchmarks/check_fused_decode.py \
+        --reference-attention xla
     run decode_step_profile_launch_xla 150 $py benchmarks/decode_step_profile.py --launch xla \
         --cells 8x512 32x512 --attention triton fused --no-half --trace --reps 5 \
         --out "$out/decode_step_profile_launch_xla.json"
     run decode_step_profile_launch_jax_triton 120 $py benchmarks/decode_step_profile.py \
         --launch jax-triton --cells 8x512 32x512 --attention triton fused --no-half --reps 5 \
         --out "$out/decode_step_profile_launch_jax_triton.json" ;;
+  launch-engine)  # engine vs HF static, 8/32 x 512, the kernels launched by XLA
+    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_launch_xla 300 $py benchmarks/engine_vs_hf.py \
+        --out "$out/engine_vs_hf_launch_xla.json" --batches 8 32 --prompts 512 \
+        --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online ;;
   fused-kernels)  # the fused layer kernels alone over launch settings, vs XLA
     run fused_layer_kernels 280 $py benchmarks/fused_layer_kernels.py \
         --out "$out/fused_layer_kernels.json" ;;
