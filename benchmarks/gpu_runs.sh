@@ -11,6 +11,8 @@
 #   layout       Triton decode on token-major vs head-major pages (four rows)   ~ 2 min *
 #   prefill-tiles  Triton chunked prefill, query tiles of 16/32 tokens, 16-64-token
 #                steps, 4/8 warps, four rows                                   ~ 2 min *
+#   prefill-diag Triton chunked prefill with the causal mask on the diagonal steps only,
+#                at 64/128-row tiles and 16-64-token steps, vs the default     ~ 2 min *
 #   mla          absorbed MLA decode kernel vs XLA gather and torch SDPA      ~ 3 min *
 #   sweep        Triton kernel tunables per row                            ~ 4 min *
 #   experiments  kv-cost-gpu (2.9 min) + cache-speedup-gpu (2.3 min)       ~ 5.5 min
@@ -96,6 +98,12 @@ case "$group" in
           {"block_q": 32, "num_warps": 8}, {"block_q": 32, "num_warps": 8, "block_tokens": 32, "num_stages": 3},
           {"block_q": 32, "num_warps": 8, "block_tokens": 64, "num_stages": 3},
           {"block_q": 32, "block_tokens": 32, "num_stages": 3}]' ;;
+  prefill-diag)  # the causal mask only on the diagonal steps, at several tiles, vs one loop
+    run chunked_prefill_diag 240 $py benchmarks/chunked_prefill.py --no-pallas --triton \
+        '[{}, {"split_diagonal": true}, {"split_diagonal": true, "block_tokens": 32, "num_stages": 3},
+          {"split_diagonal": true, "block_tokens": 64, "num_stages": 3},
+          {"split_diagonal": true, "block_q": 32, "num_warps": 8, "block_tokens": 64, "num_stages": 3},
+          {"split_diagonal": true, "block_q": 32, "num_warps": 8, "block_tokens": 32, "num_stages": 3}]' ;;
   mla)
     run mla_decode 300 $py benchmarks/mla_decode.py ;;
   sweep)

@@ -65,7 +65,8 @@ class PrefillLaunch:
 def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                    dtype: jnp.dtype, *, layer: int | None, block_q: int | None,
                    block_tokens: int | None, num_warps: int, num_stages: int,
-                   prefetch_table: bool = True) -> PrefillLaunch:
+                   prefetch_table: bool = True,
+                   split_diagonal: bool = False) -> PrefillLaunch:
     """The launch for q ``[B, T, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K,
     D]`` read at ``layer``) with ``max_blocks`` table columns; arguments already passed
     ``check_prefill_args``. None picks ``default_block_q`` / ``default_block_tokens``.
@@ -92,7 +93,8 @@ def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_bl
             ("HEAD_DIM", head_dim), ("PAGE_SIZE", page_size), ("KV_HEADS", kv_heads),
             ("LAYER_STRIDE", math.prod(pool_shape[-4:])), ("MAX_BLOCKS", max_blocks),
             ("BLOCK_TOKENS", block_tokens), ("SCALE", head_dim ** -0.5),
-            ("DOT_PRECISION", dot_precision(dtype)), ("PREFETCH_TABLE", bool(prefetch_table)))
+            ("DOT_PRECISION", dot_precision(dtype)), ("PREFETCH_TABLE", bool(prefetch_table)),
+            ("SPLIT_DIAGONAL", bool(split_diagonal)))
     return PrefillLaunch(grid=(batch, kv_heads, max(1, -(-t // block_q))),
                          scalars=(layer or 0, num_pages), meta=meta, num_warps=num_warps,
                          num_stages=num_stages, out_shape=(batch, t, heads, head_dim))
@@ -123,7 +125,8 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
                                    lengths: jax.Array, *, block_q: int | None = None,
                                    block_tokens: int | None = None, num_warps: int = 4,
                                    num_stages: int = 4, layer: int | None = None,
-                                   prefetch_table: bool = True) -> jax.Array:
+                                   prefetch_table: bool = True,
+                                   split_diagonal: bool = False) -> jax.Array:
     """Causal attention of a ragged chunk of new tokens over paged K/V (Triton, GPU).
 
     Args:
@@ -140,6 +143,8 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
         pool and layer ``layer`` is read in place.
       prefetch_table: read each step's block-table entries one step ahead (as
         ``triton_paged_decode_attention``).
+      split_diagonal: walk the steps below each query tile's first position without the
+        causal mask, and mask only the steps on the diagonal (the kernel's docstring).
 
     Returns:
       [B, T, H, D] in the dtype of ``q``; padding rows are zeros.
@@ -152,5 +157,6 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
     launch = prefill_launch(q.shape, k_pages.shape, block_tables.shape[1], q.dtype,
                             layer=layer, block_q=block_q, block_tokens=block_tokens,
                             num_warps=num_warps, num_stages=num_stages,
-                            prefetch_table=prefetch_table)
+                            prefetch_table=prefetch_table,
+                            split_diagonal=split_diagonal)
     return _prefill(q, k_pages, v_pages, block_tables, q_lens, lengths, launch=launch)

@@ -53,6 +53,7 @@ def paged_prefill_kernel(
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
+    SPLIT_DIAGONAL: tl.constexpr,
 ) -> None:
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -82,7 +83,19 @@ def paged_prefill_kernel(
     den = tl.zeros((BLOCK_Q * GROUP_ROWS,), tl.float32)
     off, valid = tile_offsets(table_ptr, seq, head, 0, stop, layer_off, num_pages, HEAD_DIM,
                               PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, False)
-    for start in range(0, stop, BLOCK_TOKENS):
+    if SPLIT_DIAGONAL:  # steps below the tile's first query position: no causal mask
+        bulk = tl.where(last_tok >= first_tok, length - q_len + first_tok + 1, 0)
+        bulk = bulk // BLOCK_TOKENS * BLOCK_TOKENS
+    else:
+        bulk = 0
+    for start in range(0, bulk, BLOCK_TOKENS):
+        off, valid, next_off, next_valid = step_offsets(
+            off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
+            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, False)
+        o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, start,
+                                HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, False)
+        off, valid = next_off, next_valid
+    for start in range(bulk, stop, BLOCK_TOKENS):
         off, valid, next_off, next_valid = step_offsets(
             off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
             PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, False)
@@ -90,5 +103,5 @@ def paged_prefill_kernel(
                                 HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, True)
         off, valid = next_off, next_valid
 
-    o = o / tl.where(den > 0, den, 1.0)[:, None]
+    o = tl.where(real[:, None], o / tl.where(den > 0, den, 1.0)[:, None], 0.0)
     tl.store(o_ptr + qo_off, o, mask=in_out[:, None])

@@ -30,26 +30,31 @@ from pallas_kernels.chunked_prefill import paged_prefill_attention
 from pallas_kernels.triton_paged_decode import H100_SHARED_BYTES
 
 
-@pytest.mark.parametrize("prefetch_table", [False, True])
+@pytest.mark.parametrize(("prefetch_table", "split_diagonal"),
+                         [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_kernel_matches_references(case: tuple[Any, ...], prefetch_table: bool) -> None:
+def test_kernel_matches_references(case: tuple[Any, ...], prefetch_table: bool,
+                                   split_diagonal: bool) -> None:
     """The Pallas kernel's cases; steps of 16 tokens (parts of pages or several); the
-    table read in each step or one step ahead."""
+    table read in each step or one step ahead; one causal loop or the unmasked steps
+    apart from the diagonal ones."""
     *shape, dtype, block_q, _, q_lens, lengths = case
     args = make_inputs(sum(lengths) + 7, *shape, dtype, q_lens, lengths)
     check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
                                                           block_tokens=16,
-                                                          prefetch_table=prefetch_table))
+                                                          prefetch_table=prefetch_table,
+                                                          split_diagonal=split_diagonal))
 
 
 def _random(seed: int) -> None:
-    """A random case; the table prefetched on odd seeds."""
+    """A random case; the table prefetched on odd seeds, the diagonal split on seeds
+    2, 3, 6, 7, ..."""
     *shape, dtype, block_q, q_lens, lengths = random_case(seed)
     args = make_inputs(seed, *shape, dtype, q_lens, lengths)
     block_tokens = int(np.random.default_rng(seed).choice([16, 32, 64]))
-    check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
-                                                          block_tokens=block_tokens,
-                                                          prefetch_table=bool(seed % 2)))
+    check_output(args, tcp.triton_paged_prefill_attention(
+        *args, block_q=block_q, block_tokens=block_tokens, prefetch_table=bool(seed % 2),
+        split_diagonal=bool(seed // 2 % 2)))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -114,7 +119,7 @@ def test_prefill_launch() -> None:
     assert (meta["GROUP"], meta["GROUP_ROWS"], meta["BLOCK_Q"]) == (7, 8, 8)
     assert launch.grid == (4, 2, 13) and launch.scalars == (1, 500)
     assert meta["BLOCK_TOKENS"] == 16 and meta["DOT_PRECISION"] == "tf32"
-    assert meta["PREFETCH_TABLE"] is True
+    assert meta["PREFETCH_TABLE"] is True and meta["SPLIT_DIAGONAL"] is False
     assert meta["LAYER_STRIDE"] == 500 * 16 * 2 * 64 and launch.out_shape == (4, 100, 14, 64)
     one = dict(tcp.prefill_launch((2, 1, 2, 128), (9, 8, 2, 128), 3, jnp.float32, layer=None,
                                   block_q=64, block_tokens=None, num_warps=4,
@@ -126,11 +131,13 @@ def test_prefill_launch() -> None:
 def test_default_launches_compile_for_h100() -> None:
     """Default launches compile for sm_90 and fit its shared memory: the benchmark's
     Qwen2.5-0.5B shape (GQA 7, head_dim 64), GQA 4 at head_dim 128, and the largest
-    tile (float32, head_dim 256, MHA: 64 query rows)."""
+    tile (float32, head_dim 256, MHA: 64 query rows); and the diagonal split at 128-row
+    tiles of 64-token steps."""
     # batch, T, heads, kv_heads, head_dim, page, max_blocks, dtype, block_q, tokens, warps,
     # stages
     configs = [[4, 512, 14, 2, 64, 16, 256, "bfloat16", None, None, 4, 4],
                [2, 128, 32, 8, 128, 16, 64, "bfloat16", None, None, 4, 4],
-               [2, 64, 8, 8, 256, 64, 16, "float32", None, None, 4, 4]]
+               [2, 64, 8, 8, 256, 64, 16, "float32", None, None, 4, 4],
+               [2, 512, 32, 8, 128, 16, 64, "bfloat16", 32, 64, 8, 3, True]]
     for config, result in zip(configs, compile_for_h100(configs, "prefill"), strict=True):
         assert 0 < result["shared"] <= H100_SHARED_BYTES, (config, result)
