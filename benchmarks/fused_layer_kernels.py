@@ -11,6 +11,9 @@ and each row gives the weight bytes over that time as a share of the read bandwi
 measured in the same run. (The slope of ``time_chained`` is too noisy for calls of a few
 microseconds: the programs' fixed cost varies by more than 24 such calls take.)
 
+The kernels launch as ``KVJAX_TRITON_LAUNCH`` says (``pallas_kernels.triton_launch``):
+XLA compiles the ``xla`` launches with its own Triton, so their settings may differ.
+
 GPU: python benchmarks/fused_layer_kernels.py --out $OUT/fused_layer_kernels.json
 """
 
@@ -30,6 +33,7 @@ import numpy as np
 from kvjax.analysis.bandwidth import chained_calls, read_bandwidth
 from kvjax.analysis.gpu_trace import gpu_kernel_events, kernel_summary
 from pallas_kernels import triton_fused_layer as tfl
+from pallas_kernels.triton_launch import triton_launcher
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 896, 4864, 14, 2, 64, 24
 BF16 = jnp.bfloat16
@@ -59,8 +63,8 @@ def cases(batch: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
     h = jnp.asarray(rng.standard_normal((batch, INTER)), BF16)
     a = jnp.asarray(rng.standard_normal((batch, HIDDEN)), BF16)
     sizes = lambda *ws: sum(int(w[0].nbytes) for w in ws)  # noqa: E731
-    qkv_grid = [dict(block_k=bk_, num_stages=st) for bk_, st in
-                itertools.product((128, 256), (3, 4))]
+    qkv_grid = [dict(block_k=bk_, num_stages=st, num_warps=w) for bk_, st, w in
+                itertools.product((128, 256), (3, 4), (4, 8))]
     mm_grid = [dict(block_n=n, block_k=bk_, num_stages=st, split_k=sk)
                for n, bk_, st, sk in itertools.product((16, 32, 64), (128, 512), (3, 4),
                                                        (1, 4, 8))]
@@ -104,7 +108,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     bw = read_bandwidth()
-    print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s; kernels "
+          f"launched by {triton_launcher()}", flush=True)
     rows: list[dict[str, Any]] = []
     for batch in args.batches:
         for name, (kernel, xla, arg_sets, grid, nbytes) in cases(batch).items():
@@ -128,6 +133,7 @@ def main() -> None:
                       f"{best['speedup_vs_xla']:.2f}x xla, {best['settings']}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"device": jax.devices()[0].device_kind,
+                                              "launch": triton_launcher(),
                                               "read_bandwidth": bw, "rows": rows}, indent=1))
 
 

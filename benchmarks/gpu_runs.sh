@@ -38,6 +38,8 @@
 #                of both decode steps under it, the burst under each launcher  ~ 6 min *
 #   launch-engine  engine vs HF static, 8/32 x 512, kernels launched by XLA  ~ 3 min *
 #   fused-kernels  the fused layer kernels alone over launch settings, vs XLA   ~ 4 min *
+#   fused-kernels-xla  the same, launched as XLA's Triton custom call          ~ 4 min *
+#   check-xla    the GPU check of both decode steps under the XLA launch    ~ 1 min *
 #   fused-engine   engine vs HF static, 8/32 x 512, with and without them     ~ 5 min *
 #   decode-append  the decode kernel writing the step's K/V: GPU check, burst A/B
 #                (--scatter-writes), engine vs HF at 8/32 x 512 (2026-12-06: the parts
@@ -169,6 +171,12 @@ case "$group" in
   fused-kernels)  # the fused layer kernels alone over launch settings, vs XLA
     run fused_layer_kernels 280 $py benchmarks/fused_layer_kernels.py \
         --out "$out/fused_layer_kernels.json" ;;
+  fused-kernels-xla)  # the same, the kernels launched as XLA's Triton custom call
+    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 300 $py \
+        benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" ;;
+  check-xla)  # the GPU check of both decode steps, every kernel launched by XLA
+    KVJAX_TRITON_LAUNCH=xla run check_launch_xla 150 $py benchmarks/check_fused_decode.py \
+        --reference-attention xla ;;
   fused-engine)
     run engine_vs_hf_fused 300 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf_fused.json" \
         --batches 8 32 --prompts 512 --max-batch 32 --decode-steps 8 --overlap-bursts \

@@ -98,10 +98,18 @@ def norm_qkv_rope_reference(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: 
     return jnp.concatenate(outs, axis=1)
 
 
+def default_qkv_block_k(dtype: jnp.dtype, head_dim: int) -> int:
+    """Contraction per step of ``norm_qkv_rope``: 256 for 16-bit head_dim 64 (the H100
+    sweep's best, docs/serving-engine.md), scaled down with the weight tile's bytes
+    (``block_k * head_dim * itemsize``) so that float32 or head_dim 128 tiles still fit
+    four stages in an H100's shared memory (float32 head_dim 64 at 256 needs 265 KB)."""
+    return max(16, 32768 // (jnp.dtype(dtype).itemsize * head_dim))
+
+
 def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
                   wv: jax.Array, bq: jax.Array | None, bk: jax.Array | None,
                   bv: jax.Array | None, cos: jax.Array, sin: jax.Array, *, head_dim: int,
-                  eps: float, block_k: int = 256, num_warps: int = 4,
+                  eps: float, block_k: int | None = None, num_warps: int = 4,
                   num_stages: int = 4) -> jax.Array:
     """RMSNorm of each row, the q/k/v projections (+ bias), RoPE on q and k: one launch.
 
@@ -112,7 +120,8 @@ def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
       cos, sin: float32 [B, D / 2]: ``cos/sin(position * inv_freq)`` of each row.
       head_dim: D (even, >= 32: each half is one mma tile of at least 16 columns).
       eps: the RMSNorm epsilon.
-      block_k, num_warps, num_stages: launch settings (``block_k`` a power of two >= 16).
+      block_k, num_warps, num_stages: launch settings (``block_k`` a power of two >= 16;
+        None: ``default_qkv_block_k``).
 
     Returns:
       [B, H + 2K, D] in x's dtype: q and k rotated (rotate-half), then v.
@@ -141,6 +150,8 @@ def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
     _check_weight("bv", bv, (kv_heads * head_dim,), x.dtype)
     for name, t in (("cos", cos), ("sin", sin)):
         _check_weight(name, t, (batch, head_dim // 2), jnp.dtype(jnp.float32))
+    if block_k is None:
+        block_k = default_qkv_block_k(x.dtype, head_dim)
     _settings(16, block_k, num_warps, num_stages)
     return _norm_qkv_rope(x, norm_w, wq, wk, wv, bq, bk, bv, cos, sin, head_dim=head_dim,
                           eps=float(eps), block_k=block_k, num_warps=num_warps,

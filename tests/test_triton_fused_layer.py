@@ -12,6 +12,7 @@ import pytest
 from triton_testing import compile_for_h100, interpreted_jax_triton  # noqa: F401
 
 from pallas_kernels import triton_fused_layer as tfl
+from pallas_kernels.triton_paged_decode import H100_SHARED_BYTES
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -175,12 +176,15 @@ def test_bad_arguments_raise_before_launch() -> None:
 
 
 def test_kernels_compile_for_h100() -> None:
-    """The three programs at the Qwen2.5-0.5B decode shapes (bf16, 8 and 32 rows) compile
-    for sm_90 down to the cubin."""
+    """The three programs at their default launches compile for sm_90 down to the cubin
+    and fit an H100's shared memory: the Qwen2.5-0.5B decode shapes (bf16 at 8 and 32
+    rows, float32) and a head_dim-128 shape."""
     results = compile_for_h100([[8, 896, 14, 2, 64, 4864, "bfloat16"],
-                                [32, 896, 14, 2, 64, 4864, "bfloat16"]], kernel="layer")
-    assert len(results) == 2
+                                [32, 896, 14, 2, 64, 4864, "bfloat16"],
+                                [8, 896, 14, 2, 64, 4864, "float32"],
+                                [8, 2048, 16, 4, 128, 8192, "bfloat16"]], kernel="layer")
+    assert len(results) == 4
     for r in results:
         assert set(r) == {"norm_qkv_rope", "matmul_residual", "matmul_residual_split",
                           "norm_gate_up"}
-        assert all(v > 0 for v in r.values())
+        assert all(0 < v <= H100_SHARED_BYTES for v in r.values()), r

@@ -23,7 +23,12 @@ from triton.compiler import ASTSource
 
 from pallas_kernels.triton_chunked_prefill import prefill_launch
 from pallas_kernels.triton_decode_kernel import paged_decode_append_kernel, paged_decode_kernel
-from pallas_kernels.triton_fused_layer import gate_up_launch, matmul_launch, qkv_launch
+from pallas_kernels.triton_fused_layer import (
+    default_qkv_block_k,
+    gate_up_launch,
+    matmul_launch,
+    qkv_launch,
+)
 from pallas_kernels.triton_layer_kernels import (
     matmul_residual_kernel,
     norm_gate_up_kernel,
@@ -95,7 +100,7 @@ def layer_shared_bytes(batch: int, hidden: int, heads: int, kv_heads: int, head_
     launches = {
         "norm_qkv_rope": (norm_qkv_rope_kernel, qkv_launch(
             batch, hidden, heads, kv_heads, head_dim, dt, has_bias=True, eps=1e-6,
-            block_k=256)[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 4, 4),
+            block_k=default_qkv_block_k(dt, head_dim))[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 4, 4),
         "matmul_residual": (matmul_residual_kernel, matmul_launch(
             batch, inter, hidden, dt, has_bias=False, block_n=32, block_k=512)[1], {}, 3, 4),
         "matmul_residual_split": (matmul_residual_kernel, matmul_launch(
