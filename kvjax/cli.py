@@ -46,7 +46,7 @@ def _add_generate(sub: Any) -> None:
                    help="pages in the pool (paged cache; default: just enough)")
     p.add_argument("--attention", choices=("auto", *ATTENTION_BACKENDS), default="auto",
                    help="paged decode attention: auto = the Triton kernel on GPU (the Pallas "
-                        "one if jax-triton is missing), else XLA")
+                        "one if Triton cannot launch), else XLA")
     p.add_argument("--prefix-cache", action="store_true",
                    help="with --cache paged: run the prompts one after another through a "
                         "radix prefix cache, so later prompts reuse the KV of earlier "

@@ -1,4 +1,5 @@
-"""Chunked prefill over a paged KV cache as a Triton kernel, called through jax-triton.
+"""Chunked prefill over a paged KV cache as a Triton kernel, launched from JAX by
+``pallas_kernels.triton_launch`` (XLA's Triton custom call or jax-triton).
 
 The contract of ``pallas_kernels.chunked_prefill.paged_prefill_attention`` (a ragged,
 right-padded chunk of new tokens per sequence whose K/V are already in its pages,

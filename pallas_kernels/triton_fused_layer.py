@@ -1,5 +1,5 @@
-"""A decoder layer's decode-time projections as fused Triton kernels, called from JAX
-through jax-triton; each with its pure-jnp reference and argument checks.
+"""A decoder layer's decode-time projections as fused Triton kernels, launched from JAX
+by ``pallas_kernels.triton_launch``; each with its pure-jnp reference and argument checks.
 
 ``norm_qkv_rope`` (RMSNorm + q/k/v projections + bias + RoPE, packed for the
 decode-append kernel), ``matmul_residual`` (``residual + a @ w (+ b)``: the o and down

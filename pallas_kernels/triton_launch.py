@@ -11,13 +11,16 @@ Pallas's Triton lowering did), so XLA compiles it with its own Triton and captur
 with the rest of the program; it needs ``triton`` but not ``jax_triton``.
 
 ``triton_call`` dispatches on ``KVJAX_TRITON_LAUNCH`` ("jax-triton", the default, or
-"xla"), read when a program is traced. The XLA route is opt-in: it ran the fused layer's
-matmul kernel on the GPU, but a first try with the decode step's kernels failed to
-compile kernels with reductions (fixed since by inlining the combiner functions before
-XLA sees the IR, which is checked on the CPU only). Both keep jax-triton's calling
-convention: arrays and scalars in order, then the outputs, then the ``tl.constexpr``
-meta-parameters by name. ``xla_triton_call`` generates the IR with the installed
-``triton`` (for sm_90) and turns scalar arguments into constexprs. GPU only.
+"xla"), read when a program is traced. The XLA route is opt-in: on an H100 it ran the
+engine's whole decode step 10-18% faster than jax-triton (the default step and the
+fused one, docs/serving-engine.md), after inlining each kernel's helper functions
+before XLA sees the IR (XLA adds a dependent-launch wait at the start of every function,
+which a reduction's combiner cannot hold); its output over the whole step has not yet
+been checked against the XLA forward on a GPU (``benchmarks/check_fused_decode.py
+--reference-attention xla``). Both keep jax-triton's calling convention: arrays and
+scalars in order, then the outputs, then the ``tl.constexpr`` meta-parameters by name.
+``xla_triton_call`` generates the IR with the installed ``triton`` (for sm_90) and turns
+scalar arguments into constexprs. GPU only.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ time. The RMSNorm is recomputed by every program from the rows (``B x hidden``, 
 from L2) instead of being a launch of its own. Rounding follows the model's reference
 (``kvjax.models.llama``): norm in float32 rounded to the dtype before the weight, matmul
 accumulated in float32 and rounded to the dtype, then each elementwise op's result in the
-dtype. Launched by ``pallas_kernels.triton_fused_layer`` through jax-triton (arrays, then
+dtype. Launched by ``pallas_kernels.triton_fused_layer`` (``triton_launch``: arrays, then
 the outputs, then the ``tl.constexpr`` meta-parameters by name).
 """
 

@@ -1,4 +1,5 @@
-"""PagedAttention decode as a Triton kernel, called from JAX through jax-triton.
+"""PagedAttention decode as a Triton kernel, launched from JAX by
+``pallas_kernels.triton_launch`` (XLA's Triton custom call or jax-triton).
 
 The same algorithm and contract as ``pallas_kernels.paged_decode`` (token-major pages
 ``[P, S, K, D]``, one query token per sequence, all query heads of a KV group per

@@ -12,7 +12,7 @@ from the block table's pages, with an online softmax; row ``r`` sees positions
 program normalises and writes the float32 output itself; padding rows, missing pages
 and empty chunks give zeros.
 
-Launched by ``pallas_kernels.triton_chunked_prefill`` through jax-triton (arrays and
+Launched by ``pallas_kernels.triton_chunked_prefill`` (``triton_launch``: arrays and
 scalars in order, then the output, then the constexpr meta-parameters by name).
 """
 

@@ -110,7 +110,7 @@ class PagedCache:
         "pallas" (the Pallas decode kernel for one new token per sequence, the Pallas
         chunked-prefill kernel for several; GPU), "pallas-interpret" (the same kernels
         in the Pallas interpreter, CPU) or "triton" (the Triton decode and chunked-prefill
-        kernels through jax-triton, GPU; no Pallas). The
+        kernels, GPU, ``pallas_kernels.triton_launch``; no Pallas). The
         kernels read this step's layer of the pool in place and expect each row's
         valid positions (>= 0) to be one run from the row's start (right padding).
     """

@@ -358,8 +358,8 @@ def _pool_size(needed: int, num_blocks: int | None, block_size: int, what: str,
 
 def resolve_attention(attention: str, block_size: int, head_dim: int) -> str:
     """The paged attention backend ``attention`` stands for ("auto" resolved): on GPU,
-    when the page layout suits the kernels, "triton" if jax-triton and triton import,
-    else "pallas"; otherwise "xla"."""
+    when the page layout suits the kernels, "triton" if the Triton kernels can launch
+    (``triton_unavailable_reason``), else "pallas"; otherwise "xla"."""
     if attention != "auto":
         return attention
     fits = block_size in KERNEL_PAGE_SIZES and head_dim in KERNEL_HEAD_DIMS
@@ -434,10 +434,9 @@ def generate(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
       num_blocks: pages in the "paged" pool; default exactly enough for every
         sequence's prompt + max_new_tokens. A smaller pool raises ValueError.
       attention: decode attention of the "paged" cache: "xla", "pallas" (GPU kernel),
-        "pallas-interpret" (the kernel interpreted, CPU), "triton" (Triton kernel through
-        jax-triton, GPU) or "auto" (``resolve_attention``: "triton" on GPU when the
-        model's head_dim and block_size suit the kernels, "pallas" there if jax-triton
-        is missing, else "xla"). The choice is logged.
+        "pallas-interpret" (the kernel interpreted, CPU), "triton" (Triton kernels, GPU) or "auto" (``resolve_attention``: "triton" on GPU when the
+        model's head_dim and block_size suit the kernels, "pallas" there if Triton
+        cannot launch, else "xla"). The choice is logged.
       keys: optional typed PRNG keys [B] (see ``sample_keys``) replacing ``seed``:
         sequence ``b`` then draws only from ``keys[b]``, so its output does not depend
         on the rest of the batch.
