@@ -63,8 +63,9 @@ def cases(batch: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
     h = jnp.asarray(rng.standard_normal((batch, INTER)), BF16)
     a = jnp.asarray(rng.standard_normal((batch, HIDDEN)), BF16)
     sizes = lambda *ws: sum(int(w[0].nbytes) for w in ws)  # noqa: E731
-    qkv_grid = [dict(block_k=bk_, num_stages=st, num_warps=w) for bk_, st, w in
-                itertools.product((128, 256), (3, 4), (4, 8))]
+    qkv_grid = [dict(block_k=bk_, num_stages=st, num_warps=w, split_k=sk)
+                for bk_, st, w, sk in itertools.product((128, 256), (3, 4), (4, 8),
+                                                        (1, 2, 4, 7))]
     mm_grid = [dict(block_n=n, block_k=bk_, num_stages=st, split_k=sk)
                for n, bk_, st, sk in itertools.product((16, 32, 64), (128, 512), (3, 4),
                                                        (1, 4, 8))]

@@ -83,19 +83,33 @@ def norm_qkv_rope_reference(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: 
                             head_dim: int, eps: float) -> jax.Array:
     """``norm_qkv_rope`` in jnp (same arguments) -> [B, H + 2K, D]."""
     h = rms_norm_rows(x, norm_w, eps)
-    outs = []
-    for w, b, rotate in ((wq, bq, True), (wk, bk, True), (wv, bv, False)):
-        y = _matmul(h, w)
-        if b is not None:
-            y = y + b
-        y = y.reshape(x.shape[0], -1, head_dim)
-        if rotate:
-            c = cos.astype(x.dtype)[:, None, :]
-            s = sin.astype(x.dtype)[:, None, :]
-            lo, hi = y[..., : head_dim // 2], y[..., head_dim // 2:]
-            y = jnp.concatenate([lo * c + (-hi) * s, hi * c + lo * s], axis=-1)
-        outs.append(y)
-    return jnp.concatenate(outs, axis=1)
+    y = jnp.concatenate([_matmul(h, w) for w in (wq, wk, wv)], axis=1)
+    return _qkv_epilogue(y.reshape(x.shape[0], -1, head_dim), _packed_bias(bq, bk, bv),
+                         cos, sin, heads=wq.shape[1] // head_dim)
+
+
+def _packed_bias(bq: jax.Array | None, bk: jax.Array | None, bv: jax.Array | None
+                 ) -> jax.Array | None:
+    """[(H + 2K) * D]: the q, k and v biases in one vector, or None without them."""
+    if bq is None or bk is None or bv is None:
+        return None
+    return jnp.concatenate([bq, bk, bv])
+
+
+def _qkv_epilogue(y: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.Array, *,
+                  heads: int) -> jax.Array:
+    """The projections ``y`` [B, H + 2K, D] (rounded to the dtype) + ``bias`` (packed,
+    ``_packed_bias``), RoPE on the q and k heads, each op's result in the dtype -> [B,
+    H + 2K, D]."""
+    head_dim = y.shape[2]
+    if bias is not None:
+        y = y + bias.reshape(1, -1, head_dim)
+    c = cos.astype(y.dtype)[:, None, :]
+    s = sin.astype(y.dtype)[:, None, :]
+    lo, hi = y[..., : head_dim // 2], y[..., head_dim // 2:]
+    rotated = jnp.concatenate([lo * c + (-hi) * s, hi * c + lo * s], axis=-1)
+    kv_heads = (y.shape[1] - heads) // 2
+    return jnp.concatenate([rotated[:, : heads + kv_heads], y[:, heads + kv_heads:]], axis=1)
 
 
 def default_qkv_block_k(dtype: jnp.dtype, head_dim: int) -> int:
@@ -109,9 +123,11 @@ def default_qkv_block_k(dtype: jnp.dtype, head_dim: int) -> int:
 def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
                   wv: jax.Array, bq: jax.Array | None, bk: jax.Array | None,
                   bv: jax.Array | None, cos: jax.Array, sin: jax.Array, *, head_dim: int,
-                  eps: float, block_k: int | None = None, num_warps: int = 4,
-                  num_stages: int = 4) -> jax.Array:
-    """RMSNorm of each row, the q/k/v projections (+ bias), RoPE on q and k: one launch.
+                  eps: float, block_k: int | None = None, split_k: int = 1,
+                  num_warps: int = 4, num_stages: int = 4) -> jax.Array:
+    """RMSNorm of each row, the q/k/v projections (+ bias), RoPE on q and k: one launch,
+    or with ``split_k`` > 1 a launch of ``split_k`` times the programs (each a slice of
+    the contraction, float32 partials) and one XLA fusion for the sum, bias and RoPE.
 
     Args:
       x: [B, E] residual rows (bf16/fp16/fp32).
@@ -121,7 +137,8 @@ def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
       head_dim: D (even, >= 32: each half is one mma tile of at least 16 columns).
       eps: the RMSNorm epsilon.
       block_k, num_warps, num_stages: launch settings (``block_k`` a power of two >= 16;
-        None: ``default_qkv_block_k``).
+        None: ``default_qkv_block_k``); split_k: slices of the contraction (>= 1; fewer
+        when it has fewer ``block_k`` steps).
 
     Returns:
       [B, H + 2K, D] in x's dtype: q and k rotated (rotate-half), then v.
@@ -153,40 +170,66 @@ def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
     if block_k is None:
         block_k = default_qkv_block_k(x.dtype, head_dim)
     _settings(16, block_k, num_warps, num_stages)
+    _check_split_k(split_k)
     return _norm_qkv_rope(x, norm_w, wq, wk, wv, bq, bk, bv, cos, sin, head_dim=head_dim,
-                          eps=float(eps), block_k=block_k, num_warps=num_warps,
-                          num_stages=num_stages)
+                          eps=float(eps), block_k=block_k, split_k=split_k,
+                          num_warps=num_warps, num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("head_dim", "eps", "block_k", "num_warps",
-                                             "num_stages"))
+@functools.partial(jax.jit, static_argnames=("head_dim", "eps", "block_k", "split_k",
+                                             "num_warps", "num_stages"))
 def _norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
                    wv: jax.Array, bq: jax.Array | None, bk: jax.Array | None,
                    bv: jax.Array | None, cos: jax.Array, sin: jax.Array, *, head_dim: int,
-                   eps: float, block_k: int, num_warps: int, num_stages: int) -> jax.Array:
+                   eps: float, block_k: int, split_k: int, num_warps: int,
+                   num_stages: int) -> jax.Array:
     from pallas_kernels.triton_layer_kernels import norm_qkv_rope_kernel
 
     batch = x.shape[0]
     heads, kv_heads = wq.shape[1] // head_dim, wk.shape[1] // head_dim
     has_bias = bq is not None
     grid, meta = qkv_launch(batch, x.shape[1], heads, kv_heads, head_dim, x.dtype,
-                            has_bias=has_bias, eps=eps, block_k=block_k)
-    out = jax.ShapeDtypeStruct((batch, heads + 2 * kv_heads, head_dim), x.dtype)
+                            has_bias=has_bias, eps=eps, block_k=block_k, split_k=split_k)
+    splits = grid[2]
+    shape = (batch, heads + 2 * kv_heads, head_dim)
+    out = jax.ShapeDtypeStruct(shape, x.dtype) if splits == 1 else \
+        jax.ShapeDtypeStruct((splits, *shape), jnp.float32)
     bias = (bq, bk, bv) if has_bias else (norm_w, norm_w, norm_w)  # unread without bias
-    return triton_call(x, norm_w, wq, wk, wv, *bias, cos, sin, kernel=norm_qkv_rope_kernel,
-                       out_shape=out, grid=grid, num_warps=num_warps, num_stages=num_stages,
-                       name="kvjax_norm_qkv_rope", **meta)
+    y = triton_call(x, norm_w, wq, wk, wv, *bias, cos, sin, kernel=norm_qkv_rope_kernel,
+                    out_shape=out, grid=grid, num_warps=num_warps, num_stages=num_stages,
+                    name="kvjax_norm_qkv_rope", **meta)
+    if splits == 1:
+        return y
+    # the splits' sum rounded as one matmul's result, then bias and RoPE as the reference
+    return _qkv_epilogue(y.sum(axis=0).astype(x.dtype), _packed_bias(bq, bk, bv), cos, sin,
+                         heads=heads)
 
 
 def qkv_launch(batch: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
-               dtype: jnp.dtype, *, has_bias: bool, eps: float, block_k: int
-               ) -> tuple[tuple[int, int], dict[str, object]]:
-    """Grid and meta-parameters of ``norm_qkv_rope_kernel``."""
+               dtype: jnp.dtype, *, has_bias: bool, eps: float, block_k: int,
+               split_k: int = 1) -> tuple[tuple[int, int, int], dict[str, object]]:
+    """Grid ``(heads, row blocks, splits)`` and meta-parameters of
+    ``norm_qkv_rope_kernel``; splits are whole ``block_k`` steps, none empty."""
     rows = block_rows(batch)
-    return (heads + 2 * kv_heads, -(-batch // rows)), dict(
+    block_k = min(block_k, _pow2_at_least(hidden))
+    splits, per_split = split_plan(hidden, block_k, split_k)
+    return (heads + 2 * kv_heads, -(-batch // rows), splits), dict(
         BATCH=batch, HIDDEN=hidden, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
-        BLOCK_M=rows, BLOCK_K=min(block_k, _pow2_at_least(hidden)), EPS=eps,
-        HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(dtype))
+        BLOCK_M=rows, BLOCK_K=block_k, EPS=eps, HAS_BIAS=has_bias,
+        DOT_PRECISION=dot_precision(dtype), SPLIT_K=splits, K_PER_SPLIT=per_split)
+
+
+def split_plan(k_dim: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """``(splits, elements per split)`` for a contraction of ``k_dim`` walked ``block_k``
+    at a time in at most ``split_k`` slices of whole steps, none empty."""
+    steps = -(-k_dim // block_k)
+    per_split = -(-steps // min(split_k, steps))
+    return -(-steps // per_split), per_split * block_k
+
+
+def _check_split_k(split_k: object) -> None:
+    if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be an int >= 1, got {split_k!r}")
 
 
 def _pow2_at_least(n: int) -> int:
@@ -232,8 +275,7 @@ def matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: j
     _check_weight("b", b, (w.shape[1],), a.dtype)
     _check_weight("residual", residual, (a.shape[0], w.shape[1]), a.dtype)
     _settings(block_n, block_k, num_warps, num_stages)
-    if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
-        raise ValueError(f"split_k must be an int >= 1, got {split_k!r}")
+    _check_split_k(split_k)
     return _matmul_residual(a, w, b, residual, block_n=block_n, block_k=block_k,
                             split_k=split_k, num_warps=num_warps, num_stages=num_stages)
 
@@ -270,13 +312,11 @@ def matmul_launch(batch: int, k_dim: int, n: int, dtype: jnp.dtype, *, has_bias:
     ``matmul_residual_kernel``; splits are whole ``block_k`` steps, none empty."""
     rows = block_rows(batch)
     block_k = min(block_k, _pow2_at_least(k_dim))
-    steps = -(-k_dim // block_k)
-    per_split = -(-steps // min(split_k, steps))
-    splits = -(-steps // per_split)
+    splits, per_split = split_plan(k_dim, block_k, split_k)
     return (-(-n // block_n), -(-batch // rows), splits), dict(
         BATCH=batch, K_DIM=k_dim, N=n, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k,
         HAS_BIAS=has_bias, DOT_PRECISION=dot_precision(dtype), SPLIT_K=splits,
-        K_PER_SPLIT=per_split * block_k)
+        K_PER_SPLIT=per_split)
 
 
 # ------------------------------------------------------------ RMSNorm + SwiGLU's first half

@@ -74,16 +74,18 @@ def normed_tile(x_ptr: tl.tensor, norm_ptr: tl.tensor, rows: tl.tensor, row_ok: 
 @triton.jit
 def normed_two_matmuls(x_ptr: tl.tensor, norm_ptr: tl.tensor, w1_ptr: tl.tensor,
                        w2_ptr: tl.tensor, width: tl.tensor, rows: tl.tensor, row_ok: tl.tensor,
-                       cols: tl.tensor, col_ok: tl.tensor, HIDDEN: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EPS: tl.constexpr,
+                       cols: tl.tensor, col_ok: tl.tensor, k_begin: tl.tensor,
+                       k_end: tl.tensor, HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr, EPS: tl.constexpr,
                        DOT_PRECISION: tl.constexpr) -> tuple[tl.tensor, tl.tensor]:
     """f32 ``(norm(x) @ w1[:, cols], norm(x) @ w2[:, cols])`` for rows ``rows``: the
-    RMSNorm of the rows (``norm_ptr`` its weight) contracted with two ``[HIDDEN, width]``
-    row-major matrices in one pass over the contraction."""
+    RMSNorm of the rows (``norm_ptr`` its weight; over all of ``HIDDEN``) contracted with
+    two ``[HIDDEN, width]`` row-major matrices in one pass over contraction positions
+    ``[k_begin, k_end)`` (``k_begin`` a multiple of ``BLOCK_K``)."""
     scale = rms_scale(x_ptr, rows, row_ok, HIDDEN, BLOCK_M, BLOCK_K, EPS)
     acc1 = tl.zeros((BLOCK_M, cols.shape[0]), tl.float32)
     acc2 = tl.zeros((BLOCK_M, cols.shape[0]), tl.float32)
-    for k0 in range(0, HIDDEN, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < HIDDEN
         a = normed_tile(x_ptr, norm_ptr, rows, row_ok, scale, ks, k_ok, HIDDEN)
@@ -128,7 +130,9 @@ def norm_qkv_rope_kernel(
     bv_ptr: tl.tensor,  # [KV_HEADS * HEAD_DIM]
     cos_ptr: tl.tensor,  # f32 [B, HEAD_DIM // 2]: cos(position * inv_freq)
     sin_ptr: tl.tensor,  # f32 [B, HEAD_DIM // 2]
-    out_ptr: tl.tensor,  # [B, HEADS + 2 * KV_HEADS, HEAD_DIM]: q, k (rotated), v
+    out_ptr: tl.tensor,  # [B, HEADS + 2 * KV_HEADS, HEAD_DIM]: q, k (rotated), v; with
+    # SPLIT_K > 1 f32 [SPLIT_K, B, HEADS + 2 * KV_HEADS, HEAD_DIM]: each split's partial
+    # norm(x) @ w (no bias, no RoPE; the caller sums the splits and applies them)
     BATCH: tl.constexpr,
     HIDDEN: tl.constexpr,
     HEADS: tl.constexpr,
@@ -139,9 +143,13 @@ def norm_qkv_rope_kernel(
     EPS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
 ) -> None:
-    """Program ``(head, row block)``: head ``h`` of the packed output for BLOCK_M rows."""
+    """Program ``(head, row block, split)``: head ``h`` of the packed output for BLOCK_M
+    rows, contraction ``[split * K_PER_SPLIT, ...)``."""
     head = tl.program_id(0)
+    split = tl.program_id(2)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < BATCH
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -160,8 +168,16 @@ def norm_qkv_rope_kernel(
         width = KV_HEADS * HEAD_DIM
 
     lo, hi = normed_two_matmuls(x_ptr, norm_ptr, w_ptr, w_ptr + HALF, width, rows, row_ok,
-                                half, half < HALF, HIDDEN, BLOCK_M, BLOCK_K, EPS,
-                                DOT_PRECISION)
+                                half, half < HALF, split * K_PER_SPLIT,
+                                tl.minimum((split + 1) * K_PER_SPLIT, HIDDEN), HIDDEN,
+                                BLOCK_M, BLOCK_K, EPS, DOT_PRECISION)
+    out_rows = out_ptr + rows[:, None].to(tl.int64) * ((HEADS + 2 * KV_HEADS) * HEAD_DIM) \
+        + head * HEAD_DIM
+    if SPLIT_K > 1:  # the partial
+        out_rows += split.to(tl.int64) * (BATCH * (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+        tl.store(out_rows + half[None, :], lo, mask=row_ok[:, None])
+        tl.store(out_rows + HALF + half[None, :], hi, mask=row_ok[:, None])
+        return
 
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     lo = rounded(lo, dtype)
@@ -178,8 +194,6 @@ def norm_qkv_rope_kernel(
     rot_hi = rounded(hi * cos, dtype) + rounded(lo * sin, dtype)
     lo = tl.where(rotate, rot_lo, lo)
     hi = tl.where(rotate, rot_hi, hi)
-    out_rows = out_ptr + rows[:, None].to(tl.int64) * ((HEADS + 2 * KV_HEADS) * HEAD_DIM) \
-        + head * HEAD_DIM
     tl.store(out_rows + half[None, :], lo.to(dtype), mask=row_ok[:, None])
     tl.store(out_rows + HALF + half[None, :], hi.to(dtype), mask=row_ok[:, None])
 
@@ -249,7 +263,8 @@ def norm_gate_up_kernel(
     """Program ``(column block, row block)``."""
     rows, row_ok, cols, col_ok = output_tile(BATCH, INTER, BLOCK_M, BLOCK_N)
     gate, up = normed_two_matmuls(x_ptr, norm_ptr, wg_ptr, wu_ptr, INTER, rows, row_ok, cols,
-                                  col_ok, HIDDEN, BLOCK_M, BLOCK_K, EPS, DOT_PRECISION)
+                                  col_ok, 0, HIDDEN, HIDDEN, BLOCK_M, BLOCK_K, EPS,
+                                  DOT_PRECISION)
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     g = rounded(gate, dtype)
     silu = rounded(g * tl.sigmoid(g), dtype)

@@ -38,19 +38,20 @@ def _rope_tables(rng: np.random.Generator, batch: int, half: int
     return jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
 
 
-QKV_CASES = [  # batch, hidden, heads, kv_heads, head_dim, bias
-    (1, 64, 2, 1, 32, True),
-    (3, 96, 4, 2, 64, False),
-    (8, 40, 3, 3, 32, True),  # hidden not a multiple of the step; MHA
-    (17, 64, 8, 1, 32, True),  # 32-row tile, MQA
-    (70, 48, 2, 2, 32, False),  # two 64-row programs
+QKV_CASES = [  # batch, hidden, heads, kv_heads, head_dim, bias, split_k
+    (1, 64, 2, 1, 32, True, 1),
+    (3, 96, 4, 2, 64, False, 3),  # three 32-deep splits
+    (8, 40, 3, 3, 32, True, 2),  # hidden not a multiple of the step (a short split); MHA
+    (17, 64, 8, 1, 32, True, 1),  # 32-row tile, MQA
+    (70, 48, 2, 2, 32, False, 4),  # two 64-row programs; 4 asked, 2 steps: 2 splits
+    (5, 96, 4, 2, 32, True, 2),  # splits of 2 and 1 steps, with bias
 ]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", QKV_CASES)
 def test_norm_qkv_rope_matches_reference(case: tuple[int, ...], dtype: Any) -> None:
-    batch, hidden, heads, kv_heads, head_dim, bias = case
+    batch, hidden, heads, kv_heads, head_dim, bias, split_k = case
     rng = np.random.default_rng(hash(case) % 2**32)
     x = _rand(rng, (batch, hidden), dtype)
     norm_w = _rand(rng, (hidden,), dtype)
@@ -60,7 +61,7 @@ def test_norm_qkv_rope_matches_reference(case: tuple[int, ...], dtype: Any) -> N
           for n in (heads, kv_heads, kv_heads)]
     cos, sin = _rope_tables(rng, batch, head_dim // 2)
     got = tfl.norm_qkv_rope(x, norm_w, *ws, *bs, cos, sin, head_dim=head_dim, eps=1e-5,
-                            block_k=32)
+                            block_k=32, split_k=split_k)
     assert got.shape == (batch, heads + 2 * kv_heads, head_dim) and got.dtype == dtype
     want = tfl.norm_qkv_rope_reference(x, norm_w, *ws, *bs, cos, sin, head_dim=head_dim,
                                        eps=1e-5)
@@ -106,8 +107,8 @@ def test_matmul_residual_matches_reference(case: tuple[int, ...], dtype: Any) ->
         _close(got, jnp.asarray(want), dtype)
 
 
-def test_matmul_split_launch() -> None:
-    """Splits are whole contraction steps and none is empty."""
+def test_split_launches() -> None:
+    """Splits are whole contraction steps and none is empty (matmul and q/k/v)."""
     grid, meta = tfl.matmul_launch(5, 100, 50, jnp.float32, has_bias=False, block_n=16,
                                    block_k=32, split_k=3)
     assert grid == (4, 1, 2) and meta["K_PER_SPLIT"] == 64 and meta["SPLIT_K"] == 2
@@ -117,6 +118,18 @@ def test_matmul_split_launch() -> None:
     with pytest.raises(ValueError, match="split_k must be an int >= 1"):
         tfl.matmul_residual(jnp.ones((2, 64)), jnp.ones((64, 32)), None, jnp.ones((2, 32)),
                             split_k=0)
+    grid, meta = tfl.qkv_launch(8, 896, 14, 2, 64, jnp.bfloat16, has_bias=True, eps=1e-6,
+                                block_k=128, split_k=4)
+    assert grid == (18, 1, 4) and meta["K_PER_SPLIT"] == 256  # 7 steps: 2+2+2+1
+    grid, meta = tfl.qkv_launch(8, 896, 14, 2, 64, jnp.bfloat16, has_bias=True, eps=1e-6,
+                                block_k=256)
+    assert grid == (18, 1, 1) and meta["SPLIT_K"] == 1
+    x = jnp.ones((2, 64))
+    cos = jnp.ones((2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="split_k must be an int >= 1"):
+        tfl.norm_qkv_rope(x, jnp.ones(64), jnp.ones((64, 64)), jnp.ones((64, 32)),
+                          jnp.ones((64, 32)), None, None, None, cos, cos, head_dim=32,
+                          eps=1e-6, split_k=True)
 
 
 GATE_UP_CASES = [  # batch, hidden, inter, block_n
@@ -176,7 +189,7 @@ def test_bad_arguments_raise_before_launch() -> None:
 
 
 def test_kernels_compile_for_h100() -> None:
-    """The three programs at their default launches compile for sm_90 down to the cubin
+    """The three programs at their default launches (and the two split-K variants) compile for sm_90 down to the cubin
     and fit an H100's shared memory: the Qwen2.5-0.5B decode shapes (bf16 at 8 and 32
     rows, float32) and a head_dim-128 shape."""
     results = compile_for_h100([[8, 896, 14, 2, 64, 4864, "bfloat16"],
@@ -185,6 +198,6 @@ def test_kernels_compile_for_h100() -> None:
                                 [8, 2048, 16, 4, 128, 8192, "bfloat16"]], kernel="layer")
     assert len(results) == 4
     for r in results:
-        assert set(r) == {"norm_qkv_rope", "matmul_residual", "matmul_residual_split",
-                          "norm_gate_up"}
+        assert set(r) == {"norm_qkv_rope", "norm_qkv_rope_split", "matmul_residual",
+                          "matmul_residual_split", "norm_gate_up"}
         assert all(0 < v <= H100_SHARED_BYTES for v in r.values()), r

@@ -94,13 +94,18 @@ def prefill_shared_bytes(batch: int, t: int, heads: int, kv_heads: int, head_dim
 def layer_shared_bytes(batch: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
                        inter: int, dtype: str) -> dict[str, int]:
     """Compile the three fused-layer programs at one decode shape (default launch
-    settings) for sm_90; the shared memory of each."""
+    settings, and the q/k/v and matmul programs with split-K) for sm_90; the shared
+    memory of each."""
     dt = jnp.dtype(dtype)
     w = _TRITON_TYPES[dtype]
     launches = {
         "norm_qkv_rope": (norm_qkv_rope_kernel, qkv_launch(
             batch, hidden, heads, kv_heads, head_dim, dt, has_bias=True, eps=1e-6,
             block_k=default_qkv_block_k(dt, head_dim))[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 4, 4),
+        "norm_qkv_rope_split": (norm_qkv_rope_kernel, qkv_launch(
+            batch, hidden, heads, kv_heads, head_dim, dt, has_bias=True, eps=1e-6,
+            block_k=128, split_k=4)[1], {"cos_ptr": "fp32", "sin_ptr": "fp32",
+                                         "out_ptr": "fp32"}, 4, 4),
         "matmul_residual": (matmul_residual_kernel, matmul_launch(
             batch, inter, hidden, dt, has_bias=False, block_n=32, block_k=512)[1], {}, 3, 4),
         "matmul_residual_split": (matmul_residual_kernel, matmul_launch(
