@@ -18,7 +18,6 @@ GPU: python benchmarks/check_fused_decode.py [--reference-attention xla]
 from __future__ import annotations
 
 import argparse
-import os
 from functools import partial
 from typing import Any
 
@@ -31,6 +30,7 @@ from kvjax.cache.paged import PagedCache
 from kvjax.models.fused_decode import fused_decode_step
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
+from pallas_kernels.triton_launch import triton_launcher
 
 BLOCK = 16
 
@@ -64,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference-attention", choices=("triton", "xla"), default="triton")
     ref = ap.parse_args().reference_attention
-    print(f"launch: {os.environ.get('KVJAX_TRITON_LAUNCH', 'jax-triton')}, reference: "
+    print(f"launch: {triton_launcher()}, reference: "
           f"Flax forward with {ref} attention", flush=True)
     cfg = get_preset("qwen2.5-0.5b").to_model_config()
     rng = np.random.default_rng(0)

@@ -13,12 +13,13 @@ the program whose split holds position ``length - 1`` stores its K/V row in the 
 and folds it in from registers (the pools are aliased outputs). Pages are token-major
 ``[P, S, K, D]``; ``HEAD_MAJOR`` reads ``[P, K, S, D]`` pages (``row_offset``).
 
-Launched by ``pallas_kernels.triton_paged_decode`` (``triton_launch``: jax-triton's calling
-convention, whichever launcher): array and scalar arguments in order, then the outputs, then
-the ``tl.constexpr`` meta-parameters by name. All arrays are dense row-major, so the
-strides follow from the constexpr shapes; the scalar ``layer`` times the constexpr
-``LAYER_STRIDE`` selects the layer of a layer-stacked pool without copying it (a
-constexpr stride keeps the K/V addresses provably aligned, so loads are vectorised).
+Launched by ``pallas_kernels.triton_paged_decode`` (``triton_launch``: jax-triton's
+calling convention, whichever launcher): array and scalar arguments in order, then the
+outputs, then the ``tl.constexpr`` meta-parameters by name. All arrays are dense
+row-major, so the strides follow from the constexpr shapes; the scalar ``layer`` times
+the constexpr ``LAYER_STRIDE`` selects the layer of a layer-stacked pool without copying
+it (a constexpr stride keeps the K/V addresses provably aligned, so loads are
+vectorised).
 """
 
 from __future__ import annotations

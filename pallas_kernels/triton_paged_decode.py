@@ -15,9 +15,10 @@ pool is read in place through a layer index passed as a scalar.
 
 ``decode_launch`` is a pure function from shapes and tunables to the launch (grid,
 scalar arguments, constexpr meta-parameters, warps, stages, output shapes); the
-jax-triton call here and the Triton-interpreter tests both launch from it. ``triton``
-and ``jax_triton`` (``pallas_kernels.triton_launch``) are imported only when the kernel runs, so this module imports
-anywhere; ``triton_unavailable_reason`` tells whether the kernel can run here.
+launch here and the Triton-interpreter tests both launch from it. ``triton`` (and
+``jax_triton`` when ``pallas_kernels.triton_launch`` uses it) are imported only when the
+kernel runs, so this module imports anywhere; ``triton_unavailable_reason`` tells
+whether the kernel can run here.
 """
 
 from __future__ import annotations

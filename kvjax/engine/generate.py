@@ -434,9 +434,10 @@ def generate(model: Model, params: Any, prompts: Sequence[Sequence[int]], *,
       num_blocks: pages in the "paged" pool; default exactly enough for every
         sequence's prompt + max_new_tokens. A smaller pool raises ValueError.
       attention: decode attention of the "paged" cache: "xla", "pallas" (GPU kernel),
-        "pallas-interpret" (the kernel interpreted, CPU), "triton" (Triton kernels, GPU) or "auto" (``resolve_attention``: "triton" on GPU when the
-        model's head_dim and block_size suit the kernels, "pallas" there if Triton
-        cannot launch, else "xla"). The choice is logged.
+        "pallas-interpret" (the kernel interpreted, CPU), "triton" (Triton kernels, GPU)
+        or "auto" (``resolve_attention``: "triton" on GPU when the model's head_dim and
+        block_size suit the kernels, "pallas" there if Triton cannot launch, else
+        "xla"). The choice is logged.
       keys: optional typed PRNG keys [B] (see ``sample_keys``) replacing ``seed``:
         sequence ``b`` then draws only from ``keys[b]``, so its output does not depend
         on the rest of the batch.
