@@ -174,6 +174,9 @@ case "$group" in
   fused-kernels-xla)  # the same, the kernels launched as XLA's Triton custom call
     KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 300 $py \
         benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" ;;
+  engine-trace)  # the engine's decode window vs its bare burst: host clock, GPU idle gaps
+    KVJAX_TRITON_LAUNCH=xla run engine_trace 200 $py benchmarks/engine_trace.py \
+        --out "$out/engine_trace.json" ;;
   check-xla)  # the GPU check of both decode steps, every kernel launched by XLA
     KVJAX_TRITON_LAUNCH=xla run check_launch_xla 150 $py benchmarks/check_fused_decode.py \
         --reference-attention xla ;;
