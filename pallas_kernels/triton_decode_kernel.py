@@ -2,9 +2,10 @@
 
 One program per ``(sequence, kv_head, split)``, the same decomposition as the Pallas
 kernel in ``pallas_kernels.paged_decode``: the program holds the KV group's query heads
-as ``ROWS`` rows (zero-padded to a power of two >= 16, one mma tile), walks table
-columns ``[split * PAGES_PER_SPLIT, ...)`` of its sequence up to the sequence's length,
-``BLOCK_TOKENS`` tokens per online-softmax step (one ``[BLOCK_TOKENS, HEAD_DIM]`` tile
+as ``ROWS`` rows (zero-padded to a power of two >= 16, one mma tile), walks its split's
+share of the sequence's positions (the row's steps up to its length, shared evenly by
+the ``NUM_SPLITS`` splits: the table's width sets no work), ``BLOCK_TOKENS`` tokens per
+online-softmax step (one ``[BLOCK_TOKENS, HEAD_DIM]`` tile
 gathered from their pages: several pages, or part of one), and writes its unnormalised
 partial ``(o, m, den)`` for ``pallas_kernels.paged_decode.combine_splits`` — or, with one
 split, the normalised output itself in the output's dtype (no combine launched).
@@ -55,7 +56,6 @@ def paged_decode_kernel(
     LAYER_STRIDE: tl.constexpr,  # elements per layer: P * PAGE_SIZE * KV_HEADS * HEAD_DIM
     MAX_BLOCKS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    PAGES_PER_SPLIT: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -65,7 +65,7 @@ def paged_decode_kernel(
     """Attend positions ``[0, length)`` of each sequence's pages."""
     decode_program(q_ptr, k_ptr, v_ptr, q_ptr, q_ptr, table_ptr, length_ptr, layer, num_pages,
                    o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE, KV_HEADS,
-                   LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT, BLOCK_TOKENS, SCALE,
+                   LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, BLOCK_TOKENS, SCALE,
                    DOT_PRECISION, PREFETCH_TABLE, HEAD_MAJOR, False, KV_HEADS * GROUP)
 
 
@@ -91,7 +91,6 @@ def paged_decode_append_kernel(
     LAYER_STRIDE: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    PAGES_PER_SPLIT: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -107,7 +106,7 @@ def paged_decode_append_kernel(
     decode_program(qkv_ptr, k_ptr, v_ptr, qkv_ptr + heads * HEAD_DIM,
                    qkv_ptr + (heads + KV_HEADS) * HEAD_DIM, table_ptr, length_ptr, layer,
                    num_pages, o_ptr, m_ptr, den_ptr, GROUP, ROWS, HEAD_DIM, PAGE_SIZE,
-                   KV_HEADS, LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS, PAGES_PER_SPLIT,
+                   KV_HEADS, LAYER_STRIDE, MAX_BLOCKS, NUM_SPLITS,
                    BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, HEAD_MAJOR, True,
                    heads + 2 * KV_HEADS)
 
@@ -134,7 +133,6 @@ def decode_program(
     LAYER_STRIDE: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    PAGES_PER_SPLIT: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -159,8 +157,11 @@ def decode_program(
 
     given = tl.load(length_ptr + seq)
     length = tl.minimum(tl.maximum(given, 0), MAX_BLOCKS * PAGE_SIZE)
-    first = split * (PAGES_PER_SPLIT * PAGE_SIZE)  # this split's tokens: [first, stop)
-    stop = tl.minimum(first + PAGES_PER_SPLIT * PAGE_SIZE, length)
+    # The row's own steps shared evenly by the splits, whatever the table's width: this
+    # split's tokens are [first, stop), a whole number of steps (the last one may be short).
+    split_tokens = tl.cdiv(tl.cdiv(length, BLOCK_TOKENS), NUM_SPLITS) * BLOCK_TOKENS
+    first = split * split_tokens
+    stop = tl.minimum(first + split_tokens, length)
     new = given - 1  # the appended token's position (APPEND): not read from the pool
     if APPEND:  # noqa: SIM108 (a constexpr branch of a Triton program)
         stop_read = tl.minimum(stop, tl.maximum(new, first))

@@ -111,16 +111,16 @@ def decode_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blo
     check_launch_settings(block_tokens, num_warps, num_stages)
     if num_splits is None:
         num_splits = auto_num_splits(batch, kv_heads, max_blocks)
-    pages_per_split = -(-max_blocks // num_splits)
-    # A step spans no more than a split's tokens (rounded up to a power of two).
-    split_tokens = 1 << (pages_per_split * page_size - 1).bit_length()
+    # A step spans no more than a split's share of the table's tokens (rounded up to a
+    # power of two); the kernel shares each row's own steps among the splits.
+    split_tokens = 1 << (-(-max_blocks // num_splits) * page_size - 1).bit_length()
     block_tokens = max(MIN_BLOCK_TOKENS, min(block_tokens, split_tokens))
     group = heads // kv_heads
     meta = (("GROUP", group), ("ROWS", max(MIN_BLOCK_TOKENS, 1 << (group - 1).bit_length())),
             ("HEAD_DIM", head_dim), ("PAGE_SIZE", page_size), ("KV_HEADS", kv_heads),
             ("LAYER_STRIDE", math.prod(pool_shape[-4:])),
             ("MAX_BLOCKS", max_blocks), ("NUM_SPLITS", num_splits),
-            ("PAGES_PER_SPLIT", pages_per_split), ("BLOCK_TOKENS", block_tokens),
+            ("BLOCK_TOKENS", block_tokens),
             ("SCALE", head_dim ** -0.5), ("DOT_PRECISION", dot_precision(dtype)),
             ("PREFETCH_TABLE", bool(prefetch_table)), ("HEAD_MAJOR", bool(head_major)))
     stats = (batch, kv_heads, num_splits, group)

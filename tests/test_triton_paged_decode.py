@@ -295,8 +295,7 @@ def test_decode_launch() -> None:
     meta = dict(launch.meta)
     assert launch.grid == (4, 8, 8)  # 32 programs -> 8 splits (auto, at most 8)
     assert launch.scalars == (2, 100) and meta["LAYER_STRIDE"] == 100 * 16 * 8 * 128
-    assert (meta["GROUP"], meta["ROWS"], meta["BLOCK_TOKENS"], meta["PAGES_PER_SPLIT"]) == (
-        4, 16, 32, 8)
+    assert (meta["GROUP"], meta["ROWS"], meta["BLOCK_TOKENS"]) == (4, 16, 32)
     assert meta["PREFETCH_TABLE"] is True and meta["HEAD_MAJOR"] is False
     assert meta["DOT_PRECISION"] == "tf32" and meta["SCALE"] == 128 ** -0.5
     assert launch.partial_shapes == ((4, 8, 8, 4, 128), (4, 8, 8, 4), (4, 8, 8, 4))
@@ -304,8 +303,37 @@ def test_decode_launch() -> None:
                                    block_tokens=256, num_splits=2, num_warps=4,
                                    num_stages=2).meta)
     # 3 columns of 8 tokens per split: steps of 256 tokens cut to 32
-    assert (small["BLOCK_TOKENS"], small["PAGES_PER_SPLIT"], small["ROWS"]) == (32, 3, 16)
+    assert (small["BLOCK_TOKENS"], small["ROWS"]) == (32, 16)
     assert small["DOT_PRECISION"] == "ieee"
+
+
+def test_splits_share_the_rows_steps_whatever_the_table_width() -> None:
+    """Each row's steps are shared evenly by the splits: the same partials (o, m, den)
+    from a table 4x wider (its extra columns missing pages), and a row of ``n`` steps
+    over ``S`` splits fills ``ceil(n / ceil(n / S))`` of them."""
+    from pallas_kernels.triton_decode_kernel import paged_decode_kernel
+    from pallas_kernels.triton_launch import triton_call
+
+    lengths, splits, step = [0, 1, 33, 95, 96, 17], 4, 16
+    q, k, v, tables, lens = make_inputs(7, len(lengths), 2, 3, 64, 16, 6, F32, lengths)
+    wide = jnp.concatenate([tables, jnp.full((len(lengths), 18), -1, jnp.int32)], axis=1)
+    parts = []
+    for t in (tables, wide):
+        launch = tpd._checked_launch(q, k, v, t, lens, page_layout="token-major", layer=None,
+                                     block_tokens=step, num_splits=splits, num_warps=4,
+                                     num_stages=2, prefetch_table=True)
+        parts.append(triton_call(q, k, v, t, lens, *launch.scalars, kernel=paged_decode_kernel,
+                                 out_shape=tpd._out_shapes(launch, q.dtype), grid=launch.grid,
+                                 num_warps=4, num_stages=2, name="split_sharing",
+                                 **dict(launch.meta)))
+    for narrow_part, wide_part in zip(*parts, strict=True):
+        np.testing.assert_array_equal(np.asarray(narrow_part), np.asarray(wide_part))
+    den = np.asarray(parts[0][2])  # [B, K, splits, G]
+    for row, length in enumerate(lengths):
+        n = -(-length // step)
+        filled = 0 if n == 0 else -(-n // -(-n // splits))
+        assert ((den[row] > 0).all(axis=(0, 2)) == (np.arange(splits) < filled)).all(), row
+    check_output((q, k, v, wide, lens), tpd._merge(q, *parts[1], launch), TOL[F32])
 
 
 def test_default_block_tokens_bounds_the_tile() -> None:
