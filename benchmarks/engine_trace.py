@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -144,7 +145,7 @@ def gpu_window(kernels: list[dict[str, Any]], top: int = 12) -> dict[str, Any]:
     start, end = window[0]["ts"], max(k["ts"] + k["dur"] for k in window)
     gaps = []
     reach = window[0]["ts"] + window[0]["dur"]
-    for prev, k in zip(window, window[1:], strict=False):
+    for prev, k in itertools.pairwise(window):
         if k["ts"] > reach:
             gaps.append((k["ts"] - reach, prev["name"][:60], k["name"][:60]))
         reach = max(reach, k["ts"] + k["dur"])
