@@ -105,8 +105,8 @@ class HostClock:
             self.collect_s += time.perf_counter() - t
             return out
 
-        engine._run_burst = timed_run_burst  # type: ignore[method-assign]
-        engine._collect = timed_collect  # type: ignore[method-assign]
+        engine._run_burst = timed_run_burst  # type: ignore[method-assign,assignment]
+        engine._collect = timed_collect  # type: ignore[method-assign,assignment]
 
     def reset(self) -> None:
         self.dispatch_s = self.collect_s = 0.0
