@@ -21,6 +21,10 @@ kernel; ``triton`` the Flax forward with it.
 under ``triton`` the step's K/V written by two XLA scatters per layer and attended by
 ``triton_paged_decode_attention`` (an A/B of the fused write in one run).
 
+``--combine reduce unrolled`` is an A/B of the split merge after the decode kernel
+(``pallas_kernels.paged_decode.combine_splits``: reductions over the split axis, or
+elementwise over the split slices), in this process.
+
 ``--xla-flags`` runs the grid once per flag set, the environment's own first, each in a
 child process of its own (XLA reads its flags once, at start, and a process keeps the
 GPU memory it took), e.g. command buffers (CUDA graphs) off.
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import subprocess
@@ -54,6 +59,7 @@ from kvjax.engine.generate import kv_bytes_per_token
 from kvjax.engine.sampling import GREEDY, SamplingArrays
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
+from pallas_kernels import paged_decode
 
 BLOCK = 16
 
@@ -178,7 +184,9 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for cell in a.cells:
         batch, context = (int(x) for x in cell.split("x"))
-        for attention in a.attention:
+        for form, attention in itertools.product(a.combine, a.attention):
+            paged_decode.COMBINE_FORM = form
+            jax.clear_caches()  # the jitted burst and kernels trace the combine again
             kv = batch * context * kv_bytes_per_token(full)
             floor = (wbytes + kv) / bw
             t0 = time.perf_counter()
@@ -193,19 +201,19 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
             per_layer = 2 * (s_full - s_half) / full.cfg.num_layers
             fixed = s_full - per_layer * full.cfg.num_layers
             row: dict[str, Any] = {
-                "batch": batch, "context": context, "attention": attention,
+                "batch": batch, "context": context, "attention": attention, "combine": form,
                 "step_ms": 1e3 * s_full, "tokens_per_s": batch / s_full,
                 "floor_ms": 1e3 * floor, "x_floor": s_full / floor,
                 "half_depth_step_ms": 1e3 * s_half, "per_layer_us": 1e6 * per_layer,
                 "fixed_ms": 1e3 * fixed}
             if a.hlo_dir:
-                write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{attention}.txt", full, full_params,
+                write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{attention}_{form}.txt", full, full_params,
                           burst_args(full, batch, context, a.steps), a.steps, attention)
             if a.trace:
                 row["trace"] = trace_summary(full, full_params, burst_args(
                     full, batch, context, a.steps), a.steps, attention)
             rows.append(row)
-            print(f"  {batch:>3}x{context:<5} {attention:<7} step {1e3 * s_full:6.3f} ms "
+            print(f"  {batch:>3}x{context:<5} {attention:<7} {form:<8} step {1e3 * s_full:6.3f} ms "
                   f"({batch / s_full:8.0f} tok/s)  floor {1e3 * floor:5.3f} ms "
                   f"(x{s_full / floor:4.1f})  per layer {1e6 * per_layer:5.1f} us, fixed "
                   f"{1e3 * fixed:5.3f} ms  [{time.perf_counter() - t0:4.0f} s]", flush=True)
@@ -246,6 +254,10 @@ def main() -> None:
                     default=os.environ.get("KVJAX_TRITON_LAUNCH", "jax-triton"),
                     help="how the Triton kernels launch (KVJAX_TRITON_LAUNCH; "
                          "pallas_kernels.triton_launch)")
+    ap.add_argument("--combine", nargs="+", default=[paged_decode.COMBINE_FORM],
+                    choices=paged_decode.COMBINE_FORMS,
+                    help="how split partials are merged (paged_decode.combine_splits); "
+                         "several: an A/B in this process")
     ap.add_argument("--hlo-dir", default=None,
                     help="write each burst's optimised HLO text here")
     ap.add_argument("--out", default=None, help="JSON results path")
@@ -262,7 +274,7 @@ def main() -> None:
         for flags in [os.environ.get("XLA_FLAGS", ""), *a.xla_flags]:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 argv = [sys.executable, __file__, "--cells", *a.cells, "--attention",
-                        *a.attention, "--steps", str(a.steps), "--reps", str(a.reps),
+                        *a.attention, "--combine", *a.combine, "--steps", str(a.steps), "--reps", str(a.reps),
                         "--out", f.name]
                 argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
                 argv += ["--trace"] * a.trace + ["--scatter-writes"] * a.scatter_writes

@@ -177,6 +177,10 @@ case "$group" in
   engine-trace)  # the engine's decode window vs its bare burst: host clock, GPU idle gaps
     KVJAX_TRITON_LAUNCH=xla run engine_trace 200 $py benchmarks/engine_trace.py \
         --out "$out/engine_trace.json" ;;
+  combine)  # the split merge as reductions vs elementwise over the splits (XLA launch)
+    run decode_step_profile_combine 200 $py benchmarks/decode_step_profile.py --launch xla \
+        --cells 8x512 32x512 --attention triton --combine reduce unrolled --no-half \
+        --trace --reps 5 --hlo-dir "$out/hlo" --out "$out/decode_step_profile_combine.json" ;;
   check-xla)  # the GPU check of both decode steps, every kernel launched by XLA
     KVJAX_TRITON_LAUNCH=xla run check_launch_xla 150 $py benchmarks/check_fused_decode.py \
         --reference-attention xla ;;

@@ -187,22 +187,47 @@ def _decode_partials(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     )(tables, lengths, q, k_pages, v_pages)
 
 
+COMBINE_FORMS = ("reduce", "unrolled")
+# How ``combine_splits`` merges up to ``MAX_UNROLLED_SPLITS`` splits by default.
+COMBINE_FORM = "unrolled"
+MAX_UNROLLED_SPLITS = 8
+
+
 def combine_splits(o: jax.Array, m: jax.Array, den: jax.Array, group: int,
-                   dtype: jnp.dtype) -> jax.Array:
+                   dtype: jnp.dtype, *, form: str | None = None) -> jax.Array:
     """Merge FlashDecoding split partials into the attention output.
 
     o f32 [B, K, n, R, D] (unnormalised), m and den f32 [B, K, n, R] (running max and
     softmax denominator of each split), R >= ``group`` rows of which the first ``group``
     are real -> [B, K * group, D] in ``dtype``. Shared by the Pallas and Triton kernels.
-    (A one-pass form, a variadic reduction merging partials at their common max, measured
-    slower in the engine's decode step on an H100: docs/serving-engine.md.)
+
+    ``form`` (None: ``COMBINE_FORM``): ``"reduce"`` takes the max and the weighted sums
+    as reductions over the split axis; ``"unrolled"`` (for at most
+    ``MAX_UNROLLED_SPLITS`` splits, else ``"reduce"``) writes them as elementwise
+    maxima and sums of the ``n`` split slices: no reduction, so XLA can emit the whole
+    merge as one elementwise fusion instead of a reduction feeding another. Both are
+    the same arithmetic up to float32 summation order. (A one-pass form, a variadic
+    reduction merging partials at their common max, measured slower in the engine's
+    decode step on an H100: docs/serving-engine.md.)
     """
-    batch, kv_heads, _, _, head_dim = o.shape
-    m_all = m.max(axis=2, keepdims=True)
-    w = jnp.exp(m - m_all)  # empty splits: m = MASKED -> weight 0 (or 1 if all empty)
-    denom = (w * den).sum(axis=2)
-    out = (w[..., None] * o).sum(axis=2) / jnp.where(denom > 0, denom, 1.0)[..., None]
-    return out[:, :, :group].reshape(batch, kv_heads * group, head_dim).astype(dtype)
+    form = COMBINE_FORM if form is None else form
+    if form not in COMBINE_FORMS:
+        raise ValueError(f"form must be one of {COMBINE_FORMS}, got {form!r}")
+    batch, kv_heads, splits, _, head_dim = o.shape
+    o, m, den = o[:, :, :, :group], m[:, :, :, :group], den[:, :, :, :group]
+    if form == "unrolled" and splits <= MAX_UNROLLED_SPLITS:
+        ms = [m[:, :, s] for s in range(splits)]
+        m_all = functools.reduce(jnp.maximum, ms)
+        ws = [jnp.exp(m_s - m_all) for m_s in ms]  # empty splits: m = MASKED -> weight 0
+        denom = functools.reduce(jnp.add, [w * den[:, :, s] for s, w in enumerate(ws)])
+        total = functools.reduce(jnp.add, [w[..., None] * o[:, :, s]
+                                           for s, w in enumerate(ws)])
+    else:
+        w = jnp.exp(m - m.max(axis=2, keepdims=True))
+        denom = (w * den).sum(axis=2)
+        total = (w[..., None] * o).sum(axis=2)
+    out = total / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return out.reshape(batch, kv_heads * group, head_dim).astype(dtype)
 
 
 def auto_num_splits(batch: int, kv_heads: int, max_blocks: int) -> int:

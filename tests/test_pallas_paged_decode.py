@@ -104,14 +104,16 @@ def test_bf16_kernel_is_as_accurate_as_the_xla_reference(seed: int) -> None:
     assert kernel < 4e-3  # a few bf16 ulps of the output (0.0078 relative spacing)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_combine_splits_equals_float64_softmax_merge(seed: int) -> None:
-    """The combine against float64 NumPy: splits with scores far apart, empty
-    splits (m = MASKED, den = 0) and a row whose splits are all empty (zeros out)."""
+@pytest.mark.parametrize("form", ["reduce", "unrolled"])
+@pytest.mark.parametrize(("seed", "n"), [(0, 5), (1, 1), (2, 8), (3, 11)])
+def test_combine_splits_equals_float64_softmax_merge(seed: int, n: int, form: str) -> None:
+    """The combine against float64 NumPy, in both forms (11 splits: past the unrolled
+    form's limit): splits with scores far apart, empty splits (m = MASKED, den = 0) and
+    a row whose splits are all empty (zeros out)."""
     from pallas_kernels.paged_decode import MASKED, combine_splits
 
     rng = np.random.default_rng(seed)
-    b, k, n, r, d, group = 3, 2, 5, 16, 64, 3
+    b, k, r, d, group = 3, 2, 16, 64, 3
     m = rng.normal(0, 20, (b, k, n, r))
     den = rng.uniform(0.5, 4, (b, k, n, r))
     o = rng.normal(0, 1, (b, k, n, r, d)) * den[..., None]
@@ -120,10 +122,18 @@ def test_combine_splits_equals_float64_softmax_merge(seed: int) -> None:
     m, den = np.where(empty, MASKED, m), np.where(empty, 0.0, den)
     o = np.where(empty[..., None], 0.0, o)
     got = combine_splits(jnp.asarray(o, jnp.float32), jnp.asarray(m, jnp.float32),
-                         jnp.asarray(den, jnp.float32), group, jnp.float32)
+                         jnp.asarray(den, jnp.float32), group, jnp.float32, form=form)
     w = np.exp(m - m.max(axis=2, keepdims=True)) * ~empty
     total, denom = (w[..., None] * o).sum(axis=2), (w * den).sum(axis=2)
     want = total / np.where(denom > 0, denom, 1.0)[..., None]
     want = want[:, :, :group].reshape(b, k * group, d)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-6)
     assert not np.asarray(got)[0, group:2 * group].any()
+
+
+def test_combine_form_checked() -> None:
+    from pallas_kernels.paged_decode import combine_splits
+
+    o, m = jnp.ones((1, 1, 2, 16, 64)), jnp.zeros((1, 1, 2, 16))
+    with pytest.raises(ValueError, match="form must be one of"):
+        combine_splits(o, m, m, 1, jnp.float32, form="fast")
