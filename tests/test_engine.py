@@ -136,7 +136,10 @@ def test_preemption_recompute_matches_dense(llama: LoadedModel,
     assert m.generated_tokens == sum(NEW) and m.tokens_per_s > 0
     assert 0 < m.mean_occupancy <= 1
     _assert_pool_empty(engine)
-    assert step_fn._cache_size() <= 8
+    # A handful of step shapes (programs) for the whole run, preemptions included; counted
+    # on this engine's steps, not the process-wide jit cache other tests also fill.
+    shapes = {shape for s in engine.step_metrics for shape in s.shapes}
+    assert len(shapes) <= 8 and len(engine.step_metrics) > 2 * len(shapes)
 
 
 def test_cancel_and_preempt_leave_no_leaks(llama: LoadedModel,
