@@ -188,8 +188,9 @@ def _decode_partials(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 
 COMBINE_FORMS = ("reduce", "unrolled")
-# How ``combine_splits`` merges up to ``MAX_UNROLLED_SPLITS`` splits by default.
-COMBINE_FORM = "unrolled"
+# How ``combine_splits`` merges splits by default ("unrolled": not yet measured on a GPU,
+# ``benchmarks/decode_step_profile.py --combine reduce unrolled`` is the A/B).
+COMBINE_FORM = "reduce"
 MAX_UNROLLED_SPLITS = 8
 
 
