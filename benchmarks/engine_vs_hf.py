@@ -7,7 +7,7 @@ checkpoint loader (``kvjax.models.load_checkpoint``), so both sides run identica
 weights. Greedy decoding, EOS ignored (every request makes exactly ``--new`` tokens).
 
 Offline cells (batch x prompt, every request present at t = 0), each warmed up once
-with the same shapes, then timed (best of ``--repeats``):
+with the same shapes, then timed ``--repeats`` times (each metric its best over them):
 
 * kvjax ``Engine`` (continuous batching, paged pool, chunked prefill; max batch = the
   largest batch, ``prefill_chunk`` = the prompt length, token budget ``--budget``,
@@ -193,10 +193,19 @@ def offline_run(engine: Engine, prompts: np.ndarray, new: int) -> dict[str, Any]
 
 def engine_cell(engine: Engine, prompts: np.ndarray, new: int, repeats: int
                 ) -> dict[str, Any]:
-    """``offline_run``: warm-up once, best of ``repeats``."""
+    """``offline_run``: warm-up once, then ``repeats`` runs, each metric its best over
+    them, as for HF (``hf_cell``: the least TTFT, the least total): the run with the
+    least total, its TTFT the least of any run and its decode figures those of the
+    run with the shortest decode phase. ``decode_tok_s_runs`` lists every run's."""
     offline_run(engine, prompts, new)  # warm-up: compiles every shape this cell uses
-    return min((offline_run(engine, prompts, new) for _ in range(repeats)),
-               key=lambda r: r["total_s"])
+    runs = [offline_run(engine, prompts, new) for _ in range(repeats)]
+    best = dict(min(runs, key=lambda r: r["total_s"]))
+    fastest = min(runs, key=lambda r: r["decode_s"])
+    best.update({k: fastest[k] for k in ("decode_tokens", "decode_s", "decode_tok_s")})
+    best.update(ttft_all_ms=min(r["ttft_all_ms"] for r in runs),
+                ttft_mean_ms=min(r["ttft_mean_ms"] for r in runs),
+                decode_tok_s_runs=[r["decode_tok_s"] for r in runs])
+    return best
 
 
 def generate_cell(lm: LoadedModel, prompts: np.ndarray, new: int, repeats: int
@@ -293,7 +302,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny model and grid (CPU check)")
     ap.add_argument("--out", default=None, help="JSON results path (default: print only)")
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per cell (best kept)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed runs per cell, each metric's best kept (decode rates of "
+                         "single runs varied by up to 19%% on an H100)")
     ap.add_argument("--budget", type=int, default=None,
                     help="engine token budget per step, offline (default 8192; tiny 256)")
     ap.add_argument("--with-generate", action="store_true",

@@ -23,7 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.triton_launch import triton_call
-from pallas_kernels.triton_paged_decode import check_launch_settings, dot_precision
+from pallas_kernels.triton_paged_decode import (
+    H100_SHARED_BYTES,
+    check_launch_settings,
+    dot_precision,
+)
 
 MIN_ROWS = 16  # rows of one program: one mma tile
 MAX_ROWS = 64  # rows per program; more rows are more programs
@@ -112,12 +116,23 @@ def _qkv_epilogue(y: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax
     return jnp.concatenate([rotated[:, : heads + kv_heads], y[:, heads + kv_heads:]], axis=1)
 
 
-def default_qkv_block_k(dtype: jnp.dtype, head_dim: int) -> int:
-    """Contraction per step of ``norm_qkv_rope``: 256 for 16-bit head_dim 64 (the H100
-    sweep's best, docs/serving-engine.md), scaled down with the weight tile's bytes
-    (``block_k * head_dim * itemsize``) so that float32 or head_dim 128 tiles still fit
-    four stages in an H100's shared memory (float32 head_dim 64 at 256 needs 265 KB)."""
-    return max(16, 32768 // (jnp.dtype(dtype).itemsize * head_dim))
+QKV_BLOCK_K = 256  # default contraction steps (the H100 sweeps' best at 16-bit,
+MATMUL_BLOCK_K = 512  # docs/serving-engine.md), cut by ``fitting_block_k`` where a
+GATE_UP_BLOCK_K = 128  # dtype or shape makes the tiles too big
+SHARED_HEADROOM = 32 * 1024  # shared memory a program needs beside its pipelined tiles
+
+
+def fitting_block_k(block_k: int, rows: int, cols: int, dtype: jnp.dtype,
+                    num_stages: int) -> int:
+    """``block_k`` halved (not below 16) until the ``num_stages - 1`` buffered
+    ``[rows, block_k]`` and ``[block_k, cols]`` tiles of Triton's software pipeline fit
+    an H100's shared memory less ``SHARED_HEADROOM``. The 16-bit Qwen2.5-0.5B defaults
+    keep their full step; float32 q/k/v at 256 (265 KB) and float32 gate/up and down
+    projections at 32 rows (258 and 256 KB) did not fit and are cut."""
+    per_step = max(num_stages - 1, 1) * (rows + cols) * jnp.dtype(dtype).itemsize
+    while block_k > 16 and per_step * block_k > H100_SHARED_BYTES - SHARED_HEADROOM:
+        block_k //= 2
+    return block_k
 
 
 def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
@@ -137,7 +152,7 @@ def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
       head_dim: D (even, >= 32: each half is one mma tile of at least 16 columns).
       eps: the RMSNorm epsilon.
       block_k, num_warps, num_stages: launch settings (``block_k`` a power of two >= 16;
-        None: ``default_qkv_block_k``); split_k: slices of the contraction (>= 1; fewer
+        None: ``QKV_BLOCK_K`` cut by ``fitting_block_k``); split_k: slices of the contraction (>= 1; fewer
         when it has fewer ``block_k`` steps).
 
     Returns:
@@ -168,7 +183,8 @@ def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
     for name, t in (("cos", cos), ("sin", sin)):
         _check_weight(name, t, (batch, head_dim // 2), jnp.dtype(jnp.float32))
     if block_k is None:
-        block_k = default_qkv_block_k(x.dtype, head_dim)
+        block_k = fitting_block_k(QKV_BLOCK_K, block_rows(batch), head_dim, x.dtype,
+                                  num_stages)
     _settings(16, block_k, num_warps, num_stages)
     _check_split_k(split_k)
     return _norm_qkv_rope(x, norm_w, wq, wk, wv, bq, bk, bv, cos, sin, head_dim=head_dim,
@@ -250,7 +266,7 @@ def matmul_residual_reference(a: jax.Array, w: jax.Array, b: jax.Array | None,
 
 
 def matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: jax.Array,
-                    *, block_n: int = 32, block_k: int = 512, split_k: int = 1,
+                    *, block_n: int = 32, block_k: int | None = None, split_k: int = 1,
                     num_warps: int = 4, num_stages: int = 3) -> jax.Array:
     """``residual + (a @ w + b)``, the matmul accumulated in float32: one launch, or with
     ``split_k`` > 1 a launch of ``split_k`` times the programs (each a slice of the
@@ -259,8 +275,9 @@ def matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: j
     Args:
       a: [B, K] rows; w: [K, N]; b: [N] or None; residual: [B, N]; one dtype.
       block_n, block_k: output columns and contraction per step of a program (powers
-        of two >= 16); split_k: slices of the contraction (>= 1; fewer when K has fewer
-        ``block_k`` steps); num_warps, num_stages: launch settings.
+        of two >= 16; ``block_k`` None: ``MATMUL_BLOCK_K`` cut by ``fitting_block_k``);
+        split_k: slices of the contraction (>= 1; fewer when K has fewer ``block_k``
+        steps); num_warps, num_stages: launch settings.
 
     Returns:
       [B, N] in the rows' dtype.
@@ -274,6 +291,9 @@ def matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: j
     _check_weight("w", w, (a.shape[1], w.shape[1]), a.dtype)
     _check_weight("b", b, (w.shape[1],), a.dtype)
     _check_weight("residual", residual, (a.shape[0], w.shape[1]), a.dtype)
+    if block_k is None:
+        block_k = fitting_block_k(MATMUL_BLOCK_K, block_rows(a.shape[0]), block_n, a.dtype,
+                                  num_stages)
     _settings(block_n, block_k, num_warps, num_stages)
     _check_split_k(split_k)
     return _matmul_residual(a, w, b, residual, block_n=block_n, block_k=block_k,
@@ -330,14 +350,15 @@ def norm_gate_up_reference(x: jax.Array, norm_w: jax.Array, wg: jax.Array, wu: j
 
 
 def norm_gate_up(x: jax.Array, norm_w: jax.Array, wg: jax.Array, wu: jax.Array, *,
-                 eps: float, block_n: int = 64, block_k: int = 128, num_warps: int = 8,
-                 num_stages: int = 4) -> jax.Array:
+                 eps: float, block_n: int = 64, block_k: int | None = None,
+                 num_warps: int = 8, num_stages: int = 4) -> jax.Array:
     """``silu(norm(x) @ wg) * (norm(x) @ wu)`` with the RMSNorm ``norm``: one launch.
 
     Args:
       x: [B, E] residual rows; norm_w: [E]; wg, wu: [E, I]; one dtype.
       eps: the RMSNorm epsilon; block_n, block_k, num_warps, num_stages: launch
-        settings as ``matmul_residual``.
+        settings as ``matmul_residual`` (``block_k`` None: ``GATE_UP_BLOCK_K`` cut by
+        ``fitting_block_k`` for the gate and up tiles, ``2 * block_n`` columns).
 
     Returns:
       [B, I] in x's dtype.
@@ -351,6 +372,9 @@ def norm_gate_up(x: jax.Array, norm_w: jax.Array, wg: jax.Array, wu: jax.Array, 
     _check_weight("norm_w", norm_w, (x.shape[1],), x.dtype)
     _check_weight("wg", wg, (x.shape[1], wg.shape[1]), x.dtype)
     _check_weight("wu", wu, wg.shape, x.dtype)
+    if block_k is None:
+        block_k = fitting_block_k(GATE_UP_BLOCK_K, block_rows(x.shape[0]), 2 * block_n,
+                                  x.dtype, num_stages)
     _settings(block_n, block_k, num_warps, num_stages)
     return _norm_gate_up(x, norm_w, wg, wu, eps=float(eps), block_n=block_n, block_k=block_k,
                          num_warps=num_warps, num_stages=num_stages)

@@ -158,12 +158,14 @@ def test_engine_vs_hf_tiny(tmp_path: Path) -> None:
 
     script = CONFIGS.parent / "benchmarks" / "engine_vs_hf.py"
     out = tmp_path / "evh.json"
-    subprocess.run([sys.executable, str(script), "--tiny", "--out", str(out), "--jax-cache",
-                    ""], check=True, timeout=300)
+    subprocess.run([sys.executable, str(script), "--tiny", "--repeats", "2", "--out", str(out),
+                    "--jax-cache", ""], check=True, timeout=300)
     record = json.loads(out.read_text())
     assert len(record["offline"]) == 4 and record["online"]["rows"]
     for row in record["offline"]:
         assert row["engine"]["decode_tok_s"] > 0 and row["hf_static"]["decode_tok_s"] > 0
+        runs = row["engine"]["decode_tok_s_runs"]
+        assert len(runs) == 2 and row["engine"]["decode_tok_s"] == max(runs)
         # Same weights: greedy first tokens agree with transformers.
         assert row["agreement_vs_hf_dynamic"]["first_token"] >= 0.75
 

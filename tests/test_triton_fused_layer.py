@@ -189,15 +189,38 @@ def test_bad_arguments_raise_before_launch() -> None:
 
 
 def test_kernels_compile_for_h100() -> None:
-    """The three programs at their default launches (and the two split-K variants) compile for sm_90 down to the cubin
-    and fit an H100's shared memory: the Qwen2.5-0.5B decode shapes (bf16 at 8 and 32
-    rows, float32) and a head_dim-128 shape."""
+    """The three programs at their default launches (and the two split-K variants)
+    compile for sm_90 down to the cubin and fit an H100's shared memory: the
+    Qwen2.5-0.5B decode shapes (bf16 at 8 and 32 rows, float32 at 8, 32 and 64: 32
+    failed on an H100 before ``fitting_block_k``) and a head_dim-128 shape."""
     results = compile_for_h100([[8, 896, 14, 2, 64, 4864, "bfloat16"],
                                 [32, 896, 14, 2, 64, 4864, "bfloat16"],
                                 [8, 896, 14, 2, 64, 4864, "float32"],
+                                [32, 896, 14, 2, 64, 4864, "float32"],
+                                [64, 896, 14, 2, 64, 4864, "float32"],
                                 [8, 2048, 16, 4, 128, 8192, "bfloat16"]], kernel="layer")
-    assert len(results) == 4
+    assert len(results) == 6
     for r in results:
         assert set(r) == {"norm_qkv_rope", "norm_qkv_rope_split", "matmul_residual",
                           "matmul_residual_split", "norm_gate_up"}
         assert all(0 < v <= H100_SHARED_BYTES for v in r.values()), r
+
+
+def test_fitting_block_k() -> None:
+    """16-bit Qwen2.5-0.5B defaults keep their full step at every row block; float32
+    steps are cut until the buffered tiles fit; never below 16."""
+    bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+    for rows in (16, 32, 64):
+        assert tfl.fitting_block_k(tfl.QKV_BLOCK_K, rows, 64, bf16, 4) == 256
+        assert tfl.fitting_block_k(tfl.MATMUL_BLOCK_K, rows, 32, bf16, 3) == 512
+        assert tfl.fitting_block_k(tfl.GATE_UP_BLOCK_K, rows, 128, bf16, 4) == 128
+    assert tfl.fitting_block_k(tfl.QKV_BLOCK_K, 16, 64, f32, 4) == 128
+    assert tfl.fitting_block_k(tfl.MATMUL_BLOCK_K, 32, 32, f32, 3) == 256
+    assert tfl.fitting_block_k(tfl.GATE_UP_BLOCK_K, 32, 128, f32, 4) == 64
+    assert tfl.fitting_block_k(1024, 64, 4096, f32, 8) == 16
+    for block_k, rows, cols, stages in [(512, 16, 32, 3), (256, 64, 256, 5), (128, 32, 96, 2)]:
+        got = tfl.fitting_block_k(block_k, rows, cols, f32, stages)
+        assert (stages - 1) * (rows + cols) * 4 * got <= (
+            tfl.H100_SHARED_BYTES - tfl.SHARED_HEADROOM) or got == 16
+        assert got == block_k or (stages - 1) * (rows + cols) * 4 * 2 * got > (
+            tfl.H100_SHARED_BYTES - tfl.SHARED_HEADROOM)

@@ -24,7 +24,11 @@ from triton.compiler import ASTSource
 from pallas_kernels.triton_chunked_prefill import prefill_launch
 from pallas_kernels.triton_decode_kernel import paged_decode_append_kernel, paged_decode_kernel
 from pallas_kernels.triton_fused_layer import (
-    default_qkv_block_k,
+    GATE_UP_BLOCK_K,
+    MATMUL_BLOCK_K,
+    QKV_BLOCK_K,
+    block_rows,
+    fitting_block_k,
     gate_up_launch,
     matmul_launch,
     qkv_launch,
@@ -101,18 +105,21 @@ def layer_shared_bytes(batch: int, hidden: int, heads: int, kv_heads: int, head_
     launches = {
         "norm_qkv_rope": (norm_qkv_rope_kernel, qkv_launch(
             batch, hidden, heads, kv_heads, head_dim, dt, has_bias=True, eps=1e-6,
-            block_k=default_qkv_block_k(dt, head_dim))[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 4, 4),
+            block_k=fitting_block_k(QKV_BLOCK_K, block_rows(batch), head_dim, dt, 4))[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 4, 4),
         "norm_qkv_rope_split": (norm_qkv_rope_kernel, qkv_launch(
             batch, hidden, heads, kv_heads, head_dim, dt, has_bias=True, eps=1e-6,
             block_k=128, split_k=4)[1], {"cos_ptr": "fp32", "sin_ptr": "fp32",
                                          "out_ptr": "fp32"}, 4, 4),
         "matmul_residual": (matmul_residual_kernel, matmul_launch(
-            batch, inter, hidden, dt, has_bias=False, block_n=32, block_k=512)[1], {}, 3, 4),
+            batch, inter, hidden, dt, has_bias=False, block_n=32,
+            block_k=fitting_block_k(MATMUL_BLOCK_K, block_rows(batch), 32, dt, 3))[1], {}, 3, 4),
         "matmul_residual_split": (matmul_residual_kernel, matmul_launch(
             batch, inter, hidden, dt, has_bias=False, block_n=32, block_k=128,
             split_k=4)[1], {"out_ptr": "fp32"}, 4, 4),
         "norm_gate_up": (norm_gate_up_kernel, gate_up_launch(
-            batch, hidden, inter, dt, eps=1e-6, block_n=64, block_k=128)[1], {}, 4, 8),
+            batch, hidden, inter, dt, eps=1e-6, block_n=64,
+            block_k=fitting_block_k(GATE_UP_BLOCK_K, block_rows(batch), 128, dt, 4))[1], {}, 4,
+            8),
     }
     out = {}
     for name, (kernel, meta, f32_arrays, stages, warps) in launches.items():
