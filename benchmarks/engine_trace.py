@@ -36,17 +36,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from engine_vs_hf import offline_run
+from engine_timing import BLOCK, bare_step_ms, offline_run
 
-from kvjax.analysis.bandwidth import time_queued
 from kvjax.analysis.gpu_trace import gpu_kernel_events
 from kvjax.analysis.presets import get_preset
-from kvjax.engine.engine import Engine, _engine_decode_burst
-from kvjax.engine.sampling import GREEDY, SamplingArrays
+from kvjax.engine.engine import Engine
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
 
-BLOCK = 16
 DECODE_KERNEL = "paged_decode_append"  # a kernel name only decode bursts launch
 
 
@@ -57,31 +54,6 @@ def build(tiny: bool) -> tuple[Decoder, Any]:
                                   num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512,
                                   max_position_embeddings=1024)
     return Decoder(cfg, dtype=jnp.bfloat16), random_params(cfg, jnp.bfloat16, 0)
-
-
-def bare_step_ms(model: Decoder, params: Any, batch: int, context: int, steps: int,
-                 width: int, attention: str, reps: int) -> float:
-    """ms per token step of bursts queued back to back, ``batch`` rows at ``context`` over
-    tables ``width`` columns wide (the rows' own pages first, -1 after)."""
-    cfg = model.cfg
-    need = -(-(context + steps) // BLOCK)
-    shape = (cfg.num_layers, batch * need, BLOCK, cfg.num_kv_heads, cfg.head_dim)
-    state = {"k": jax.random.normal(jax.random.key(1), shape, jnp.bfloat16),
-             "v": jax.random.normal(jax.random.key(2), shape, jnp.bfloat16)}
-    tables = np.full((batch, width), -1, np.int32)
-    tables[:, :need] = np.arange(batch * need, dtype=np.int32).reshape(batch, need)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, batch).astype(np.int32)
-    rest = (tokens, np.full((batch,), context, np.int32), np.full((batch,), steps, np.int32),
-            tables, SamplingArrays.from_params([GREEDY] * batch),
-            np.zeros((batch,), np.uint32), np.zeros((batch,), np.int32))
-
-    def call() -> jax.Array:
-        ids, state["k"], state["v"] = _engine_decode_burst(
-            model, params, state["k"], state["v"], *rest, steps=steps, all_greedy=True,
-            attention=attention)
-        return ids
-
-    return time_queued(call, [()], iters=10, reps=reps) / steps * 1e3
 
 
 class HostClock:

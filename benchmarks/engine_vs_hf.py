@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from engine_timing import BLOCK, bare_step_ms, offline_run, tok_rate
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from kvjax.engine.engine import Engine
@@ -70,8 +71,6 @@ from kvjax.engine.serve_bench import replay, summarize
 from kvjax.engine.workload import LengthDist, WorkloadConfig, make_workload
 from kvjax.models import LoadedModel, load_checkpoint
 from pallas_kernels.triton_launch import triton_launcher
-
-BLOCK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +115,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _rate(tokens: float, seconds: float) -> float:
-    """tokens / seconds; NaN when the time difference it comes from is not positive."""
-    return tokens / seconds if seconds > 0 else float("nan")
-
-
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     _sync()
     t0 = time.perf_counter()
@@ -162,33 +156,8 @@ def hf_cell(model: Qwen2ForCausalLM, prompts: np.ndarray, new: int, *, static: b
     b, p = prompts.shape
     assert out.shape == (b, p + new), out.shape
     return {"ttft_ms": ttft * 1e3, "total_s": total,
-            "decode_tok_s": _rate((new - 1) * b, total - ttft), "tokens": out[:, p:].tolist()}
-
-
-def offline_run(engine: Engine, prompts: np.ndarray, new: int) -> dict[str, Any]:
-    """Every prompt added at t0 (``new`` tokens each), stepped to the end: TTFT until
-    every request's first token ("all") and its mean, total seconds, the decode phase
-    (the steps after the last first token: their tokens and seconds, tok/s), steps taken
-    and each request's tokens."""
-    t0 = time.perf_counter()
-    rids = [engine.add_request(p.tolist(), max_new_tokens=new, arrival_time=t0)
-            for p in prompts]
-    first: dict[int, float] = {}
-    steps: list[tuple[float, int]] = []
-    while engine.has_unfinished():
-        events = engine.step()
-        now = time.perf_counter()
-        for rid, _ in events:
-            first.setdefault(rid, now)
-        steps.append((now, len(events)))
-    end = time.perf_counter()
-    t_all = max(first.values())
-    after = sum(n for t, n in steps if t > t_all)
-    return {"ttft_all_ms": (t_all - t0) * 1e3,
-            "ttft_mean_ms": float(np.mean([t - t0 for t in first.values()])) * 1e3,
-            "total_s": end - t0, "decode_tokens": after, "decode_s": end - t_all,
-            "decode_tok_s": _rate(after, end - t_all), "steps": len(steps),
-            "tokens": [engine.finished[r].tokens[0] for r in rids]}
+            "decode_tok_s": tok_rate((new - 1) * b, total - ttft),
+            "tokens": out[:, p:].tolist()}
 
 
 def engine_cell(engine: Engine, prompts: np.ndarray, new: int, repeats: int
@@ -222,7 +191,7 @@ def generate_cell(lm: LoadedModel, prompts: np.ndarray, new: int, repeats: int
     ttft = min(_timed(call(1))[0] for _ in range(repeats))
     total = min(_timed(call(new))[0] for _ in range(repeats))
     return {"ttft_ms": ttft * 1e3, "total_s": total,
-            "decode_tok_s": _rate((new - 1) * len(batch), total - ttft)}
+            "decode_tok_s": tok_rate((new - 1) * len(batch), total - ttft)}
 
 
 def _guarded(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -232,6 +201,31 @@ def _guarded(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> di
         return fn(*args, **kwargs)
     except Exception as err:
         return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+
+def bare_burst_rows(lm: LoadedModel, engines: list[Engine],
+                    variants: list[tuple[int, bool, bool]], row: dict[str, Any], batch: int,
+                    prompt: int, new: int) -> dict[str, float]:
+    """The decode burst of each burst variant alone, queued back to back in this process
+    (``bare_step_ms``: ``batch`` rows at the decode phase's middle position, tables as
+    wide as the engine makes them): ms per token step, keyed ``steps{N}[_fused]``. Each
+    engine row of the variant gets ``engine_vs_bare``, its own ms per step over that."""
+    bare: dict[str, float] = {}
+    engine_rows = ["engine"] + [f"engine_steps{st}" + ("_overlap" if ov else "")
+                                + ("_fused" if fu else "") for st, ov, fu in variants[1:]]
+    for (steps, _, fused), engine, name in zip(variants, engines, engine_rows, strict=True):
+        key = f"steps{steps}" + ("_fused" if fused else "")
+        if steps == 1:
+            continue
+        if key not in bare:
+            width = engine._table_width(-(-(prompt + new) // BLOCK))
+            bare[key] = bare_step_ms(lm.model, lm.params, batch, prompt + new // 2, steps,
+                                     width, engine.attention, 5, fused=fused)
+        r = row[name]
+        r["engine_vs_bare"] = r["decode_s"] / (r["decode_tokens"] / batch) * 1e3 / bare[key]
+        print(f"  {name:<10} batch {batch:>3} prompt {prompt:>5}: bare burst "
+              f"{bare[key]:.3f} ms/step, engine x{r['engine_vs_bare']:.3f}", flush=True)
+    return bare
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
@@ -305,6 +299,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5,
                     help="timed runs per cell, each metric's best kept (decode rates of "
                          "single runs varied by up to 19%% on an H100)")
+    ap.add_argument("--bare-burst", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time each burst variant's decode burst alone, queued back "
+                         "to back in this process (the engine's own ceiling)")
     ap.add_argument("--budget", type=int, default=None,
                     help="engine token budget per step, offline (default 8192; tiny 256)")
     ap.add_argument("--with-generate", action="store_true",
@@ -423,6 +420,9 @@ def main() -> None:
                 r["decode_ratio_vs_hf_static"] = ratio
                 print(f"  {name:<10} batch {b:>3} prompt {p:>5}: "
                       f"{_fmt(r, 'ttft_all_ms')}; x{ratio:.2f} decode vs HF", flush=True)
+            if args.bare_burst:
+                row["bare_burst_ms"] = bare_burst_rows(lm, engines, variants, row, b, p,
+                                                       s.new)
             if args.with_generate:  # e.g. out of memory at batch 32 x 2048: reported
                 row["generate"] = _guarded(generate_cell, lm, prompts[b, p], s.new,
                                            args.repeats)

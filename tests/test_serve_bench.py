@@ -166,6 +166,9 @@ def test_engine_vs_hf_tiny(tmp_path: Path) -> None:
         assert row["engine"]["decode_tok_s"] > 0 and row["hf_static"]["decode_tok_s"] > 0
         runs = row["engine"]["decode_tok_s_runs"]
         assert len(runs) == 2 and row["engine"]["decode_tok_s"] == max(runs)
+        # the burst alone, timed in the same process, and the engine's rate against it
+        assert row["bare_burst_ms"] and all(v > 0 for v in row["bare_burst_ms"].values())
+        assert row["engine"]["engine_vs_bare"] > 0
         # Same weights: greedy first tokens agree with transformers.
         assert row["agreement_vs_hf_dynamic"]["first_token"] >= 0.75
 
