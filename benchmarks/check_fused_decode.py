@@ -42,8 +42,9 @@ def flax_step(model: Decoder, params: Any, k: jax.Array, v: jax.Array, tokens: j
     """The Flax forward over a PagedCache with the given attention backend."""
     cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
                        lengths=jnp.maximum(pos, 0), attention=attention)
-    logits, new = model.apply({"params": params}, tokens[:, None], pos[:, None], cache,
-                              logit_index=jnp.zeros_like(tokens))
+    out: Any = model.apply({"params": params}, tokens[:, None], pos[:, None], cache,
+                           logit_index=jnp.zeros_like(tokens))
+    logits, new = out
     return logits, new.k_pages, new.v_pages
 
 

@@ -55,7 +55,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +134,7 @@ def build_hf(s: Setup, device: str, seed: int) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg)
-    return model.to(torch.bfloat16).eval()
+    return cast(Any, model).to(torch.bfloat16).eval()
 
 
 def hf_cell(model: Qwen2ForCausalLM, prompts: np.ndarray, new: int, *, static: bool,

@@ -12,6 +12,7 @@ GPU: python benchmarks/xla_triton_launch.py
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -54,7 +55,7 @@ def main() -> None:
         t = time_chained(f, sets, iters=24, reps=5)
         chain = chained_calls(f, 24)
         jax.block_until_ready(chain(tuple(sets)))
-        summary = kernel_summary(gpu_kernel_events(lambda c=chain: c(tuple(sets))), 24)
+        summary = kernel_summary(gpu_kernel_events(partial(chain, tuple(sets))), 24)
         print(f"  {name:<11} {1e6 * t:6.2f} us/call (slope); trace: "
               f"{summary['kernels_per_step']:.1f} kernels/call, kernel "
               f"{summary['kernel_us_per_step']:.2f} us/call, span "
