@@ -207,15 +207,16 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
                 "half_depth_step_ms": 1e3 * s_half, "per_layer_us": 1e6 * per_layer,
                 "fixed_ms": 1e3 * fixed}
             if a.hlo_dir:
-                write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{attention}_{form}.txt", full, full_params,
-                          burst_args(full, batch, context, a.steps), a.steps, attention)
+                write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{attention}_{form}.txt", full,
+                          full_params, burst_args(full, batch, context, a.steps), a.steps,
+                          attention)
             if a.trace:
                 row["trace"] = trace_summary(full, full_params, burst_args(
                     full, batch, context, a.steps), a.steps, attention)
             rows.append(row)
-            print(f"  {batch:>3}x{context:<5} {attention:<7} {form:<8} step {1e3 * s_full:6.3f} ms "
-                  f"({batch / s_full:8.0f} tok/s)  floor {1e3 * floor:5.3f} ms "
-                  f"(x{s_full / floor:4.1f})  per layer {1e6 * per_layer:5.1f} us, fixed "
+            print(f"  {batch:>3}x{context:<5} {attention:<7} {form:<8} step "
+                  f"{1e3 * s_full:6.3f} ms ({batch / s_full:8.0f} tok/s)  floor "
+                  f"{1e3 * floor:5.3f} ms (x{s_full / floor:4.1f})  per layer {1e6 * per_layer:5.1f} us, fixed "
                   f"{1e3 * fixed:5.3f} ms  [{time.perf_counter() - t0:4.0f} s]", flush=True)
             if "trace" in row:
                 tr = row["trace"]
@@ -274,8 +275,8 @@ def main() -> None:
         for flags in [os.environ.get("XLA_FLAGS", ""), *a.xla_flags]:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 argv = [sys.executable, __file__, "--cells", *a.cells, "--attention",
-                        *a.attention, "--combine", *a.combine, "--steps", str(a.steps), "--reps", str(a.reps),
-                        "--out", f.name]
+                        *a.attention, "--combine", *a.combine, "--steps", str(a.steps),
+                        "--reps", str(a.reps), "--out", f.name]
                 argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
                 argv += ["--trace"] * a.trace + ["--scatter-writes"] * a.scatter_writes
                 argv += ["--launch", a.launch]

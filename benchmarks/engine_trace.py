@@ -25,7 +25,6 @@ CPU check (tiny): python benchmarks/engine_trace.py --tiny
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import time
@@ -34,26 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from decode_step_profile import build
 from engine_timing import BLOCK, bare_step_ms, offline_run
 
 from kvjax.analysis.gpu_trace import gpu_kernel_events
-from kvjax.analysis.presets import get_preset
 from kvjax.engine.engine import Engine
 from kvjax.models.llama import Decoder
-from kvjax.models.random_init import random_params
 
 DECODE_KERNEL = "paged_decode_append"  # a kernel name only decode bursts launch
-
-
-def build(tiny: bool) -> tuple[Decoder, Any]:
-    cfg = get_preset("qwen2.5-0.5b").to_model_config()
-    if tiny:
-        cfg = dataclasses.replace(cfg, num_layers=2, hidden_size=64, intermediate_size=128,
-                                  num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512,
-                                  max_position_embeddings=1024)
-    return Decoder(cfg, dtype=jnp.bfloat16), random_params(cfg, jnp.bfloat16, 0)
 
 
 class HostClock:
@@ -120,7 +108,7 @@ def run_cell(model: Decoder, params: Any, batch: int, prompt: int, a: argparse.N
                     max_batch=a.max_batch, prefill_chunk=prompt,
                     max_tokens_per_step=max(a.budget, prompt), decode_steps=steps,
                     overlap_bursts=True, attention=a.attention)
-    width = engine._table_width(-(-(prompt + a.new) // BLOCK))
+    width = engine._table_width(need)
     attention = engine.attention
     row: dict[str, Any] = {"batch": batch, "prompt": prompt, "new": a.new,
                            "decode_steps": steps, "table_width_engine": width,
@@ -181,7 +169,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.tiny:
         a.cells, a.new, a.max_batch, a.budget, a.repeats, a.reps = ["2x32"], 9, 4, 128, 1, 1
-    model, params = build(a.tiny)
+    model, params = build(None, a.tiny)
     record: dict[str, Any] = {"device": str(jax.devices()[0].device_kind),
                               "jax": jax.__version__, "cells": []}
     print(f"{record['device']}; jax {jax.__version__}", flush=True)

@@ -203,6 +203,11 @@ def _guarded(fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> di
         return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
 
 
+def variant_row(steps: int, overlap: bool, fused: bool) -> str:
+    """The record key of an engine variant after the first (``row["engine"]``)."""
+    return f"engine_steps{steps}" + ("_overlap" if overlap else "") + ("_fused" if fused else "")
+
+
 def bare_burst_rows(lm: LoadedModel, engines: list[Engine],
                     variants: list[tuple[int, bool, bool]], row: dict[str, Any], batch: int,
                     prompt: int, new: int) -> dict[str, float]:
@@ -211,8 +216,7 @@ def bare_burst_rows(lm: LoadedModel, engines: list[Engine],
     wide as the engine makes them): ms per token step, keyed ``steps{N}[_fused]``. Each
     engine row of the variant gets ``engine_vs_bare``, its own ms per step over that."""
     bare: dict[str, float] = {}
-    engine_rows = ["engine"] + [f"engine_steps{st}" + ("_overlap" if ov else "")
-                                + ("_fused" if fu else "") for st, ov, fu in variants[1:]]
+    engine_rows = ["engine"] + [variant_row(*v) for v in variants[1:]]
     for (steps, _, fused), engine, name in zip(variants, engines, engine_rows, strict=True):
         key = f"steps{steps}" + ("_fused" if fused else "")
         if steps == 1:
@@ -410,8 +414,7 @@ def main() -> None:
             row: dict[str, Any] = {"batch": b, "prompt": p, "new": s.new, **hf_rows[b, p]}
             row["engine"] = engine_cell(engine, prompts[b, p], s.new, args.repeats)
             for (steps, overlap, fused), other in zip(variants[1:], engines[1:], strict=True):
-                name = (f"engine_steps{steps}" + ("_overlap" if overlap else "")
-                        + ("_fused" if fused else ""))
+                name = variant_row(steps, overlap, fused)
                 r = row[name] = engine_cell(other, prompts[b, p], s.new, args.repeats)
                 r.pop("tokens", None)
                 ok_st = "error" not in row["hf_static"]

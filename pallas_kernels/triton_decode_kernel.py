@@ -5,8 +5,8 @@ kernel in ``pallas_kernels.paged_decode``: the program holds the KV group's quer
 as ``ROWS`` rows (zero-padded to a power of two >= 16, one mma tile), walks its split's
 share of the sequence's positions (the row's steps up to its length, shared evenly by
 the ``NUM_SPLITS`` splits: the table's width sets no work), ``BLOCK_TOKENS`` tokens per
-online-softmax step (one ``[BLOCK_TOKENS, HEAD_DIM]`` tile
-gathered from their pages: several pages, or part of one), and writes its unnormalised
+online-softmax step (one ``[BLOCK_TOKENS, HEAD_DIM]`` tile gathered from their pages:
+several pages, or part of one; ``attend_steps``), and writes its unnormalised
 partial ``(o, m, den)`` for ``pallas_kernels.paged_decode.combine_splits`` — or, with one
 split, the normalised output itself in the output's dtype (no combine launched).
 ``paged_decode_append_kernel`` is the same program that first appends the step's token:
@@ -176,13 +176,10 @@ def decode_program(
     off, valid = tile_offsets(table_ptr, seq, head, first, stop_read, layer_off, num_pages,
                               HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS,
                               HEAD_MAJOR)
-    for start in range(first, stop_read, BLOCK_TOKENS):
-        off, valid, next_off, next_valid = step_offsets(
-            off, valid, table_ptr, seq, head, start, stop_read, layer_off, num_pages, HEAD_DIM,
-            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, HEAD_MAJOR)
-        o, m, den = attend_tile(q, o, m, den, m, k_ptr, v_ptr, off, valid, start, HEAD_DIM,
-                                BLOCK_TOKENS, SCALE, DOT_PRECISION, False)
-        off, valid = next_off, next_valid
+    o, m, den, off, valid = attend_steps(  # q_pos (m) unread: no causal mask in decode
+        q, o, m, den, m, k_ptr, v_ptr, off, valid, table_ptr, seq, head, first, stop_read,
+        stop_read, layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS,
+        BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, HEAD_MAJOR, False)
     if APPEND:
         o, m, den = append_token(q, o, m, den, k_ptr, v_ptr, k_new_ptr, v_new_ptr, table_ptr,
                                  seq, head, new, first, stop, layer_off, num_pages, HEAD_DIM,
@@ -194,6 +191,35 @@ def decode_program(
     tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=real_row[:, None])
     tl.store(m_ptr + out_rows, m, mask=real_row)
     tl.store(den_ptr + out_rows, den, mask=real_row)
+
+
+@triton.jit
+def attend_steps(
+    q: tl.tensor, o: tl.tensor, m: tl.tensor, den: tl.tensor, q_pos: tl.tensor,
+    k_ptr: tl.tensor, v_ptr: tl.tensor,
+    off: tl.tensor,  # the first step's offsets and validity (``tile_offsets``)
+    valid: tl.tensor,
+    table_ptr: tl.tensor, seq: tl.tensor, head: tl.tensor,
+    begin: tl.tensor,  # first position walked (a multiple of BLOCK_TOKENS)
+    end: tl.tensor,  # positions >= end are left to a later walk
+    stop: tl.tensor,  # positions >= stop are not read
+    layer_off: tl.tensor, num_pages: tl.tensor,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_HEADS: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr, BLOCK_TOKENS: tl.constexpr, SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFETCH_TABLE: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+    CAUSAL: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
+    """Online-softmax steps over positions ``[begin, end)``, ``BLOCK_TOKENS`` at a time
+    (``attend_tile``; the causal mask applied when ``CAUSAL``). Returns the new ``(o, m,
+    den)`` and the next step's ``(off, valid)``."""
+    for start in range(begin, end, BLOCK_TOKENS):
+        off, valid, next_off, next_valid = step_offsets(
+            off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
+            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, HEAD_MAJOR)
+        o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, start,
+                                HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, CAUSAL)
+        off, valid = next_off, next_valid
+    return o, m, den, off, valid
 
 
 @triton.jit

@@ -152,8 +152,8 @@ def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
       head_dim: D (even, >= 32: each half is one mma tile of at least 16 columns).
       eps: the RMSNorm epsilon.
       block_k, num_warps, num_stages: launch settings (``block_k`` a power of two >= 16;
-        None: ``QKV_BLOCK_K`` cut by ``fitting_block_k``); split_k: slices of the contraction (>= 1; fewer
-        when it has fewer ``block_k`` steps).
+        None: ``QKV_BLOCK_K`` cut by ``fitting_block_k``); split_k: slices of the
+        contraction (>= 1; fewer when it has fewer ``block_k`` steps).
 
     Returns:
       [B, H + 2K, D] in x's dtype: q and k rotated (rotate-half), then v.
@@ -182,10 +182,10 @@ def norm_qkv_rope(x: jax.Array, norm_w: jax.Array, wq: jax.Array, wk: jax.Array,
     _check_weight("bv", bv, (kv_heads * head_dim,), x.dtype)
     for name, t in (("cos", cos), ("sin", sin)):
         _check_weight(name, t, (batch, head_dim // 2), jnp.dtype(jnp.float32))
+    _settings(16, 16 if block_k is None else block_k, num_warps, num_stages)
     if block_k is None:
         block_k = fitting_block_k(QKV_BLOCK_K, block_rows(batch), head_dim, x.dtype,
                                   num_stages)
-    _settings(16, block_k, num_warps, num_stages)
     _check_split_k(split_k)
     return _norm_qkv_rope(x, norm_w, wq, wk, wv, bq, bk, bv, cos, sin, head_dim=head_dim,
                           eps=float(eps), block_k=block_k, split_k=split_k,
@@ -291,10 +291,10 @@ def matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: j
     _check_weight("w", w, (a.shape[1], w.shape[1]), a.dtype)
     _check_weight("b", b, (w.shape[1],), a.dtype)
     _check_weight("residual", residual, (a.shape[0], w.shape[1]), a.dtype)
+    _settings(block_n, 16 if block_k is None else block_k, num_warps, num_stages)
     if block_k is None:
         block_k = fitting_block_k(MATMUL_BLOCK_K, block_rows(a.shape[0]), block_n, a.dtype,
                                   num_stages)
-    _settings(block_n, block_k, num_warps, num_stages)
     _check_split_k(split_k)
     return _matmul_residual(a, w, b, residual, block_n=block_n, block_k=block_k,
                             split_k=split_k, num_warps=num_warps, num_stages=num_stages)
@@ -372,10 +372,10 @@ def norm_gate_up(x: jax.Array, norm_w: jax.Array, wg: jax.Array, wu: jax.Array, 
     _check_weight("norm_w", norm_w, (x.shape[1],), x.dtype)
     _check_weight("wg", wg, (x.shape[1], wg.shape[1]), x.dtype)
     _check_weight("wu", wu, wg.shape, x.dtype)
+    _settings(block_n, 16 if block_k is None else block_k, num_warps, num_stages)
     if block_k is None:
         block_k = fitting_block_k(GATE_UP_BLOCK_K, block_rows(x.shape[0]), 2 * block_n,
                                   x.dtype, num_stages)
-    _settings(block_n, block_k, num_warps, num_stages)
     return _norm_gate_up(x, norm_w, wg, wu, eps=float(eps), block_n=block_n, block_k=block_k,
                          num_warps=num_warps, num_stages=num_stages)
 

@@ -24,38 +24,9 @@ import triton.language as tl
 from pallas_kernels.triton_decode_kernel import (
     MASKED,
     UPCAST_DOTS,
-    attend_tile,
-    step_offsets,
+    attend_steps,
     tile_offsets,
 )
-
-
-@triton.jit
-def attend_steps(
-    q: tl.tensor, o: tl.tensor, m: tl.tensor, den: tl.tensor, q_pos: tl.tensor,
-    k_ptr: tl.tensor, v_ptr: tl.tensor,
-    off: tl.tensor,  # the first step's offsets and validity (``tile_offsets``)
-    valid: tl.tensor,
-    table_ptr: tl.tensor, seq: tl.tensor, head: tl.tensor,
-    begin: tl.tensor,  # first position walked (a multiple of BLOCK_TOKENS)
-    end: tl.tensor,  # positions >= end are left to a later walk
-    stop: tl.tensor,  # positions >= stop are not read
-    layer_off: tl.tensor, num_pages: tl.tensor,
-    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_HEADS: tl.constexpr,
-    MAX_BLOCKS: tl.constexpr, BLOCK_TOKENS: tl.constexpr, SCALE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PREFETCH_TABLE: tl.constexpr, CAUSAL: tl.constexpr,
-) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
-    """Online-softmax steps over positions ``[begin, end)``, ``BLOCK_TOKENS`` at a time
-    (``attend_tile``; the causal mask applied when ``CAUSAL``). Returns the new ``(o, m,
-    den)`` and the next step's ``(off, valid)``."""
-    for start in range(begin, end, BLOCK_TOKENS):
-        off, valid, next_off, next_valid = step_offsets(
-            off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
-            PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, False)
-        o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, start,
-                                HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, CAUSAL)
-        off, valid = next_off, next_valid
-    return o, m, den, off, valid
 
 
 @triton.jit
@@ -119,11 +90,11 @@ def paged_prefill_kernel(
     o, m, den, off, valid = attend_steps(
         q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, table_ptr, seq, head, 0, bulk, stop,
         layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, SCALE,
-        DOT_PRECISION, PREFETCH_TABLE, False)
+        DOT_PRECISION, PREFETCH_TABLE, False, False)
     o, m, den, off, valid = attend_steps(
         q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, table_ptr, seq, head, bulk, stop, stop,
         layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, SCALE,
-        DOT_PRECISION, PREFETCH_TABLE, True)
+        DOT_PRECISION, PREFETCH_TABLE, False, True)
 
     o = tl.where(real[:, None], o / tl.where(den > 0, den, 1.0)[:, None], 0.0)
     tl.store(o_ptr + qo_off, o, mask=in_out[:, None])

@@ -105,7 +105,8 @@ def layer_shared_bytes(batch: int, hidden: int, heads: int, kv_heads: int, head_
     launches = {
         "norm_qkv_rope": (norm_qkv_rope_kernel, qkv_launch(
             batch, hidden, heads, kv_heads, head_dim, dt, has_bias=True, eps=1e-6,
-            block_k=fitting_block_k(QKV_BLOCK_K, block_rows(batch), head_dim, dt, 4))[1], {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 4, 4),
+            block_k=fitting_block_k(QKV_BLOCK_K, block_rows(batch), head_dim, dt, 4))[1],
+            {"cos_ptr": "fp32", "sin_ptr": "fp32"}, 4, 4),
         "norm_qkv_rope_split": (norm_qkv_rope_kernel, qkv_launch(
             batch, hidden, heads, kv_heads, head_dim, dt, has_bias=True, eps=1e-6,
             block_k=128, split_k=4)[1], {"cos_ptr": "fp32", "sin_ptr": "fp32",
