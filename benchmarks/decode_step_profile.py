@@ -15,7 +15,9 @@ random bf16 weights, every row at context ``C`` over a paged pool (block 16). Fo
 
 ``--attention fused`` is the burst through the fused Triton layer kernels
 (``Engine(fused_decode=True)``: ``kvjax.models.fused_decode``) with the Triton decode
-kernel; ``triton`` the Flax forward with it.
+kernel; ``triton`` the Flax forward with it; ``fused=FILE`` the fused burst with each
+layer piece launched as the JSON ``FusedLaunch`` in FILE says
+(``fused_layer_kernels.py --launch-out`` writes one).
 
 ``--scatter-writes`` measures the decode step as it was before the decode-append kernel:
 under ``triton`` the step's K/V written by two XLA scatters per layer and attended by
@@ -57,6 +59,7 @@ from kvjax.analysis.presets import get_preset
 from kvjax.engine.engine import _engine_decode_burst
 from kvjax.engine.generate import kv_bytes_per_token
 from kvjax.engine.sampling import GREEDY, SamplingArrays
+from kvjax.models.fused_decode import FusedLaunch
 from kvjax.models.llama import Decoder
 from kvjax.models.random_init import random_params
 from pallas_kernels import paged_decode
@@ -95,10 +98,20 @@ def burst_args(model: Decoder, batch: int, context: int, steps: int) -> tuple[An
 
 def backend(attention: str) -> dict[str, Any]:
     """``_engine_decode_burst``'s keywords for a ``--attention`` value ("fused": the
-    fused layer kernels with the Triton decode kernel)."""
+    fused layer kernels with the Triton decode kernel at the default ``FusedLaunch``;
+    "fused=FILE": the same with the launch read from a JSON file)."""
     if attention == "fused":
-        return {"attention": "triton", "fused": True}
+        return {"attention": "triton", "fused": FusedLaunch()}
+    if attention.startswith("fused="):
+        return {"attention": "triton", "fused": FusedLaunch.from_json(attention[6:])}
     return {"attention": attention}
+
+
+def label(attention: str) -> str:
+    """A short name for an ``--attention`` value ("fused=dir/best.json" -> "fused-best")."""
+    if attention.startswith("fused="):
+        return f"fused-{Path(attention[6:]).stem}"
+    return attention
 
 
 def step_seconds(model: Decoder, params: Any, args: tuple[Any, ...], steps: int,
@@ -201,20 +214,24 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
             per_layer = 2 * (s_full - s_half) / full.cfg.num_layers
             fixed = s_full - per_layer * full.cfg.num_layers
             row: dict[str, Any] = {
-                "batch": batch, "context": context, "attention": attention, "combine": form,
+                "batch": batch, "context": context, "attention": label(attention),
+                "combine": form,
                 "step_ms": 1e3 * s_full, "tokens_per_s": batch / s_full,
                 "floor_ms": 1e3 * floor, "x_floor": s_full / floor,
                 "half_depth_step_ms": 1e3 * s_half, "per_layer_us": 1e6 * per_layer,
                 "fixed_ms": 1e3 * fixed}
+            fused = backend(attention).get("fused")
+            if fused is not None:
+                row["fused_launch"] = fused.to_dict()
             if a.hlo_dir:
-                write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{attention}_{form}.txt", full,
+                write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{label(attention)}_{form}.txt", full,
                           full_params, burst_args(full, batch, context, a.steps), a.steps,
                           attention)
             if a.trace:
                 row["trace"] = trace_summary(full, full_params, burst_args(
                     full, batch, context, a.steps), a.steps, attention)
             rows.append(row)
-            print(f"  {batch:>3}x{context:<5} {attention:<7} {form:<8} step "
+            print(f"  {batch:>3}x{context:<5} {label(attention):<7} {form:<8} step "
                   f"{1e3 * s_full:6.3f} ms ({batch / s_full:8.0f} tok/s)  floor "
                   f"{1e3 * floor:5.3f} ms (x{s_full / floor:4.1f})  per layer {1e6 * per_layer:5.1f} us, fixed "
                   f"{1e3 * fixed:5.3f} ms  [{time.perf_counter() - t0:4.0f} s]", flush=True)

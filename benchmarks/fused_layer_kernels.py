@@ -14,6 +14,11 @@ microseconds: the programs' fixed cost varies by more than 24 such calls take.)
 The kernels launch as ``KVJAX_TRITON_LAUNCH`` says (``pallas_kernels.triton_launch``):
 XLA compiles the ``xla`` launches with its own Triton, so their settings may differ.
 
+``--launch-out FILE`` writes the ``kvjax.models.fused_decode.FusedLaunch`` these
+measurements pick: per layer piece, the setting with the least time summed over the
+batches, or ``"xla"`` where XLA's kernels for the same math took less
+(``decode_step_profile.py --fused-launch FILE`` and ``Engine(fused_launch=...)`` read it).
+
 GPU: python benchmarks/fused_layer_kernels.py --out $OUT/fused_layer_kernels.json
 """
 
@@ -32,11 +37,14 @@ import numpy as np
 
 from kvjax.analysis.bandwidth import chained_calls, read_bandwidth
 from kvjax.analysis.gpu_trace import gpu_kernel_events, kernel_summary
+from kvjax.models.fused_decode import XLA, FusedLaunch
 from pallas_kernels import triton_fused_layer as tfl
 from pallas_kernels.triton_launch import triton_launcher
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 896, 4864, 14, 2, 64, 24
 BF16 = jnp.bfloat16
+PIECES = {"norm_qkv_rope": "qkv", "o_proj": "o_proj", "norm_gate_up": "gate_up",
+          "down_proj": "down"}  # benchmark case -> FusedLaunch piece
 
 
 def _weights(key: int, shape: tuple[int, ...]) -> list[jax.Array]:
@@ -103,17 +111,46 @@ def kernel_seconds(fn: Callable[..., Any], arg_sets: list[tuple[Any, ...]]) -> f
     return float(summary["kernel_us_per_step"]) * 1e-6
 
 
+def pick_launch(rows: list[dict[str, Any]], batches: list[int]
+                ) -> tuple[FusedLaunch, dict[str, Any]]:
+    """Per piece, the settings measured at every batch with the least summed time, or
+    XLA where its summed time is less. Returns (the launch, per piece: the choice, its
+    summed us and XLA's)."""
+    chosen: dict[str, Any] = {}
+    detail: dict[str, Any] = {}
+    for case, piece in PIECES.items():
+        sums: dict[str, list[float]] = {}
+        xla_us: dict[int, float] = {}
+        for r in rows:
+            if r["kernel"] == case:
+                sums.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(r["us"])
+                xla_us[r["batch"]] = r["xla_us"]
+        complete = {k: sum(v) for k, v in sums.items() if len(v) == len(batches)}
+        if not complete or len(xla_us) != len(batches):
+            continue  # not measured at every batch: keep the default
+        best = min(complete, key=lambda k: complete[k])
+        t_xla = sum(xla_us.values())
+        chosen[piece] = XLA if t_xla < complete[best] else json.loads(best)
+        detail[piece] = {"choice": chosen[piece], "kernel_us_sum": complete[best],
+                         "kernel_settings": json.loads(best), "xla_us_sum": t_xla}
+    return FusedLaunch.from_dict(chosen), detail
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--launch-out", default=None,
+                    help="write the FusedLaunch these measurements pick (JSON)")
     args = ap.parse_args()
     bw = read_bandwidth()
     print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s; kernels "
           f"launched by {triton_launcher()}", flush=True)
     rows: list[dict[str, Any]] = []
-    for batch in args.batches:
-        for name, (kernel, xla, arg_sets, grid, nbytes) in cases(batch).items():
+    case_sets = {batch: cases(batch) for batch in args.batches}
+    for name in PIECES:  # piece by piece, every batch: a run cut short keeps whole pieces
+        for batch in args.batches:
+            kernel, xla, arg_sets, grid, nbytes = case_sets[batch][name]
             t_xla = kernel_seconds(xla, arg_sets)
             best: dict[str, Any] | None = None
             for st in grid:
@@ -132,11 +169,23 @@ def main() -> None:
                 print(f"  {batch:>3} {name:<13} xla {1e6 * t_xla:6.2f} us ({nbytes / t_xla / bw:4.0%})"
                       f" | best {best['us']:6.2f} us ({best['bw_share']:4.0%}), "
                       f"{best['speedup_vs_xla']:.2f}x xla, {best['settings']}", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"device": jax.devices()[0].device_kind,
-                                              "launch": triton_launcher(),
-                                              "read_bandwidth": bw, "rows": rows}, indent=1))
+        write(args, bw, rows)
 
+
+def write(args: argparse.Namespace, bw: float, rows: list[dict[str, Any]]) -> None:
+    """The rows so far (``--out``) and the launch they pick (``--launch-out``)."""
+    device = jax.devices()[0].device_kind
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": device, "launch": triton_launcher(),
+                                              "read_bandwidth": bw, "rows": rows}, indent=1))
+    if args.launch_out:
+        launch, detail = pick_launch(rows, args.batches)
+        for piece, d in detail.items():
+            print(f"  pick {piece:<8} {d['choice']}  (kernel {d['kernel_us_sum']:.2f} us vs "
+                  f"xla {d['xla_us_sum']:.2f} us, summed over batches {args.batches})")
+        Path(args.launch_out).write_text(json.dumps(
+            {"device": device, "launch": triton_launcher(), "batches": args.batches,
+             "fused_launch": launch.to_dict(), "pieces": detail}, indent=1))
 
 if __name__ == "__main__":
     main()

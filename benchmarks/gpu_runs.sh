@@ -39,6 +39,8 @@
 #   launch-engine  engine vs HF static, 8/32 x 512, kernels launched by XLA  ~ 3 min *
 #   fused-kernels  the fused layer kernels alone over launch settings, vs XLA   ~ 4 min *
 #   fused-kernels-xla  the same, launched as XLA's Triton custom call          ~ 4 min *
+#   fused-tune   that sweep picks each layer piece's launch or XLA (FusedLaunch), then
+#                the burst: Flax step vs fused step picked vs default (traced)  ~ 7 min *
 #   check-xla    the GPU check of both decode steps under the XLA launch    ~ 1 min *
 #   fused-engine   engine vs HF static, 8/32 x 512, with and without them     ~ 5 min *
 #   decode-append  the decode kernel writing the step's K/V: GPU check, burst A/B
@@ -174,6 +176,13 @@ case "$group" in
   fused-kernels-xla)  # the same, the kernels launched as XLA's Triton custom call
     KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 300 $py \
         benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" ;;
+  fused-tune)  # the kernel sweep picks each layer piece's launch (or XLA); the burst A/B
+    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 300 $py \
+        benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" \
+        --launch-out "$out/fused_launch_picked.json"
+    run decode_step_profile_fused_tuned 200 $py benchmarks/decode_step_profile.py --launch xla \
+        --cells 8x512 32x512 --attention triton "fused=$out/fused_launch_picked.json" fused \
+        --no-half --trace --out "$out/decode_step_profile_fused_tuned.json" ;;
   engine-trace)  # the engine's decode window vs its bare burst: host clock, GPU idle gaps
     KVJAX_TRITON_LAUNCH=xla run engine_trace 200 $py benchmarks/engine_trace.py \
         --out "$out/engine_trace.json" ;;

@@ -78,7 +78,7 @@ import dataclasses
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, cast
 
@@ -96,7 +96,7 @@ from kvjax.engine.shapes import pow2
 from kvjax.memory.allocator import AllocatorStats, BlockAllocator, OutOfBlocksError
 from kvjax.memory.host_pool import HostPool, HostPoolStats
 from kvjax.memory.prefix_cache import PrefixCache
-from kvjax.models.fused_decode import check_fusable, fused_decode_step
+from kvjax.models.fused_decode import FusedLaunch, check_fusable, fused_decode_step
 from kvjax.models.llama import Decoder
 
 Event = tuple[int, int]  # (request id, new token id)
@@ -314,7 +314,8 @@ def _engine_decode_burst(model: Decoder, params: Any, k_pages: jax.Array, v_page
                          tokens: ArrayLike, positions: ArrayLike, active: ArrayLike,
                          tables: ArrayLike, sp: SamplingArrays, seeds: ArrayLike,
                          draws: ArrayLike, *, steps: int, attention: str, all_greedy: bool,
-                         fused: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         fused: FusedLaunch | None = None
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``steps`` decode forwards in one device loop, each feeding back its samples.
 
     tokens, positions, active, draws int32 [B]: row ``b`` feeds ``tokens[b]`` at
@@ -324,8 +325,8 @@ def _engine_decode_burst(model: Decoder, params: Any, k_pages: jax.Array, v_page
     k_pages/v_pages [L, P, S, K, D] (donated). Returns (ids int32 [B, steps]; entries at
     ``j >= active[b]`` are meaningless), k_pages, v_pages. Equal, token for token, to
     ``steps`` calls of ``_engine_step`` with width 1. ``fused``: each forward is
-    ``fused_decode_step`` (the fused Triton layer kernels; ``attention`` "triton") instead
-    of the Flax model's.
+    ``fused_decode_step`` with this launch (the fused Triton layer kernels; ``attention``
+    "triton") instead of the Flax model's.
     """
     tokens, positions, active, draws = (jnp.asarray(a, jnp.int32)
                                         for a in (tokens, positions, active, draws))
@@ -338,8 +339,8 @@ def _engine_decode_burst(model: Decoder, params: Any, k_pages: jax.Array, v_page
         tok, k, v, ids = carry
         live = j < active
         pos = jnp.where(live, positions + j, -1)
-        if fused:
-            logits, k, v = fused_decode_step(params, model.cfg, tok, pos, k, v, tables)
+        if fused is not None:
+            logits, k, v = fused_decode_step(params, model.cfg, tok, pos, k, v, tables, fused)
         else:
             cache = PagedCache(k_pages=k, v_pages=v, block_tables=tables,
                                lengths=jnp.where(live, pos, 0), attention=attention)
@@ -421,6 +422,8 @@ class Engine:
         kernels around the decode kernel) instead of the Flax forward; needs attention
         "triton" (GPU). Outputs agree up to rounding (the same math, another kernel
         order); prefill chunks and single steps keep the Flax forward.
+      fused_launch: with ``fused_decode``, how each layer piece runs (a
+        ``kvjax.models.fused_decode.FusedLaunch``, or its dict form; None: the default).
       swap_blocks: pages the swap host pool holds (needed, >= 1, for "swap").
       host_staging: how swaps copy: one of ``kvjax.memory.host_pool.STAGING``.
 
@@ -433,7 +436,8 @@ class Engine:
                  detokenize: Detokenize | None = None, attention: str = "auto",
                  decode_steps: int = 1, preemption: str = "recompute", swap_blocks: int = 0,
                  host_staging: str = "pageable", overlap_bursts: bool = False,
-                 fused_decode: bool = False) -> None:
+                 fused_decode: bool = False,
+                 fused_launch: FusedLaunch | Mapping[str, Any] | None = None) -> None:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
                             ("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
                             ("decode_steps", decode_steps)):
@@ -474,7 +478,13 @@ class Engine:
                 raise ValueError(f"fused_decode needs attention 'triton' (the Triton kernels), "
                                  f"got {self.attention!r}")
             check_fusable(cfg)
+        elif fused_launch is not None:
+            raise ValueError("fused_launch is only used with fused_decode=True")
+        if fused_launch is not None and not isinstance(fused_launch, FusedLaunch):
+            fused_launch = FusedLaunch.from_dict(fused_launch)
         self.fused_decode = fused_decode
+        self.fused_launch: FusedLaunch | None = (
+            (fused_launch or FusedLaunch()) if fused_decode else None)
         self.allocator = BlockAllocator(num_blocks, block_size, kv_bytes_per_token(model))
         self.prefix_cache = (PrefixCache(self.allocator, vocab_size=cfg.vocab_size)
                              if prefix_caching else None)
@@ -1084,7 +1094,7 @@ class Engine:
         ids, self._k, self._v = _engine_decode_burst(
             self.model, self.params, self._k, self._v, tokens, positions, active, tables, sp,
             seeds, draws, steps=self.decode_steps, attention=self.attention,
-            all_greedy=all_greedy, fused=self.fused_decode)
+            all_greedy=all_greedy, fused=self.fused_launch)
         return ids
 
     def stream(self, on_token: Callable[[int, int], None] | None = None) -> Iterator[Event]:

@@ -72,7 +72,8 @@ def build_engine(cfg: ServeBenchConfig) -> Engine:
                   prefix_caching=e.prefix_caching, attention=e.attention,
                   decode_steps=e.decode_steps, preemption=e.preemption,
                   swap_blocks=e.swap_blocks, host_staging=e.host_staging,
-                  overlap_bursts=e.overlap_bursts, fused_decode=e.fused_decode)
+                  overlap_bursts=e.overlap_bursts, fused_decode=e.fused_decode,
+                  fused_launch=e.fused_launch if e.fused_decode else None)
 
 
 def replay(engine: Engine, items: list[WorkItem], *, progress: bool = True) -> Replay:

@@ -29,6 +29,7 @@ from kvjax.config import ModelConfig
 from kvjax.engine.engine import PREEMPTION
 from kvjax.engine.workload import DIST_KEYS, LengthDist, WorkloadConfig
 from kvjax.memory.host_pool import STAGING
+from kvjax.models.fused_decode import FusedLaunch
 from kvjax.yaml_config import coerce, read_yaml
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -91,6 +92,9 @@ class EngineSpec:
     host_staging: str = "pageable"  # swap copies: "pageable", "pinned" or "pinned-slots"
     overlap_bursts: bool = False  # dispatch the next decode burst before reading this one
     fused_decode: bool = False  # decode bursts through the fused Triton layer kernels
+    # with fused_decode: each layer piece's kernel settings or "xla" (FusedLaunch), e.g.
+    # {down: {split_k: 4}, qkv: xla}
+    fused_launch: FusedLaunch = dataclasses.field(default_factory=FusedLaunch)
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_batch", "prefill_chunk", "decode_steps"):

@@ -6,14 +6,21 @@ RoPE; packed), ``triton_paged_decode_append_packed`` (the K/V write and the atte
 ``matmul_residual`` (o projection + residual), ``norm_gate_up`` (post-attention RMSNorm,
 gate/up, SiLU x up), ``matmul_residual`` (down projection + residual): five launches and
 the split combine, where XLA makes twelve of the Flax layer (docs/serving-engine.md).
-The embedding, final norm and LM head stay in XLA. The function reads the Flax
-parameter tree of ``Decoder`` (``layers_i/self_attn/q_proj/kernel``, ...), so the same
-checkpoint serves both paths; the serving engine selects it with
-``fused_decode=True``.
+The embedding, final norm and LM head stay in XLA. ``FusedLaunch`` says how each of
+the four layer pieces runs: a Triton kernel with given launch settings, or ``"xla"``
+(the same math as the kernel's jnp reference, left to XLA's fusions), so a step can take
+the faster form of each piece as measured (``benchmarks/fused_layer_kernels.py
+--launch-out`` writes one). The function reads the Flax parameter tree of ``Decoder``
+(``layers_i/self_attn/q_proj/kernel``, ...), so the same checkpoint serves both paths;
+the serving engine selects it with ``fused_decode=True``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import chex
@@ -22,11 +29,105 @@ import jax.numpy as jnp
 
 from kvjax.config import ModelConfig
 from kvjax.models.llama import rms_norm, rope_tables
-from pallas_kernels.triton_fused_layer import matmul_residual, norm_gate_up, norm_qkv_rope
+from pallas_kernels.triton_fused_layer import (
+    matmul_residual,
+    matmul_residual_reference,
+    norm_gate_up,
+    norm_gate_up_reference,
+    norm_qkv_rope,
+    norm_qkv_rope_reference,
+)
 from pallas_kernels.triton_paged_decode import triton_paged_decode_append_packed
 
 O_PROJ_BLOCK_N = 16  # the o projection's column tile (fastest in the H100 sweep; the down
 # projection keeps matmul_residual's default)
+XLA = "xla"  # a piece left to XLA (FusedLaunch)
+_MATMUL_KEYS = frozenset({"block_n", "block_k", "split_k", "num_warps", "num_stages"})
+PIECE_KEYS: dict[str, frozenset[str]] = {  # each piece's kernel keywords
+    "qkv": frozenset({"block_k", "split_k", "num_warps", "num_stages"}),  # norm_qkv_rope
+    "o_proj": _MATMUL_KEYS,  # matmul_residual
+    "gate_up": frozenset({"block_n", "block_k", "num_warps", "num_stages"}),  # norm_gate_up
+    "down": _MATMUL_KEYS,  # matmul_residual
+}
+Piece = tuple[tuple[str, int], ...] | str  # sorted (keyword, value) pairs, or XLA
+
+
+def _piece(name: str, value: object) -> Piece:
+    """``value`` ("xla", or a mapping of kernel keyword -> int) as a hashable piece."""
+    if value == XLA:
+        return XLA
+    if isinstance(value, list | tuple):  # (keyword, value) pairs, as dataclasses.asdict gives
+        try:
+            value = dict(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"fused launch {name!r}: expected (keyword, value) pairs, got "
+                             f"{value!r}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"fused launch {name!r}: expected {XLA!r} or a mapping of launch "
+                         f"settings, got {value!r}")
+    unknown = set(value) - PIECE_KEYS[name]
+    if unknown:
+        raise ValueError(f"fused launch {name!r}: unknown settings {sorted(unknown)}; "
+                         f"known: {sorted(PIECE_KEYS[name])}")
+    for key, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"fused launch {name!r}: {key} must be an int >= 1, got {v!r}")
+    return tuple(sorted(value.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLaunch:
+    """How each piece of a fused decode layer runs (hashable: a jit static argument).
+
+    Each field is ``"xla"`` (the piece's jnp reference, compiled by XLA) or the Triton
+    kernel's launch settings as sorted ``(keyword, int)`` pairs (empty: the kernel's
+    defaults); a mapping is accepted and frozen. Pieces and their kernels: ``qkv``
+    ``norm_qkv_rope``; ``o_proj`` and ``down`` ``matmul_residual``; ``gate_up``
+    ``norm_gate_up``. The kernels check the values themselves when they launch.
+    """
+
+    qkv: Piece = ()
+    o_proj: Piece = (("block_n", O_PROJ_BLOCK_N),)
+    gate_up: Piece = ()
+    down: Piece = ()
+
+    def __post_init__(self) -> None:
+        for name in PIECE_KEYS:
+            object.__setattr__(self, name, _piece(name, getattr(self, name)))
+
+    def settings(self, name: str) -> dict[str, Any] | None:
+        """The kernel keywords of piece ``name``, or None where it is left to XLA."""
+        value = getattr(self, name)
+        return None if value == XLA else dict(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{piece: "xla" | {keyword: int}}`` (JSON/YAML-ready)."""
+        return {name: XLA if (st := self.settings(name)) is None else st
+                for name in PIECE_KEYS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FusedLaunch:
+        """From ``to_dict``'s form; pieces left out keep their defaults.
+
+        Raises:
+          ValueError: on an unknown piece, an unknown keyword or a non-positive value.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"fused launch must be a mapping, got {data!r}")
+        unknown = set(data) - set(PIECE_KEYS)
+        if unknown:
+            raise ValueError(f"fused launch: unknown pieces {sorted(unknown)}; known: "
+                             f"{list(PIECE_KEYS)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> FusedLaunch:
+        """From a JSON file holding ``to_dict``'s form (or an object with it under
+        ``"fused_launch"``, as ``fused_layer_kernels.py --launch-out`` writes)."""
+        data = json.loads(Path(path).read_text())
+        if isinstance(data, dict) and "fused_launch" in data:
+            data = data["fused_launch"]
+        return cls.from_dict(data)
 
 
 def check_fusable(cfg: ModelConfig) -> None:
@@ -41,8 +142,17 @@ def _bias(module: dict[str, Any]) -> jax.Array | None:
     return module.get("bias")
 
 
+def _matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: jax.Array,
+                     settings: dict[str, Any] | None) -> jax.Array:
+    """``residual + a @ w (+ b)``: the kernel at ``settings``, or XLA where None."""
+    if settings is None:
+        return matmul_residual_reference(a, w, b, residual)
+    return matmul_residual(a, w, b, residual, **settings)
+
+
 def fused_decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-                      k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array
+                      k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                      launch: FusedLaunch | None = None
                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode forward of ``Decoder(cfg)`` with ``params`` over a paged pool.
 
@@ -53,6 +163,8 @@ def fused_decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array, position
         attention; its logits are meaningless).
       k_pages, v_pages: [L, P, S, K, D] the pool, in the parameters' dtype.
       block_tables: int32 [B, M].
+      launch: how each layer piece runs (None: ``FusedLaunch()``, every piece a kernel
+        at its default settings).
 
     Returns:
       (float32 logits [B, V], k_pages, v_pages with this step's K/V written) — what
@@ -64,6 +176,8 @@ def fused_decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array, position
         checks.
     """
     check_fusable(cfg)
+    launch = FusedLaunch() if launch is None else launch
+    qkv_st, o_st, gu_st, down_st = (launch.settings(n) for n in PIECE_KEYS)
     chex.assert_rank([tokens, positions, block_tables], [1, 1, 2])
     chex.assert_equal_shape([tokens, positions])
     embedding = params["embed_tokens"]["embedding"]
@@ -76,18 +190,22 @@ def fused_decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array, position
     for i in range(cfg.num_layers):
         p = params[f"layers_{i}"]
         attn, mlp = p["self_attn"], p["mlp"]
-        qkv = norm_qkv_rope(
-            x, p["input_layernorm"]["weight"], attn["q_proj"]["kernel"],
-            attn["k_proj"]["kernel"], attn["v_proj"]["kernel"], _bias(attn["q_proj"]),
-            _bias(attn["k_proj"]), _bias(attn["v_proj"]), cos, sin, head_dim=cfg.head_dim,
-            eps=eps)
+        qkv_args = (x, p["input_layernorm"]["weight"], attn["q_proj"]["kernel"],
+                    attn["k_proj"]["kernel"], attn["v_proj"]["kernel"],
+                    _bias(attn["q_proj"]), _bias(attn["k_proj"]), _bias(attn["v_proj"]),
+                    cos, sin)
+        qkv = (norm_qkv_rope_reference(*qkv_args, head_dim=cfg.head_dim, eps=eps)
+               if qkv_st is None else
+               norm_qkv_rope(*qkv_args, head_dim=cfg.head_dim, eps=eps, **qkv_st))
         out, k_pages, v_pages = triton_paged_decode_append_packed(
             qkv, k_pages, v_pages, block_tables, lengths, layer=i)
-        x = matmul_residual(out.reshape(x.shape[0], -1), attn["o_proj"]["kernel"],
-                            _bias(attn["o_proj"]), x, block_n=O_PROJ_BLOCK_N)
-        h = norm_gate_up(x, p["post_attention_layernorm"]["weight"],
-                         mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"], eps=eps)
-        x = matmul_residual(h, mlp["down_proj"]["kernel"], None, x)
+        x = _matmul_residual(out.reshape(x.shape[0], -1), attn["o_proj"]["kernel"],
+                             _bias(attn["o_proj"]), x, o_st)
+        gu_args = (x, p["post_attention_layernorm"]["weight"], mlp["gate_proj"]["kernel"],
+                   mlp["up_proj"]["kernel"])
+        h = (norm_gate_up_reference(*gu_args, eps=eps) if gu_st is None else
+             norm_gate_up(*gu_args, eps=eps, **gu_st))
+        x = _matmul_residual(h, mlp["down_proj"]["kernel"], None, x, down_st)
     x = rms_norm(x, params["norm"]["weight"], eps)
     head = embedding.T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
     return jnp.dot(x, head).astype(jnp.float32), k_pages, v_pages
