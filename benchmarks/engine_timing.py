@@ -17,6 +17,7 @@ import numpy as np
 from kvjax.analysis.bandwidth import time_queued
 from kvjax.engine.engine import Engine, _engine_decode_burst
 from kvjax.engine.sampling import GREEDY, SamplingArrays
+from kvjax.models.fused_decode import FusedLaunch
 from kvjax.models.llama import Decoder
 
 BLOCK = 16
@@ -54,10 +55,11 @@ def offline_run(engine: Engine, prompts: np.ndarray, new: int) -> dict[str, Any]
 
 
 def bare_step_ms(model: Decoder, params: Any, batch: int, context: int, steps: int,
-                 width: int, attention: str, reps: int, *, fused: bool = False) -> float:
+                 width: int, attention: str, reps: int, *,
+                 fused: FusedLaunch | None = None) -> float:
     """ms per token step of bursts queued back to back, ``batch`` rows at ``context`` over
     tables ``width`` columns wide (the rows' own pages first, -1 after); ``fused``: the
-    fused decode-layer kernels' burst (``Engine(fused_decode=True)``)."""
+    fused decode-layer kernels' burst at this launch (``Engine(fused_decode=True)``)."""
     cfg = model.cfg
     need = -(-(context + steps) // BLOCK)
     shape = (cfg.num_layers, batch * need, BLOCK, cfg.num_kv_heads, cfg.head_dim)

@@ -70,6 +70,7 @@ from kvjax.engine.generate import generate
 from kvjax.engine.serve_bench import replay, summarize
 from kvjax.engine.workload import LengthDist, WorkloadConfig, make_workload
 from kvjax.models import LoadedModel, load_checkpoint
+from kvjax.models.fused_decode import FusedLaunch
 from pallas_kernels.triton_launch import triton_launcher
 
 
@@ -224,7 +225,7 @@ def bare_burst_rows(lm: LoadedModel, engines: list[Engine],
         if key not in bare:
             width = engine._table_width(-(-(prompt + new) // BLOCK))
             bare[key] = bare_step_ms(lm.model, lm.params, batch, prompt + new // 2, steps,
-                                     width, engine.attention, 5, fused=fused)
+                                     width, engine.attention, 5, fused=engine.fused_launch)
         r = row[name]
         r["engine_vs_bare"] = r["decode_s"] / (r["decode_tokens"] / batch) * 1e3 / bare[key]
         print(f"  {name:<10} batch {batch:>3} prompt {prompt:>5}: bare burst "
@@ -334,6 +335,9 @@ def main() -> None:
     ap.add_argument("--fused-decode", action="store_true",
                     help="also each engine row with fused_decode (decode bursts through the "
                          "fused Triton layer kernels; GPU)")
+    ap.add_argument("--fused-launch", default=None,
+                    help="with --fused-decode: the FusedLaunch JSON the fused rows use "
+                         "(fused_layer_kernels.py --launch-out); default: FusedLaunch()")
     ap.add_argument("--skip-hf-dynamic", action="store_true",
                     help="time HF generate with the static cache only")
     args = ap.parse_args()
@@ -350,6 +354,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compiled = args.hf_static_compile == "auto" and device == "cuda"
     static_label = "static (compiled)" if compiled else "static (eager)"
+    fused_launch = (FusedLaunch.from_json(args.fused_launch) if args.fused_launch
+                    else FusedLaunch())
     record: dict[str, Any] = {
         "setup": dataclasses.asdict(s), "torch_device": device,
         "jax_backend": jax.default_backend(),
@@ -359,6 +365,7 @@ def main() -> None:
         "hf_static": static_label, "weights": "random (transformers init), bf16, identical "
         "on both sides via save_pretrained -> kvjax load_checkpoint",
         "engine_decode_steps": args.decode_steps, "triton_launch": triton_launcher(),
+        "fused_launch": fused_launch.to_dict() if args.fused_decode else None,
         "offline": [], "phase_s": {}}
 
     def save() -> None:
@@ -407,7 +414,8 @@ def main() -> None:
         engines = [Engine(lm.model, lm.params, num_blocks=max_batch * need + need,
                           block_size=BLOCK, max_batch=max_batch, prefill_chunk=p,
                           max_tokens_per_step=max(s.budget, p), decode_steps=steps,
-                          overlap_bursts=overlap, fused_decode=fused)
+                          overlap_bursts=overlap, fused_decode=fused,
+                          fused_launch=fused_launch if fused else None)
                    for steps, overlap, fused in variants]
         engine = engines[0]
         for b in s.batches:
