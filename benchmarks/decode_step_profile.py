@@ -27,6 +27,10 @@ under ``triton`` the step's K/V written by two XLA scatters per layer and attend
 (``pallas_kernels.paged_decode.combine_splits``: reductions over the split axis, or
 elementwise over the split slices), in this process.
 
+``--split-programs 256 16`` is an A/B of the decode kernel's split rule
+(``paged_decode.SPLIT_PROGRAMS``: splits for about that many programs, at most 8; 16 at 8
+rows x 2 KV heads is one split, no merge kernel), in this process.
+
 ``--xla-flags`` runs the grid once per flag set, the environment's own first, each in a
 child process of its own (XLA reads its flags once, at start, and a process keeps the
 GPU memory it took), e.g. command buffers (CUDA graphs) off.
@@ -197,8 +201,10 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for cell in a.cells:
         batch, context = (int(x) for x in cell.split("x"))
-        for form, attention in itertools.product(a.combine, a.attention):
+        for form, programs, attention in itertools.product(a.combine, a.split_programs,
+                                                           a.attention):
             paged_decode.COMBINE_FORM = form
+            paged_decode.SPLIT_PROGRAMS = programs
             jax.clear_caches()  # the jitted burst and kernels trace the combine again
             kv = batch * context * kv_bytes_per_token(full)
             floor = (wbytes + kv) / bw
@@ -215,7 +221,7 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
             fixed = s_full - per_layer * full.cfg.num_layers
             row: dict[str, Any] = {
                 "batch": batch, "context": context, "attention": label(attention),
-                "combine": form,
+                "combine": form, "split_programs": programs,
                 "step_ms": 1e3 * s_full, "tokens_per_s": batch / s_full,
                 "floor_ms": 1e3 * floor, "x_floor": s_full / floor,
                 "half_depth_step_ms": 1e3 * s_half, "per_layer_us": 1e6 * per_layer,
@@ -224,14 +230,14 @@ def run_grid(a: argparse.Namespace) -> dict[str, Any]:
             if fused is not None:
                 row["fused_launch"] = fused.to_dict()
             if a.hlo_dir:
-                write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{label(attention)}_{form}.txt", full,
+                write_hlo(Path(a.hlo_dir) / f"burst_{cell}_{label(attention)}_{form}_sp{programs}.txt", full,
                           full_params, burst_args(full, batch, context, a.steps), a.steps,
                           attention)
             if a.trace:
                 row["trace"] = trace_summary(full, full_params, burst_args(
                     full, batch, context, a.steps), a.steps, attention)
             rows.append(row)
-            print(f"  {batch:>3}x{context:<5} {label(attention):<7} {form:<8} step "
+            print(f"  {batch:>3}x{context:<5} {label(attention):<7} {form:<8} sp{programs:<4} step "
                   f"{1e3 * s_full:6.3f} ms ({batch / s_full:8.0f} tok/s)  floor "
                   f"{1e3 * floor:5.3f} ms (x{s_full / floor:4.1f})  per layer {1e6 * per_layer:5.1f} us, fixed "
                   f"{1e3 * fixed:5.3f} ms  [{time.perf_counter() - t0:4.0f} s]", flush=True)
@@ -272,6 +278,9 @@ def main() -> None:
                     default=os.environ.get("KVJAX_TRITON_LAUNCH", "jax-triton"),
                     help="how the Triton kernels launch (KVJAX_TRITON_LAUNCH; "
                          "pallas_kernels.triton_launch)")
+    ap.add_argument("--split-programs", nargs="+", type=int,
+                    default=[paged_decode.SPLIT_PROGRAMS],
+                    help="the decode kernel's split rule: splits for about N programs")
     ap.add_argument("--combine", nargs="+", default=[paged_decode.COMBINE_FORM],
                     choices=paged_decode.COMBINE_FORMS,
                     help="how split partials are merged (paged_decode.combine_splits); "
@@ -293,6 +302,7 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 argv = [sys.executable, __file__, "--cells", *a.cells, "--attention",
                         *a.attention, "--combine", *a.combine, "--steps", str(a.steps),
+                        "--split-programs", *map(str, a.split_programs),
                         "--reps", str(a.reps), "--out", f.name]
                 argv += ["--tiny"] * a.tiny + ["--no-half"] * (not a.half)
                 argv += ["--trace"] * a.trace + ["--scatter-writes"] * a.scatter_writes

@@ -232,11 +232,15 @@ def combine_splits(o: jax.Array, m: jax.Array, den: jax.Array, group: int,
     return out.reshape(batch, kv_heads * group, head_dim).astype(dtype)
 
 
+SPLIT_PROGRAMS = 256  # auto_num_splits aims at about this many programs
+MAX_SPLITS = 8
+
+
 def auto_num_splits(batch: int, kv_heads: int, max_blocks: int) -> int:
-    """Splits for about 256 programs (``batch * kv_heads * splits``), at most 8 and at
-    most one per table column — the best setting in the H100 sweep recorded in
-    docs/paged-decode-kernel.md."""
-    return max(1, min(8, 256 // max(batch * kv_heads, 1), max_blocks))
+    """Splits for about ``SPLIT_PROGRAMS`` programs (``batch * kv_heads * splits``), at
+    most ``MAX_SPLITS`` and at most one per table column — the best setting in the H100
+    sweep recorded in docs/paged-decode-kernel.md (256 programs, 8 splits)."""
+    return max(1, min(MAX_SPLITS, SPLIT_PROGRAMS // max(batch * kv_heads, 1), max_blocks))
 
 
 # ------------------------------------------------------------ (3) the public wrapper
