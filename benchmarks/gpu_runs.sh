@@ -41,8 +41,9 @@
 #   fused-kernels-xla  the same, launched as XLA's Triton custom call          ~ 4 min *
 #   fused-tune   that sweep picks each layer piece's launch or XLA (FusedLaunch), then
 #                the burst: Flax step vs fused step picked vs default (traced)  ~ 7 min *
-#   splits-fused-engine  the decode kernel's split rule A/B in the burst (100 s), the sweep
-#                (200 s), engine vs HF with default and picked fused rows (270 s)  ~ 9.5 min *
+#   splits-fused-engine  the decode kernel's split rule A/B in the burst (80 s), the sweep
+#                (cut at 120 s: the pieces done), engine vs HF with default and picked
+#                fused rows (230 s)                                            ~ 7 min *
 #   fused-tune-engine  the same sweep (cut at 230 s: whole pieces kept), then engine vs
 #                HF static, 8/32 x 512, default and fused-with-the-pick rows   ~ 9.5 min *
 #   check-xla    the GPU check of both decode steps under the XLA launch    ~ 1 min *
@@ -181,13 +182,13 @@ case "$group" in
     KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 300 $py \
         benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" ;;
   splits-fused-engine)  # split rule A/B in the burst; the sweep's pick; engine vs HF with it
-    run decode_step_profile_splits 100 $py benchmarks/decode_step_profile.py --launch xla \
+    run decode_step_profile_splits 80 $py benchmarks/decode_step_profile.py --launch xla \
         --cells 8x512 32x512 --attention triton --split-programs 256 64 16 --no-half \
         --reps 5 --out "$out/decode_step_profile_splits.json"
-    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 200 $py \
+    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 120 $py \
         benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" \
         --launch-out "$out/fused_launch_picked.json"
-    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_fused_tuned 270 $py benchmarks/engine_vs_hf.py \
+    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_fused_tuned 230 $py benchmarks/engine_vs_hf.py \
         --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
         --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
         --repeats 3 --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
