@@ -14,6 +14,7 @@ import yaml
 from kvjax.cli import main
 from kvjax.engine.serve_config import ServeBenchConfigError, load_config, parse_config
 from kvjax.engine.workload import LengthDist, WorkloadConfig, make_workload
+from kvjax.models.fused_decode import FusedLaunch
 
 # Small enough to compile three step shapes: [2, 1], [1, 16] and [2, 16], table width 8.
 SMALL: dict[str, Any] = {
@@ -69,10 +70,23 @@ def test_shipped_configs_parse() -> None:
     ("model.max_context", 64, "exceeds the model's context of 64"),
     ("engine.num_blocks", 3, "the pool has 3"),
     ("workload.shared_prefix_len", 0, "needs shared_prefix_len > 0"),
+    ("engine.fused_launch", {"mlp": "xla"}, "unknown key engine.fused_launch.mlp"),
+    ("engine.fused_launch", {"down": {"split": 2}}, "unknown settings"),
+    ("engine.fused_launch", {"qkv": "cublas"}, "expected 'xla'"),
+    ("engine.fused_launch", {"gate_up": {"block_n": 0}}, "block_n must be an int >= 1"),
 ])
 def test_bad_config_names_the_problem(path: str, value: Any, match: str) -> None:
     with pytest.raises(ServeBenchConfigError, match=match):
         parse_config(_with(path, value))
+
+
+def test_fused_launch_in_a_config() -> None:
+    """engine.fused_launch: a piece left to XLA and another's settings, the rest kept."""
+    cfg = parse_config(_with("engine.fused_launch", {"qkv": "xla", "down": {"split_k": 4}}))
+    launch = cfg.engine.fused_launch
+    assert launch.settings("qkv") is None and launch.settings("down") == {"split_k": 4}
+    assert launch.settings("o_proj") == FusedLaunch().settings("o_proj")
+    assert parse_config(_with("engine.decode_steps", 2)).engine.fused_launch == FusedLaunch()
 
 
 def test_cli_rejects_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]
