@@ -44,6 +44,7 @@
 #   splits-fused-engine  the decode kernel's split rule A/B in the burst (80 s), the sweep
 #                (cut at 120 s: the pieces done), engine vs HF with default and picked
 #                fused rows (230 s)                                            ~ 7 min *
+#   engine-short   launch-engine with 3 repeats, cut at 190 s                ~ 3 min *
 #   splits-engine  the split rule A/B (70 s), engine vs HF static, 3 repeats (200 s) ~ 4.5 min *
 #   fused-engine-short  the last two steps of splits-fused-engine                ~ 5.5 min *
 #   fused-tune-engine  the same sweep (cut at 230 s: whole pieces kept), then engine vs
@@ -194,6 +195,11 @@ case "$group" in
         --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
         --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
         --repeats 3 --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
+  engine-short)  # engine vs HF static, 8/32 x 512, XLA launch, 3 repeats, in ~3 minutes
+    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_launch_xla 190 $py benchmarks/engine_vs_hf.py \
+        --out "$out/engine_vs_hf_launch_xla.json" --batches 8 32 --prompts 512 \
+        --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
+        --repeats 3 ;;
   splits-engine)  # the split rule A/B in the burst, then engine vs HF static (3 repeats)
     run decode_step_profile_splits 70 $py benchmarks/decode_step_profile.py --launch xla \
         --cells 8x512 32x512 --attention triton --split-programs 256 64 16 --no-half \
