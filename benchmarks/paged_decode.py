@@ -38,6 +38,7 @@ import numpy as np
 
 from kvjax.analysis.bandwidth import (
     chained_calls,
+    chained_slope,
     read_bandwidth,
     time_chained,
     time_cuda_events,
@@ -125,6 +126,7 @@ def torch_sdpa(b: int, s: int) -> float | str:
 
 TIMERS = {"chained": time_chained, "queued": time_queued}
 timer = time_chained  # set from --timing in main()
+CHAINED_PAIRS = 9  # (30-call, 60-call) program pairs per chained figure
 traced: set[str] = set()  # --trace: names of columns whose chained program is profiled
 
 
@@ -152,7 +154,12 @@ def time_kernel(res: dict[str, Any], name: str, fn: Callable[..., Any],
     try:
         if expected is not None:
             res[name + " err"] = rel_err(fn(*arg_sets[0]), expected)
-        res[name] = timer(fn, arg_sets, iters=30)
+        if timer is time_chained:  # the slope's median, its quartiles beside it
+            slope = chained_slope(fn, arg_sets, iters=30, reps=CHAINED_PAIRS)
+            res[name] = slope.median
+            res[name + " iqr"] = [slope.low, slope.high]
+        else:
+            res[name] = timer(fn, arg_sets, iters=30)
     except Exception as err:  # report and go on: one setting must not sink the table
         res[name] = _error(err)
         return
@@ -233,7 +240,11 @@ def print_row(res: dict[str, Any], bw: float, sweep: bool) -> None:
         if k in ("batch", "context", "kv_bytes", "read_bandwidth") or (
                 sweep and k.endswith("err")):
             continue
-        if k.endswith(" trace") and isinstance(v, dict):
+        if k.endswith(" iqr") and isinstance(v, list):
+            print(f"    slope quartiles over {CHAINED_PAIRS} pairs: {v[0] * 1e6:.1f}-"
+                  f"{v[1] * 1e6:.1f} us ({_share(res, v[1], bw):.1f}-"
+                  f"{_share(res, v[0], bw):.1f}%)")
+        elif k.endswith(" trace") and isinstance(v, dict):
             print(f"    trace: {v['kernels_per_call']:.1f} kernels/call, kernels busy "
                   f"{v['busy_s'] * 1e6:.1f} us ({_share(res, v['busy_s'], bw):.1f}%), span "
                   f"{v['span_s'] * 1e6:.1f} us a call")

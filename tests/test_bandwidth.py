@@ -81,3 +81,25 @@ def test_time_chained_is_the_per_call_slope() -> None:
     per_call = time_chained(jnp.matmul, [(a, a)], iters=6, reps=5)
     alone = time_queued(jax.jit(jnp.matmul), [(a, a)], iters=6, reps=5)
     assert 0 < per_call < 3 * alone
+
+
+def test_chained_slope_pairs_the_two_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each (short, long) pair gives its own slope; the result is their median and
+    quartiles, not the difference of the two lengths' medians (1.2 here), so a drift
+    between repeats stays out. The clock is scripted: short and long chains alternate."""
+    import types
+
+    from kvjax.analysis import bandwidth
+
+    durations = [1.0, 2.0, 3.0, 4.2, 5.0, 5.9]  # short, long, short, long, ...
+    readings, now = [], 0.0
+    for d in durations:  # each timed run reads the clock at its start and its end
+        readings += [now, now + d]
+        now += d
+    clock = iter(readings)
+    monkeypatch.setattr(bandwidth, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    a = jnp.ones((8, 8), jnp.float32)
+    got = bandwidth.chained_slope(jnp.matmul, [(a, a)], iters=2, reps=3)
+    assert got.pairs == 3
+    assert got.median == pytest.approx(1.0 / 2)
+    assert got.low == pytest.approx(0.95 / 2) and got.high == pytest.approx(1.1 / 2)

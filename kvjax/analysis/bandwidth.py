@@ -10,6 +10,7 @@ shorter than their dispatch, ``time_chained`` runs them inside one program inste
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def time_queued(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
@@ -62,11 +64,25 @@ def chained_calls(fn: Callable[..., Any], iters: int) -> Callable[..., jax.Array
     return chain
 
 
-def time_chained(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
-                 iters: int = 30, reps: int = 5) -> float:
-    """Seconds per call of ``fn`` run back to back on the device: the difference between
-    the median times of a program of ``2 * iters`` chained calls and one of ``iters``,
-    divided by ``iters``.
+@dataclasses.dataclass(frozen=True)
+class ChainedSlope:
+    """Seconds per call from paired chains (``chained_slope``): the median of the pairs'
+    slopes and their quartiles, over ``pairs`` pairs."""
+
+    median: float
+    low: float  # 25th percentile
+    high: float  # 75th percentile
+    pairs: int
+
+
+def chained_slope(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
+                  iters: int = 30, reps: int = 5) -> ChainedSlope:
+    """Seconds per call of ``fn`` run back to back on the device, with its spread.
+
+    Programs of ``iters`` and of ``2 * iters`` chained calls (``chained_calls``) run in
+    alternation, ``reps`` times each; each pair gives a slope, (long - short) / ``iters``,
+    and the result is the median slope and its quartiles. Alternating the two lengths
+    keeps a drift of the machine (clocks, another process) out of the difference.
 
     Host dispatch (tens of microseconds per jitted call) is out of the measurement:
     ``time_queued`` only hides it while each call runs longer than its dispatch. The
@@ -85,17 +101,27 @@ def time_chained(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
     if iters < 1 or reps < 1 or not arg_sets:
         raise ValueError("iters and reps must be >= 1 and arg_sets non-empty")
     sets = tuple(tuple(a) for a in arg_sets)
-    medians = []
-    for n in (iters, 2 * iters):
-        chain = chained_calls(fn, n)
+    short, long = chained_calls(fn, iters), chained_calls(fn, 2 * iters)
+    for chain in (short, long):
         jax.block_until_ready(chain(sets))  # compile and warm up
-        samples = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            jax.block_until_ready(chain(sets))
-            samples.append(time.perf_counter() - start)
-        medians.append(statistics.median(samples))
-    return (medians[1] - medians[0]) / iters
+
+    def seconds(chain: Callable[..., jax.Array]) -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(chain(sets))
+        return time.perf_counter() - start
+
+    slopes = []
+    for _ in range(reps):
+        t_short = seconds(short)
+        slopes.append((seconds(long) - t_short) / iters)
+    low, mid, high = (float(np.percentile(slopes, q)) for q in (25, 50, 75))
+    return ChainedSlope(median=mid, low=low, high=high, pairs=reps)
+
+
+def time_chained(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
+                 iters: int = 30, reps: int = 5) -> float:
+    """``chained_slope``'s median: seconds per call of ``fn`` run back to back."""
+    return chained_slope(fn, arg_sets, iters=iters, reps=reps).median
 
 
 def time_cuda_events(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], *,
