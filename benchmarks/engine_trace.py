@@ -157,7 +157,7 @@ def run_cell(model: Decoder, params: Any, batch: int, prompt: int, a: argparse.N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", nargs="+", default=["8x512", "32x512"])
-    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--budget", type=int, default=8192)

@@ -98,7 +98,7 @@ class Setup:
 
 
 FULL = Setup(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936,
-             max_positions=4096, batches=(1, 8, 32), prompts=(512, 2048), new=64, budget=8192,
+             max_positions=4096, batches=(1, 8, 32), prompts=(512, 2048), new=128, budget=8192,
              rates=(8.0, 16.0, 32.0), online_requests=96,
              online_prompt=LengthDist("lognormal", median=256.0, sigma=0.6, min=32, max=768),
              online_output=LengthDist("uniform", min=32, max=128), online_prefix=256,
@@ -307,6 +307,9 @@ def main() -> None:
     ap.add_argument("--bare-burst", action=argparse.BooleanOptionalAction, default=True,
                     help="also time each burst variant's decode burst alone, queued back "
                          "to back in this process (the engine's own ceiling)")
+    ap.add_argument("--new", type=int, default=None,
+                    help="tokens per request, offline (default 128 on the full model, as "
+                         "in the reference HF table; the runs before 2026-12-07 used 64)")
     ap.add_argument("--budget", type=int, default=None,
                     help="engine token budget per step, offline (default 8192; tiny 256)")
     ap.add_argument("--with-generate", action="store_true",
@@ -346,6 +349,10 @@ def main() -> None:
     s = TINY if args.tiny else FULL
     if args.budget is not None:
         s = dataclasses.replace(s, budget=args.budget)
+    if args.new is not None:
+        if args.new < 2:
+            ap.error("--new must be >= 2 (a first token and at least one decode step)")
+        s = dataclasses.replace(s, new=args.new)
     if args.batches:
         s = dataclasses.replace(s, batches=tuple(args.batches))
     if args.prompts:
