@@ -41,6 +41,8 @@
 #   fused-kernels-xla  the same, launched as XLA's Triton custom call          ~ 4 min *
 #   fused-tune   that sweep picks each layer piece's launch or XLA (FusedLaunch), then
 #                the burst: Flax step vs fused step picked vs default (traced)  ~ 7 min *
+#   next-round   check-xla (90 s), the split A/B (70 s), the fused sweep (110 s), engine vs
+#                HF with the default and picked fused rows (230 s)             ~ 8.5 min *
 #   splits-fused-engine  the decode kernel's split rule A/B in the burst (80 s), the sweep
 #                (cut at 120 s: the pieces done), engine vs HF with default and picked
 #                fused rows (230 s)                                            ~ 7 min *
@@ -184,6 +186,20 @@ case "$group" in
   fused-kernels-xla)  # the same, the kernels launched as XLA's Triton custom call
     KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 300 $py \
         benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" ;;
+  next-round)  # the GPU check under the XLA launch (bf16 rows decide the default launcher),
+    # then splits-fused-engine with tighter limits
+    KVJAX_TRITON_LAUNCH=xla run check_launch_xla 90 $py benchmarks/check_fused_decode.py \
+        --reference-attention xla
+    run decode_step_profile_splits 70 $py benchmarks/decode_step_profile.py --launch xla \
+        --cells 8x512 32x512 --attention triton --split-programs 256 64 16 --no-half \
+        --reps 5 --out "$out/decode_step_profile_splits.json"
+    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 110 $py \
+        benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" \
+        --launch-out "$out/fused_launch_picked.json"
+    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_fused_tuned 230 $py benchmarks/engine_vs_hf.py \
+        --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
+        --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
+        --repeats 3 --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
   splits-fused-engine)  # split rule A/B in the burst; the sweep's pick; engine vs HF with it
     run decode_step_profile_splits 80 $py benchmarks/decode_step_profile.py --launch xla \
         --cells 8x512 32x512 --attention triton --split-programs 256 64 16 --no-half \
