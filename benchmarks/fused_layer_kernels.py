@@ -54,9 +54,37 @@ def _weights(key: int, shape: tuple[int, ...]) -> list[jax.Array]:
             for k in keys]
 
 
-def cases(batch: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
+_Grid = list[dict[str, int]]
+_FULL_MM = [dict(block_n=n, block_k=bk_, num_stages=st, split_k=sk)
+            for n, bk_, st, sk in itertools.product((16, 32, 64), (128, 512), (3, 4), (1, 4, 8))]
+GRIDS: dict[str, tuple[_Grid, _Grid, _Grid, _Grid]] = {  # q/k/v, o proj, down proj, gate/up
+    # every combination (about 5 s a setting on an H100: over 20 minutes for both batches)
+    "full": (
+        [dict(block_k=bk_, num_stages=st, num_warps=w, split_k=sk)
+         for bk_, st, w, sk in itertools.product((128, 256), (3, 4), (4, 8), (1, 2, 4, 7))],
+        _FULL_MM, _FULL_MM,
+        [dict(block_n=n, block_k=bk_, num_stages=st, num_warps=w)
+         for n, bk_, st, w in itertools.product((16, 32, 64), (128, 256), (3, 4), (4, 8))]),
+    # the 2026-12-06 sweep's best per kernel and the split contractions around it (21;
+    # each compiles for sm_90 within the shared memory at 8 and 32 rows, bf16)
+    "quick": (
+        [dict(block_k=256, split_k=sk) for sk in (1, 2, 4)]  # 896 = 3.5 steps of 256
+        + [dict(block_k=128, split_k=sk) for sk in (1, 4, 7)],
+        [dict(block_n=16, block_k=512), dict(block_n=16, block_k=128),
+         dict(block_n=16, block_k=128, split_k=4), dict(block_n=16, block_k=128, split_k=7),
+         dict(block_n=32, block_k=128, split_k=4)],
+        [dict(block_n=32, block_k=512), dict(block_n=32, block_k=512, split_k=4),
+         dict(block_n=32, block_k=512, split_k=8), dict(block_n=32, block_k=128, split_k=8),
+         dict(block_n=64, block_k=256, split_k=8), dict(block_n=16, block_k=256, split_k=8)],
+        [dict(block_n=64, block_k=128, num_warps=8), dict(block_n=32, block_k=128, num_warps=8),
+         dict(block_n=32, block_k=128, num_warps=4), dict(block_n=16, block_k=128, num_warps=4)]),
+}
+
+
+def cases(batch: int, full_grid: bool = False) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
                                           list[tuple[Any, ...]], list[dict[str, int]], int]]:
-    """name -> (kernel(settings) -> fn, xla fn, arg sets, settings grid, weight bytes)."""
+    """name -> (kernel(settings) -> fn, xla fn, arg sets, settings grid, weight bytes);
+    the grids of ``GRIDS["full"]`` or ``GRIDS["quick"]``."""
     rng = np.random.default_rng(batch)
     x = jnp.asarray(rng.standard_normal((batch, HIDDEN)), BF16)
     nw = jnp.asarray(rng.standard_normal(HIDDEN), BF16)
@@ -72,14 +100,7 @@ def cases(batch: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
     h = jnp.asarray(rng.standard_normal((batch, INTER)), BF16)
     a = jnp.asarray(rng.standard_normal((batch, HIDDEN)), BF16)
     sizes = lambda *ws: sum(int(w[0].nbytes) for w in ws)  # noqa: E731
-    qkv_grid = [dict(block_k=bk_, num_stages=st, num_warps=w, split_k=sk)
-                for bk_, st, w, sk in itertools.product((128, 256), (3, 4), (4, 8),
-                                                        (1, 2, 4, 7))]
-    mm_grid = [dict(block_n=n, block_k=bk_, num_stages=st, split_k=sk)
-               for n, bk_, st, sk in itertools.product((16, 32, 64), (128, 512), (3, 4),
-                                                       (1, 4, 8))]
-    gu_grid = [dict(block_n=n, block_k=bk_, num_stages=st, num_warps=w)
-               for n, bk_, st, w in itertools.product((16, 32, 64), (128, 256), (3, 4), (4, 8))]
+    qkv_grid, mm_grid, down_grid, gu_grid = GRIDS["full" if full_grid else "quick"]
     return {
         "norm_qkv_rope": (
             lambda st: lambda x_, q, k, v: tfl.norm_qkv_rope(
@@ -95,7 +116,7 @@ def cases(batch: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any],
         "down_proj": (
             lambda st: lambda r, w: tfl.matmul_residual(h, w, None, r, **st),
             lambda r, w: tfl.matmul_residual_reference(h, w, None, r),
-            [(x, w) for w in wd], mm_grid, sizes(wd)),
+            [(x, w) for w in wd], down_grid, sizes(wd)),
         "norm_gate_up": (
             lambda st: lambda x_, g, u: tfl.norm_gate_up(x_, nw, g, u, eps=1e-6, **st),
             lambda x_, g, u: tfl.norm_gate_up_reference(x_, nw, g, u, eps=1e-6),
@@ -141,6 +162,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--full-grid", action="store_true",
+                    help="every combination of settings (GRIDS['full'], 20+ minutes) instead "
+                         "of the 21 of GRIDS['quick']")
     ap.add_argument("--launch-out", default=None,
                     help="write the FusedLaunch these measurements pick (JSON)")
     args = ap.parse_args()
@@ -148,7 +172,7 @@ def main() -> None:
     print(f"{jax.devices()[0].device_kind}; read bandwidth {bw / 1e9:.0f} GB/s; kernels "
           f"launched by {triton_launcher()}", flush=True)
     rows: list[dict[str, Any]] = []
-    case_sets = {batch: cases(batch) for batch in args.batches}
+    case_sets = {batch: cases(batch, args.full_grid) for batch in args.batches}
     for name in PIECES:  # piece by piece, every batch: a run cut short keeps whole pieces
         for batch in args.batches:
             kernel, xla, arg_sets, grid, nbytes = case_sets[batch][name]

@@ -41,16 +41,9 @@
 #   fused-kernels-xla  the same, launched as XLA's Triton custom call          ~ 4 min *
 #   fused-tune   that sweep picks each layer piece's launch or XLA (FusedLaunch), then
 #                the burst: Flax step vs fused step picked vs default (traced)  ~ 7 min *
-#   next-round   check-xla (90 s), the split A/B (70 s), the fused sweep (110 s), engine vs
-#                HF with the default and picked fused rows (230 s)             ~ 8.5 min *
-#   splits-fused-engine  the decode kernel's split rule A/B in the burst (80 s), the sweep
-#                (cut at 120 s: the pieces done), engine vs HF with default and picked
-#                fused rows (230 s)                                            ~ 7 min *
-#   engine-short   launch-engine with 3 repeats, cut at 190 s                ~ 3 min *
-#   splits-engine  the split rule A/B (70 s), engine vs HF static, 3 repeats (200 s) ~ 4.5 min *
-#   fused-engine-short  the last two steps of splits-fused-engine                ~ 5.5 min *
-#   fused-tune-engine  the same sweep (cut at 230 s: whole pieces kept), then engine vs
-#                HF static, 8/32 x 512, default and fused-with-the-pick rows   ~ 9.5 min *
+#   next-round   check-xla (90 s), the split A/B (70 s), the fused sweep's quick grid at 8
+#                rows (150 s), engine vs HF with the default and picked fused rows (200 s)
+#                                                                             ~ 8.5 min *
 #   check-xla    the GPU check of both decode steps under the XLA launch    ~ 1 min *
 #   fused-engine   engine vs HF static, 8/32 x 512, with and without them     ~ 5 min *
 #   decode-append  the decode kernel writing the step's K/V: GPU check, burst A/B
@@ -193,53 +186,13 @@ case "$group" in
     run decode_step_profile_splits 70 $py benchmarks/decode_step_profile.py --launch xla \
         --cells 8x512 32x512 --attention triton --split-programs 256 64 16 --no-half \
         --reps 5 --out "$out/decode_step_profile_splits.json"
-    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 110 $py \
-        benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" \
+    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 150 $py \
+        benchmarks/fused_layer_kernels.py --batches 8 --out "$out/fused_layer_kernels_xla.json" \
         --launch-out "$out/fused_launch_picked.json"
-    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_fused_tuned 230 $py benchmarks/engine_vs_hf.py \
+    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_fused_tuned 200 $py benchmarks/engine_vs_hf.py \
         --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
         --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
         --repeats 3 --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
-  splits-fused-engine)  # split rule A/B in the burst; the sweep's pick; engine vs HF with it
-    run decode_step_profile_splits 80 $py benchmarks/decode_step_profile.py --launch xla \
-        --cells 8x512 32x512 --attention triton --split-programs 256 64 16 --no-half \
-        --reps 5 --out "$out/decode_step_profile_splits.json"
-    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 120 $py \
-        benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" \
-        --launch-out "$out/fused_launch_picked.json"
-    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_fused_tuned 230 $py benchmarks/engine_vs_hf.py \
-        --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
-        --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
-        --repeats 3 --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
-  engine-short)  # engine vs HF static, 8/32 x 512, XLA launch, 3 repeats, in ~3 minutes
-    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_launch_xla 190 $py benchmarks/engine_vs_hf.py \
-        --out "$out/engine_vs_hf_launch_xla.json" --batches 8 32 --prompts 512 \
-        --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
-        --repeats 3 ;;
-  splits-engine)  # the split rule A/B in the burst, then engine vs HF static (3 repeats)
-    run decode_step_profile_splits 70 $py benchmarks/decode_step_profile.py --launch xla \
-        --cells 8x512 32x512 --attention triton --split-programs 256 64 16 --no-half \
-        --reps 5 --out "$out/decode_step_profile_splits.json"
-    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_launch_xla 200 $py benchmarks/engine_vs_hf.py \
-        --out "$out/engine_vs_hf_launch_xla.json" --batches 8 32 --prompts 512 \
-        --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
-        --repeats 3 ;;
-  fused-engine-short)  # the sweep cut at 100 s (the pieces done), engine vs HF with its pick
-    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 100 $py \
-        benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" \
-        --launch-out "$out/fused_launch_picked.json"
-    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_fused_tuned 230 $py benchmarks/engine_vs_hf.py \
-        --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
-        --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
-        --repeats 3 --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
-  fused-tune-engine)  # the kernel sweep picks each piece's launch; engine vs HF with it
-    KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 230 $py \
-        benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" \
-        --launch-out "$out/fused_launch_picked.json"
-    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_fused_tuned 330 $py benchmarks/engine_vs_hf.py \
-        --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
-        --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
-        --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
   fused-tune)  # the kernel sweep picks each layer piece's launch (or XLA); the burst A/B
     KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 300 $py \
         benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" \
