@@ -1,8 +1,9 @@
 """The fused decode-layer kernels alone, at the Qwen2.5-0.5B decode shapes (GPU).
 
-For 8 and 32 rows (bf16): ``norm_qkv_rope``, ``matmul_residual`` as the o projection
-(896 -> 896) and as the down projection (4864 -> 896) and ``norm_gate_up`` (896 -> 2 x
-4864), each over a grid of launch settings, against the same math in XLA (the jnp
+For 8 and 32 rows (``--batches``; bf16): ``norm_qkv_rope``, ``matmul_residual`` as the o
+projection (896 -> 896) and as the down projection (4864 -> 896) and ``norm_gate_up``
+(896 -> 2 x 4864), each over a grid of launch settings (``GRIDS``: 21 by default, every
+combination with ``--full-grid``), against the same math in XLA (the jnp
 references, jitted). Each call reads one of 24 weight sets in turn (as the 24 layers
 do, so the weights do not stay in L2). Times are GPU kernel time per call from a
 profiler trace of a 24-call chain (``chained_calls``; where the output is not the first
