@@ -142,12 +142,13 @@ def _bias(module: dict[str, Any]) -> jax.Array | None:
     return module.get("bias")
 
 
-def _matmul_residual(a: jax.Array, w: jax.Array, b: jax.Array | None, residual: jax.Array,
-                     settings: dict[str, Any] | None) -> jax.Array:
-    """``residual + a @ w (+ b)``: the kernel at ``settings``, or XLA where None."""
+def _piece_call(kernel: Any, reference: Any, settings: dict[str, Any] | None, *args: Any,
+                **kwargs: Any) -> jax.Array:
+    """One layer piece: ``kernel`` at ``settings``, or its jnp ``reference`` (XLA) where
+    ``settings`` is None."""
     if settings is None:
-        return matmul_residual_reference(a, w, b, residual)
-    return matmul_residual(a, w, b, residual, **settings)
+        return reference(*args, **kwargs)
+    return kernel(*args, **kwargs, **settings)
 
 
 def fused_decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
@@ -190,22 +191,21 @@ def fused_decode_step(params: Any, cfg: ModelConfig, tokens: jax.Array, position
     for i in range(cfg.num_layers):
         p = params[f"layers_{i}"]
         attn, mlp = p["self_attn"], p["mlp"]
-        qkv_args = (x, p["input_layernorm"]["weight"], attn["q_proj"]["kernel"],
-                    attn["k_proj"]["kernel"], attn["v_proj"]["kernel"],
-                    _bias(attn["q_proj"]), _bias(attn["k_proj"]), _bias(attn["v_proj"]),
-                    cos, sin)
-        qkv = (norm_qkv_rope_reference(*qkv_args, head_dim=cfg.head_dim, eps=eps)
-               if qkv_st is None else
-               norm_qkv_rope(*qkv_args, head_dim=cfg.head_dim, eps=eps, **qkv_st))
+        qkv = _piece_call(
+            norm_qkv_rope, norm_qkv_rope_reference, qkv_st, x, p["input_layernorm"]["weight"],
+            attn["q_proj"]["kernel"], attn["k_proj"]["kernel"], attn["v_proj"]["kernel"],
+            _bias(attn["q_proj"]), _bias(attn["k_proj"]), _bias(attn["v_proj"]), cos, sin,
+            head_dim=cfg.head_dim, eps=eps)
         out, k_pages, v_pages = triton_paged_decode_append_packed(
             qkv, k_pages, v_pages, block_tables, lengths, layer=i)
-        x = _matmul_residual(out.reshape(x.shape[0], -1), attn["o_proj"]["kernel"],
-                             _bias(attn["o_proj"]), x, o_st)
-        gu_args = (x, p["post_attention_layernorm"]["weight"], mlp["gate_proj"]["kernel"],
-                   mlp["up_proj"]["kernel"])
-        h = (norm_gate_up_reference(*gu_args, eps=eps) if gu_st is None else
-             norm_gate_up(*gu_args, eps=eps, **gu_st))
-        x = _matmul_residual(h, mlp["down_proj"]["kernel"], None, x, down_st)
+        x = _piece_call(matmul_residual, matmul_residual_reference, o_st,
+                        out.reshape(x.shape[0], -1), attn["o_proj"]["kernel"],
+                        _bias(attn["o_proj"]), x)
+        h = _piece_call(norm_gate_up, norm_gate_up_reference, gu_st, x,
+                        p["post_attention_layernorm"]["weight"], mlp["gate_proj"]["kernel"],
+                        mlp["up_proj"]["kernel"], eps=eps)
+        x = _piece_call(matmul_residual, matmul_residual_reference, down_st, h,
+                        mlp["down_proj"]["kernel"], None, x)
     x = rms_norm(x, params["norm"]["weight"], eps)
     head = embedding.T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
     return jnp.dot(x, head).astype(jnp.float32), k_pages, v_pages
