@@ -291,6 +291,8 @@ def main() -> None:
                     help="write each burst's optimised HLO text here")
     ap.add_argument("--out", default=None, help="JSON results path")
     a = ap.parse_args()
+    if min(a.split_programs) < 1:
+        ap.error("--split-programs takes program counts of at least 1")
     if a.tiny and a.cells == ap.get_default("cells"):
         a.cells = ["2x40"]
     if a.tiny and a.attention == ap.get_default("attention"):
