@@ -12,7 +12,7 @@ attention (no Triton program in it) and checks the Flax step with the Triton dec
 kernel against it too: with ``KVJAX_TRITON_LAUNCH=xla`` that checks every kernel launched
 as XLA's own Triton custom call.
 
-GPU: python benchmarks/check_fused_decode.py [--reference-attention xla]
+GPU: python benchmarks/check_fused_decode.py [--reference-attention xla] [--dtypes bfloat16]
 """
 
 from __future__ import annotations
@@ -75,13 +75,16 @@ def report(name: str, want: jax.Array, got: jax.Array, pools: tuple[jax.Array, .
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference-attention", choices=("triton", "xla"), default="triton")
-    ref = ap.parse_args().reference_attention
+    ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"),
+                    default=["float32", "bfloat16"], help="the dtypes checked, in order")
+    args = ap.parse_args()
+    ref = args.reference_attention
     print(f"launch: {triton_launcher()}, reference: "
           f"Flax forward with {ref} attention", flush=True)
     cfg = get_preset("qwen2.5-0.5b").to_model_config()
     rng = np.random.default_rng(0)
     failed: list[str] = []
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype in map(jnp.dtype, args.dtypes):
         model = Decoder(cfg, dtype=dtype)
         params = random_params(cfg, dtype, 0)
         for batch in (8, 32):

@@ -44,6 +44,7 @@
 #   next-round   check-xla (90 s), the split A/B (70 s), the fused sweep's quick grid at 8
 #                rows (150 s), engine vs HF with the default and picked fused rows (200 s)
 #                                                                             ~ 8.5 min *
+#   check-bf16   its bfloat16 rows alone (2026-12-07: float32 took the whole 90 s) ~ 1.5 min *
 #   check-xla    the GPU check of both decode steps under the XLA launch    ~ 1 min *
 #   fused-engine   engine vs HF static, 8/32 x 512, with and without them     ~ 5 min *
 #   decode-append  the decode kernel writing the step's K/V: GPU check, burst A/B
@@ -182,7 +183,7 @@ case "$group" in
   next-round)  # the GPU check under the XLA launch (bf16 rows decide the default launcher),
     # then splits-fused-engine with tighter limits
     KVJAX_TRITON_LAUNCH=xla run check_launch_xla 90 $py benchmarks/check_fused_decode.py \
-        --reference-attention xla
+        --reference-attention xla --dtypes bfloat16
     run decode_step_profile_splits 70 $py benchmarks/decode_step_profile.py --launch xla \
         --cells 8x512 32x512 --attention triton --split-programs 256 64 16 --no-half \
         --reps 5 --out "$out/decode_step_profile_splits.json"
@@ -193,6 +194,9 @@ case "$group" in
         --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
         --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
         --repeats 3 --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
+  check-bf16)  # the bfloat16 rows of the GPU check under the XLA launch alone
+    KVJAX_TRITON_LAUNCH=xla run check_launch_xla_bf16 150 $py benchmarks/check_fused_decode.py \
+        --reference-attention xla --dtypes bfloat16 ;;
   fused-tune)  # the kernel sweep picks each layer piece's launch (or XLA); the burst A/B
     KVJAX_TRITON_LAUNCH=xla run fused_layer_kernels_xla 300 $py \
         benchmarks/fused_layer_kernels.py --out "$out/fused_layer_kernels_xla.json" \
