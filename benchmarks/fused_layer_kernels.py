@@ -195,18 +195,20 @@ def main() -> None:
                 print(f"  {batch:>3} {name:<13} xla {1e6 * t_xla:6.2f} us ({nbytes / t_xla / bw:4.0%})"
                       f" | best {best['us']:6.2f} us ({best['bw_share']:4.0%}), "
                       f"{best['speedup_vs_xla']:.2f}x xla, {best['settings']}", flush=True)
-        write(args, bw, rows)
+        write(args, bw, rows, PIECES[name])
 
 
-def write(args: argparse.Namespace, bw: float, rows: list[dict[str, Any]]) -> None:
-    """The rows so far (``--out``) and the launch they pick (``--launch-out``)."""
+def write(args: argparse.Namespace, bw: float, rows: list[dict[str, Any]], piece: str) -> None:
+    """The rows so far (``--out``) and the launch they pick (``--launch-out``); prints the
+    pick of ``piece``, the one just measured."""
     device = jax.devices()[0].device_kind
     if args.out:
         Path(args.out).write_text(json.dumps({"device": device, "launch": triton_launcher(),
                                               "read_bandwidth": bw, "rows": rows}, indent=1))
     if args.launch_out:
         launch, detail = pick_launch(rows, args.batches)
-        for piece, d in detail.items():
+        if piece in detail:
+            d = detail[piece]
             print(f"  pick {piece:<8} {d['choice']}  (kernel {d['kernel_us_sum']:.2f} us vs "
                   f"xla {d['xla_us_sum']:.2f} us, summed over batches {args.batches})")
         Path(args.launch_out).write_text(json.dumps(

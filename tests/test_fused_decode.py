@@ -56,9 +56,14 @@ MIXED = FusedLaunch.from_dict({"qkv": "xla", "o_proj": {"block_n": 16, "block_k"
 TUNED_QKV = FusedLaunch.from_dict({"qkv": {"block_k": 64, "split_k": 4}, "o_proj": "xla",
                                    "gate_up": {"block_n": 32, "block_k": 32}, "down": "xla"})
 
+# the launch picked on an H100 for Qwen2.5-0.5B's widths, shipped for users (docs/serving-engine.md)
+SHIPPED = FusedLaunch.from_json(Path(__file__).resolve().parents[1] / "configs"
+                                / "fused-launch-qwen2.5-0.5b-h100.json")
+
 
 @pytest.mark.parametrize(("name", "launch"), [("qwen2", None), ("llama", None),
-                                              ("llama", MIXED), ("qwen2", TUNED_QKV)])
+                                              ("llama", MIXED), ("qwen2", TUNED_QKV),
+                                              ("qwen2", SHIPPED)])
 def test_fused_step_matches_flax_forward(name: str, launch: FusedLaunch | None,
                                          request: pytest.FixtureRequest) -> None:
     """Logits and the written pools of one decode step equal the Flax forward's over the
