@@ -44,6 +44,8 @@
 #   next-round   check-xla (90 s), the split A/B (70 s), the fused sweep's quick grid at 8
 #                rows (150 s), engine vs HF with the default and picked fused rows (200 s)
 #                                                                             ~ 8.5 min *
+#   confirm      check-bf16, then engine vs HF over batch 8/32 x 512/2048 with the
+#                shipped fused launch, 3 repeats                              ~ 9 min *
 #   check-bf16   its bfloat16 rows alone (2026-12-07: float32 took the whole 90 s) ~ 1.5 min *
 #   check-xla    the GPU check of both decode steps under the XLA launch    ~ 1 min *
 #   fused-engine   engine vs HF static, 8/32 x 512, with and without them     ~ 5 min *
@@ -194,6 +196,15 @@ case "$group" in
         --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
         --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
         --repeats 3 --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
+  confirm)  # the bfloat16 GPU check under the XLA launch, then engine vs HF static over the
+    # batch 8/32 x 512/2048 with overlapped bursts and the shipped fused launch
+    KVJAX_TRITON_LAUNCH=xla run check_launch_xla_bf16 120 $py benchmarks/check_fused_decode.py \
+        --reference-attention xla --dtypes bfloat16
+    KVJAX_TRITON_LAUNCH=xla run engine_vs_hf_grid 420 $py benchmarks/engine_vs_hf.py \
+        --out "$out/engine_vs_hf_grid.json" --batches 8 32 --prompts 512 2048 \
+        --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
+        --repeats 3 --fused-decode --fused-launch configs/fused-launch-qwen2.5-0.5b-h100.json \
+        --no-bare-burst ;;
   check-bf16)  # the bfloat16 rows of the GPU check under the XLA launch alone
     KVJAX_TRITON_LAUNCH=xla run check_launch_xla_bf16 150 $py benchmarks/check_fused_decode.py \
         --reference-attention xla --dtypes bfloat16 ;;
