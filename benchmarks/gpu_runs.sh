@@ -196,7 +196,7 @@ case "$group" in
         --out "$out/engine_vs_hf_fused_tuned.json" --batches 8 32 --prompts 512 \
         --max-batch 32 --decode-steps 8 --overlap-bursts --skip-hf-dynamic --skip-online \
         --repeats 3 --fused-decode --fused-launch "$out/fused_launch_picked.json" ;;
-  confirm)  # the bfloat16 GPU check under the XLA launch, then engine vs HF static over the
+  confirm)  # the bfloat16 GPU check under the XLA launch, then engine vs HF static at
     # batch 8/32 x 512/2048 with overlapped bursts and the shipped fused launch
     KVJAX_TRITON_LAUNCH=xla run check_launch_xla_bf16 120 $py benchmarks/check_fused_decode.py \
         --reference-attention xla --dtypes bfloat16
