@@ -18,7 +18,8 @@ XLA compiles the ``xla`` launches with its own Triton, so their settings may dif
 ``--launch-out FILE`` writes the ``kvjax.models.fused_decode.FusedLaunch`` these
 measurements pick: per layer piece, the setting with the least time summed over the
 batches, or ``"xla"`` where XLA's kernels for the same math took less
-(``decode_step_profile.py --fused-launch FILE`` and ``Engine(fused_launch=...)`` read it).
+(``decode_step_profile.py --attention fused=FILE``, ``engine_vs_hf.py --fused-launch FILE``
+and ``FusedLaunch.from_json`` read it).
 
 GPU: python benchmarks/fused_layer_kernels.py --out $OUT/fused_layer_kernels.json
 """
@@ -214,6 +215,7 @@ def write(args: argparse.Namespace, bw: float, rows: list[dict[str, Any]], piece
         Path(args.launch_out).write_text(json.dumps(
             {"device": device, "launch": triton_launcher(), "batches": args.batches,
              "fused_launch": launch.to_dict(), "pieces": detail}, indent=1))
+
 
 if __name__ == "__main__":
     main()
