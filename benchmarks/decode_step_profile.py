@@ -277,7 +277,7 @@ def main() -> None:
     ap.add_argument("--scatter-writes", action="store_true",
                     help="triton decode steps write K/V by XLA scatters (no append kernel)")
     ap.add_argument("--launch", choices=("jax-triton", "xla"),
-                    default=os.environ.get("KVJAX_TRITON_LAUNCH", "jax-triton"),
+                    default=os.environ.get("KVJAX_TRITON_LAUNCH", "xla"),
                     help="how the Triton kernels launch (KVJAX_TRITON_LAUNCH; "
                          "pallas_kernels.triton_launch)")
     ap.add_argument("--split-programs", nargs="+", type=int,

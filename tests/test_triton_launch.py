@@ -76,14 +76,42 @@ def test_lowers_to_xla_triton_custom_call() -> None:
 
 
 def test_launcher_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    """jax-triton unless KVJAX_TRITON_LAUNCH says "xla"; anything else is an error that
-    names the choices."""
+    """XLA's Triton custom call unless KVJAX_TRITON_LAUNCH says "jax-triton"; anything
+    else is an error that names the choices."""
     from pallas_kernels.triton_launch import LAUNCH_ENV, triton_launcher
 
     monkeypatch.delenv(LAUNCH_ENV, raising=False)
-    assert triton_launcher() == "jax-triton"
-    monkeypatch.setenv(LAUNCH_ENV, "xla")
     assert triton_launcher() == "xla"
+    monkeypatch.setenv(LAUNCH_ENV, "jax-triton")
+    assert triton_launcher() == "jax-triton"
     monkeypatch.setenv(LAUNCH_ENV, "cuda-graphs")
     with pytest.raises(ValueError, match="KVJAX_TRITON_LAUNCH must be one of"):
         triton_launcher()
+
+
+def test_unavailable_reason_asks_for_jax_triton_only_under_its_launch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU without ``jax_triton`` the kernels run under the default XLA launch; under
+    ``KVJAX_TRITON_LAUNCH=jax-triton`` the reason names the missing package; off the GPU
+    the reason names the backend."""
+    import importlib
+
+    import jax
+
+    from pallas_kernels import triton_paged_decode
+    from pallas_kernels.triton_launch import LAUNCH_ENV
+
+    real_import = importlib.import_module
+
+    def no_jax_triton(name: str, package: str | None = None) -> object:
+        if name == "jax_triton":
+            raise ImportError("No module named 'jax_triton'")
+        return real_import(name, package)
+
+    monkeypatch.setattr(triton_paged_decode.importlib, "import_module", no_jax_triton)
+    monkeypatch.delenv(LAUNCH_ENV, raising=False)
+    assert "not gpu" in str(triton_paged_decode.triton_unavailable_reason())
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert triton_paged_decode.triton_unavailable_reason() is None
+    monkeypatch.setenv(LAUNCH_ENV, "jax-triton")
+    assert "cannot import jax_triton" in str(triton_paged_decode.triton_unavailable_reason())

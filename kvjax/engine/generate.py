@@ -53,6 +53,7 @@ from kvjax.memory.allocator import AllocatorStats, BlockAllocator
 from kvjax.mla_config import MLAConfig
 from kvjax.models.llama import Decoder
 from kvjax.models.mla import MLADecoder
+from pallas_kernels.triton_launch import triton_launcher
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +363,14 @@ def resolve_attention(attention: str, block_size: int, head_dim: int) -> str:
     (``triton_unavailable_reason``), else "pallas"; otherwise "xla"."""
     if attention != "auto":
         return attention
+    resolved = _resolve_auto(block_size, head_dim)
+    launch = f", launched by {triton_launcher()}" if resolved == "triton" else ""
+    logger.info("paged attention: auto -> %s%s", resolved, launch)
+    return resolved
+
+
+def _resolve_auto(block_size: int, head_dim: int) -> str:
+    """What "auto" stands for here (``resolve_attention``)."""
     fits = block_size in KERNEL_PAGE_SIZES and head_dim in KERNEL_HEAD_DIMS
     if jax.default_backend() != "gpu" or not fits:
         return "xla"
@@ -390,7 +399,8 @@ def _generate_paged(model: Model, args: tuple[Any, ...], prompts: Sequence[Seque
     pool = _pool_size(sum(per_seq), num_blocks, block_size,
                       f"{len(prompts)} sequences of prompt + max_new_tokens {budgets}",
                       bucket=64)
-    logger.info("paged cache: attention backend %s", attention)  # after every check passed
+    launch = f", launched by {triton_launcher()}" if attention == "triton" else ""
+    logger.info("paged cache: attention backend %s%s", attention, launch)  # checks passed
     alloc = BlockAllocator(pool, block_size, _kv_bytes_per_token(model))
     ids = list(range(len(prompts)))
     for i, tokens in zip(ids, budgets, strict=True):
