@@ -74,6 +74,7 @@ def test_shipped_configs_parse() -> None:
     ("engine.fused_launch", {"down": {"split": 2}}, "unknown settings"),
     ("engine.fused_launch", {"qkv": "cublas"}, "expected 'xla'"),
     ("engine.fused_launch", {"gate_up": {"block_n": 0}}, "block_n must be an int >= 1"),
+    ("engine.fused_launch", {"qkv": "xla"}, "fused_launch is only used with fused_decode"),
 ])
 def test_bad_config_names_the_problem(path: str, value: Any, match: str) -> None:
     with pytest.raises(ServeBenchConfigError, match=match):
@@ -82,7 +83,9 @@ def test_bad_config_names_the_problem(path: str, value: Any, match: str) -> None
 
 def test_fused_launch_in_a_config() -> None:
     """engine.fused_launch: a piece left to XLA and another's settings, the rest kept."""
-    cfg = parse_config(_with("engine.fused_launch", {"qkv": "xla", "down": {"split_k": 4}}))
+    raw = _with("engine.fused_launch", {"qkv": "xla", "down": {"split_k": 4}})
+    raw["engine"]["fused_decode"] = True
+    cfg = parse_config(raw)
     launch = cfg.engine.fused_launch
     assert launch.settings("qkv") is None and launch.settings("down") == {"split_k": 4}
     assert launch.settings("o_proj") == FusedLaunch().settings("o_proj")

@@ -110,6 +110,8 @@ class EngineSpec:
                              f"got {self.swap_blocks}")
         if self.host_staging not in STAGING:
             raise ValueError(f"host_staging must be one of {STAGING}, got {self.host_staging!r}")
+        if self.fused_launch != FusedLaunch() and not self.fused_decode:
+            raise ValueError("fused_launch is only used with fused_decode: true")
         if self.attention not in ("auto", *ATTENTION_BACKENDS):
             raise ValueError(f"attention must be auto or one of {ATTENTION_BACKENDS}, got "
                              f"{self.attention!r}")
