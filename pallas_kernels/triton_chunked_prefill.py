@@ -30,6 +30,7 @@ from pallas_kernels.triton_paged_decode import (
     dot_precision,
 )
 
+LOG2E = 1.4426950408889634  # the kernel's scores and slack are in log2 units (exp2)
 QUERY_ROWS = 64  # default query tile: tokens x group heads (padded), about this many rows
 
 
@@ -66,16 +67,16 @@ class PrefillLaunch:
 def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                    dtype: jnp.dtype, *, layer: int | None, block_q: int | None,
                    block_tokens: int | None, num_warps: int, num_stages: int,
-                   prefetch_table: bool = True,
-                   split_diagonal: bool = False) -> PrefillLaunch:
+                   prefetch_table: bool = True, split_diagonal: bool = False,
+                   rescale_slack: float = 0.0) -> PrefillLaunch:
     """The launch for q ``[B, T, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K,
     D]`` read at ``layer``) with ``max_blocks`` table columns; arguments already passed
     ``check_prefill_args``. None picks ``default_block_q`` / ``default_block_tokens``.
     The query tile has at least 16 rows (one mma tile) and at most T's tokens.
 
     Raises:
-      ValueError: on ``block_q`` not a power of two >= 1, and as
-        ``check_launch_settings``.
+      ValueError: on ``block_q`` not a power of two >= 1, ``rescale_slack`` not in [0,
+        20], and as ``check_launch_settings``.
     """
     batch, t, heads, head_dim = q_shape
     num_pages, page_size, kv_heads, _ = pool_shape[-4:]
@@ -88,14 +89,16 @@ def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_bl
         block_q = default_block_q(group_rows)
     if not isinstance(block_q, int) or block_q < 1 or block_q & (block_q - 1):
         raise ValueError(f"block_q must be a power of two >= 1, got {block_q!r}")
+    if not isinstance(rescale_slack, int | float) or not 0 <= rescale_slack <= 20:
+        raise ValueError(f"rescale_slack must be a number in [0, 20], got {rescale_slack!r}")
     block_q = min(block_q, 1 << (max(t, 1) - 1).bit_length())
     block_q = max(block_q, MIN_BLOCK_TOKENS // group_rows)  # >= 16 rows for tl.dot
     meta = (("T", t), ("GROUP", group), ("GROUP_ROWS", group_rows), ("BLOCK_Q", block_q),
             ("HEAD_DIM", head_dim), ("PAGE_SIZE", page_size), ("KV_HEADS", kv_heads),
             ("LAYER_STRIDE", math.prod(pool_shape[-4:])), ("MAX_BLOCKS", max_blocks),
-            ("BLOCK_TOKENS", block_tokens), ("SCALE", head_dim ** -0.5),
+            ("BLOCK_TOKENS", block_tokens), ("SCALE", head_dim ** -0.5 * LOG2E),
             ("DOT_PRECISION", dot_precision(dtype)), ("PREFETCH_TABLE", bool(prefetch_table)),
-            ("SPLIT_DIAGONAL", bool(split_diagonal)))
+            ("SPLIT_DIAGONAL", bool(split_diagonal)), ("RESCALE_SLACK", rescale_slack * LOG2E))
     return PrefillLaunch(grid=(batch, kv_heads, max(1, -(-t // block_q))),
                          scalars=(layer or 0, num_pages), meta=meta, num_warps=num_warps,
                          num_stages=num_stages, out_shape=(batch, t, heads, head_dim))
@@ -127,7 +130,8 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
                                    block_tokens: int | None = None, num_warps: int = 4,
                                    num_stages: int = 4, layer: int | None = None,
                                    prefetch_table: bool = True,
-                                   split_diagonal: bool = False) -> jax.Array:
+                                   split_diagonal: bool = False,
+                                   rescale_slack: float = 0.0) -> jax.Array:
     """Causal attention of a ragged chunk of new tokens over paged K/V (Triton, GPU).
 
     Args:
@@ -146,6 +150,10 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
         ``triton_paged_decode_attention``).
       split_diagonal: walk the steps below each query tile's first position without the
         causal mask, and mask only the steps on the diagonal (the kernel's docstring).
+      rescale_slack: 0 rescales the running output every step; > 0 (natural-log units,
+        at most 20) raises each query tile's reference max only when some row's max
+        grows by more than this, so exps stay below ``exp(rescale_slack)`` and most steps
+        skip the output's rescale (``triton_decode_kernel.attend_tile``).
 
     Returns:
       [B, T, H, D] in the dtype of ``q``; padding rows are zeros.
@@ -159,5 +167,5 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
                             layer=layer, block_q=block_q, block_tokens=block_tokens,
                             num_warps=num_warps, num_stages=num_stages,
                             prefetch_table=prefetch_table,
-                            split_diagonal=split_diagonal)
+                            split_diagonal=split_diagonal, rescale_slack=rescale_slack)
     return _prefill(q, k_pages, v_pages, block_tables, q_lens, lengths, launch=launch)

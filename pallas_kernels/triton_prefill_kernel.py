@@ -49,10 +49,11 @@ def paged_prefill_kernel(
     LAYER_STRIDE: tl.constexpr,
     MAX_BLOCKS: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
-    SCALE: tl.constexpr,
+    SCALE: tl.constexpr,  # log2(e) / sqrt(HEAD_DIM): scores in log2 units, exps by exp2
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
     SPLIT_DIAGONAL: tl.constexpr,
+    RESCALE_SLACK: tl.constexpr,  # log2 units (``attend_tile``)
 ) -> None:
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -90,11 +91,11 @@ def paged_prefill_kernel(
     o, m, den, off, valid = attend_steps(
         q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, table_ptr, seq, head, 0, bulk, stop,
         layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, SCALE,
-        DOT_PRECISION, PREFETCH_TABLE, False, False)
+        DOT_PRECISION, PREFETCH_TABLE, False, False, RESCALE_SLACK, True)
     o, m, den, off, valid = attend_steps(
         q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, table_ptr, seq, head, bulk, stop, stop,
         layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, SCALE,
-        DOT_PRECISION, PREFETCH_TABLE, False, True)
+        DOT_PRECISION, PREFETCH_TABLE, False, True, RESCALE_SLACK, True)
 
     o = tl.where(real[:, None], o / tl.where(den > 0, den, 1.0)[:, None], 0.0)
     tl.store(o_ptr + qo_off, o, mask=in_out[:, None])

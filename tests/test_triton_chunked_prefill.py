@@ -30,31 +30,55 @@ from pallas_kernels.chunked_prefill import paged_prefill_attention
 from pallas_kernels.triton_paged_decode import H100_SHARED_BYTES
 
 
-@pytest.mark.parametrize(("prefetch_table", "split_diagonal"),
-                         [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(("prefetch_table", "split_diagonal", "rescale_slack"),
+                         [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0),
+                          (True, True, 1.0)])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_kernel_matches_references(case: tuple[Any, ...], prefetch_table: bool,
-                                   split_diagonal: bool) -> None:
+                                   split_diagonal: bool, rescale_slack: float) -> None:
     """The Pallas kernel's cases; steps of 16 tokens (parts of pages or several); the
     table read in each step or one step ahead; one causal loop or the unmasked steps
-    apart from the diagonal ones."""
+    apart from the diagonal ones; the output rescaled every step or only past a slack."""
     *shape, dtype, block_q, _, q_lens, lengths = case
     args = make_inputs(sum(lengths) + 7, *shape, dtype, q_lens, lengths)
     check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
                                                           block_tokens=16,
                                                           prefetch_table=prefetch_table,
-                                                          split_diagonal=split_diagonal))
+                                                          split_diagonal=split_diagonal,
+                                                          rescale_slack=rescale_slack))
+
+
+@pytest.mark.parametrize("rescale_slack", [0.0, 0.5, 3.0, 20.0])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rescale_slack_with_growing_scores(rescale_slack: float, dtype: Any) -> None:
+    """Keys that grow along the sequence (scores from about 0 to 40) move every row's max
+    many times during the walk, so a slack of 0.5 or 3 both rescales mid-walk and takes
+    steps against a stale max, and 20 (``exp(20)`` ~ 5e8 per term) never rescales after
+    the first step: every setting equals both references."""
+    q, k, v, tables, q_lens, lengths = make_inputs(11, 2, 4, 64, 16, 6, 24, dtype,
+                                                   [24, 17], [90, 60])
+    num_pages, page = k.shape[:2]
+    position = np.zeros((num_pages, page), np.float32)  # each pool row's position in its row
+    for row in np.asarray(tables):
+        for col, entry in enumerate(row):
+            if 0 <= entry < num_pages:
+                position[entry] = col * page + np.arange(page)
+    grow = jnp.asarray(1.0 + position / 12.0)[:, :, None, None]
+    k = (k.astype(jnp.float32) * grow).astype(dtype)
+    args = (q, k, v, tables, q_lens, lengths)
+    check_output(args, tcp.triton_paged_prefill_attention(
+        *args, block_q=4, block_tokens=16, split_diagonal=True, rescale_slack=rescale_slack))
 
 
 def _random(seed: int) -> None:
     """A random case; the table prefetched on odd seeds, the diagonal split on seeds
-    2, 3, 6, 7, ..."""
+    2, 3, 6, 7, ...; a rescale slack of 0, 1 or 8 by turns."""
     *shape, dtype, block_q, q_lens, lengths = random_case(seed)
     args = make_inputs(seed, *shape, dtype, q_lens, lengths)
     block_tokens = int(np.random.default_rng(seed).choice([16, 32, 64]))
     check_output(args, tcp.triton_paged_prefill_attention(
         *args, block_q=block_q, block_tokens=block_tokens, prefetch_table=bool(seed % 2),
-        split_diagonal=bool(seed // 2 % 2)))
+        split_diagonal=bool(seed // 2 % 2), rescale_slack=(0.0, 1.0, 8.0)[seed % 3]))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -103,6 +127,9 @@ def test_layer_of_stacked_pool_read_in_place() -> None:
     ({"block_tokens": 8}, "block_tokens must be a power of two >= 16"),
     ({"num_warps": 3}, "num_warps must be one of"),
     ({"num_stages": 0}, "num_stages must be"),
+    ({"rescale_slack": -1.0}, "rescale_slack must be a number in"),
+    ({"rescale_slack": 21.0}, "rescale_slack must be a number in"),
+    ({"rescale_slack": "8"}, "rescale_slack must be a number in"),
 ])
 def test_bad_arguments_raise(change: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -120,6 +147,7 @@ def test_prefill_launch() -> None:
     assert launch.grid == (4, 2, 13) and launch.scalars == (1, 500)
     assert meta["BLOCK_TOKENS"] == 16 and meta["DOT_PRECISION"] == "tf32"
     assert meta["PREFETCH_TABLE"] is True and meta["SPLIT_DIAGONAL"] is False
+    assert meta["RESCALE_SLACK"] == 0.0
     assert meta["LAYER_STRIDE"] == 500 * 16 * 2 * 64 and launch.out_shape == (4, 100, 14, 64)
     one = dict(tcp.prefill_launch((2, 1, 2, 128), (9, 8, 2, 128), 3, jnp.float32, layer=None,
                                   block_q=64, block_tokens=None, num_warps=4,
