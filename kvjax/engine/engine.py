@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -90,7 +91,12 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from kvjax.cache.paged import PagedCache, check_attention_backend
-from kvjax.engine.generate import GenerationOutput, kv_bytes_per_token, resolve_attention
+from kvjax.engine.generate import (
+    GenerationOutput,
+    attention_label,
+    kv_bytes_per_token,
+    resolve_attention,
+)
 from kvjax.engine.sampling import GREEDY, SamplingArrays, SamplingParams, sample
 from kvjax.engine.shapes import pow2
 from kvjax.memory.allocator import AllocatorStats, BlockAllocator, OutOfBlocksError
@@ -101,6 +107,8 @@ from kvjax.models.llama import Decoder
 
 Event = tuple[int, int]  # (request id, new token id)
 Detokenize = Callable[[Sequence[int]], str]
+
+logger = logging.getLogger(__name__)
 
 
 def _percentile(xs: Sequence[float], q: float) -> float:
@@ -506,6 +514,8 @@ class Engine:
         self.finished: dict[int, GenerationOutput] = {}  # rid -> its one-row output
         self.request_metrics: dict[int, RequestMetrics] = {}
         self.step_metrics: list[StepMetrics] = []
+        logger.info("engine: paged attention %s%s", attention_label(self.attention),
+                    ", fused decode layers" if fused_decode else "")
 
     # ------------------------------------------------------------------ requests
     def _validate(self, req: Request) -> None:

@@ -363,14 +363,6 @@ def resolve_attention(attention: str, block_size: int, head_dim: int) -> str:
     (``triton_unavailable_reason``), else "pallas"; otherwise "xla"."""
     if attention != "auto":
         return attention
-    resolved = _resolve_auto(block_size, head_dim)
-    launch = f", launched by {triton_launcher()}" if resolved == "triton" else ""
-    logger.info("paged attention: auto -> %s%s", resolved, launch)
-    return resolved
-
-
-def _resolve_auto(block_size: int, head_dim: int) -> str:
-    """What "auto" stands for here (``resolve_attention``)."""
     fits = block_size in KERNEL_PAGE_SIZES and head_dim in KERNEL_HEAD_DIMS
     if jax.default_backend() != "gpu" or not fits:
         return "xla"
@@ -379,6 +371,12 @@ def _resolve_auto(block_size: int, head_dim: int) -> str:
                     "kernel", reason)
         return "pallas"
     return "triton"
+
+
+def attention_label(attention: str) -> str:
+    """A resolved backend as logged: "triton" names its launcher
+    (``pallas_kernels.triton_launch``)."""
+    return f"triton, launched by {triton_launcher()}" if attention == "triton" else attention
 
 
 def _generate_paged(model: Model, args: tuple[Any, ...], prompts: Sequence[Sequence[int]],
@@ -399,8 +397,7 @@ def _generate_paged(model: Model, args: tuple[Any, ...], prompts: Sequence[Seque
     pool = _pool_size(sum(per_seq), num_blocks, block_size,
                       f"{len(prompts)} sequences of prompt + max_new_tokens {budgets}",
                       bucket=64)
-    launch = f", launched by {triton_launcher()}" if attention == "triton" else ""
-    logger.info("paged cache: attention backend %s%s", attention, launch)  # checks passed
+    logger.info("paged cache: attention backend %s", attention_label(attention))  # checked
     alloc = BlockAllocator(pool, block_size, _kv_bytes_per_token(model))
     ids = list(range(len(prompts)))
     for i, tokens in zip(ids, budgets, strict=True):
