@@ -6,8 +6,8 @@ scrambled block tables. Each row is (batch, history, chunk): every sequence hold
 ``history`` tokens, the last ``chunk`` of which are the new queries (what a prefix-cache
 hit or a chunked prefill computes). Columns: the kernel at a few tile settings, and the
 XLA path (``kvjax.cache.paged.paged_attention_reference``: gather pages, masked einsum);
-the Triton kernel (``pallas_kernels.triton_chunked_prefill``, through jax-triton) runs
-where ``jax_triton`` imports.
+the Triton kernel (``pallas_kernels.triton_chunked_prefill``, launched as
+``KVJAX_TRITON_LAUNCH`` says) runs on a GPU.
 Prints time per call (queued back to back), attention TFLOP/s (causal: only the keys
 each query sees), the kernel's speedup over XLA, and its error against XLA. Writes JSON
 to $OUT (or /tmp).
@@ -35,9 +35,10 @@ from pallas_kernels.triton_paged_decode import triton_unavailable_reason
 
 SETTINGS = ({"block_q": 16, "pages_per_block": 4}, {"block_q": 32, "pages_per_block": 4},
             {"block_q": 64, "pages_per_block": 4}, {"block_q": 64, "pages_per_block": 8})
-TRITON_SETTINGS: tuple[dict[str, int], ...] = (
-    {}, {"prefetch_table": False}, {"block_tokens": 32, "num_stages": 3},
-    {"block_tokens": 64, "num_stages": 2, "prefetch_table": False})
+TRITON_SETTINGS: tuple[dict[str, int | bool], ...] = (
+    {},  # the default: causal mask on the diagonal steps only, 64-token steps, 3 stages
+    {"num_stages": 2}, {"block_q": 32, "num_warps": 8, "num_stages": 2},
+    {"split_diagonal": False, "block_tokens": 16, "num_stages": 4})  # the default until 12-07
 
 
 def make_row(batch: int, history: int, chunk: int, heads: int, kv_heads: int, head_dim: int,

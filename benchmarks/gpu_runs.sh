@@ -11,7 +11,7 @@
 #   layout       Triton decode on token-major vs head-major pages (four rows)   ~ 2 min *
 #   prefill-tiles  Triton chunked prefill, query tiles of 16/32 tokens, 16-64-token
 #                steps, 4/8 warps, four rows                                   ~ 2 min *
-#   prefill-slack  Triton chunked prefill: lazy rescale + exp2, tiles; decode default row ~ 8 min
+#   tables-quick paged decode (four rows, no Pallas, traced) + chunked prefill    ~ 5 min *
 #   prefill-diag Triton chunked prefill with the causal mask on the diagonal steps only,
 #                at 64/128-row tiles and 16-64-token steps, vs the default     ~ 2 min *
 #   mla          absorbed MLA decode kernel vs XLA gather and torch SDPA      ~ 3 min *
@@ -115,19 +115,10 @@ case "$group" in
           {"split_diagonal": true, "block_tokens": 64, "num_stages": 3},
           {"split_diagonal": true, "block_q": 32, "num_warps": 8, "block_tokens": 64, "num_stages": 3},
           {"split_diagonal": true, "block_q": 32, "num_warps": 8, "block_tokens": 32, "num_stages": 3}]' ;;
-  prefill-slack)  # the output rescaled only past a slack of the running max, with exp2 scores,
-    # at the default tile and with the causal mask on the diagonal steps only; then the
-    # decode table at the default launch only (its step shares the exp change)
-    run chunked_prefill_slack 260 $py benchmarks/chunked_prefill.py --no-pallas --triton \
-        '[{}, {"rescale_slack": 8.0}, {"split_diagonal": true, "block_tokens": 64, "num_stages": 3},
-          {"split_diagonal": true, "block_tokens": 64, "num_stages": 3, "rescale_slack": 8.0},
-          {"split_diagonal": true, "block_tokens": 64, "num_stages": 2, "rescale_slack": 8.0},
-          {"split_diagonal": true, "block_tokens": 32, "num_stages": 3, "rescale_slack": 8.0},
-          {"split_diagonal": true, "block_tokens": 32, "num_stages": 4, "rescale_slack": 8.0},
-          {"split_diagonal": true, "block_q": 32, "num_warps": 8, "block_tokens": 64,
-           "num_stages": 2, "rescale_slack": 8.0}]'
-    run paged_decode_default 200 $py benchmarks/paged_decode.py --no-pallas --budget-s 120 \
-        --rows 8x4096,32x1024,32x4096,64x4096 --triton 32:auto:4:4:1 ;;
+  tables-quick)  # the decode table without the Pallas columns (traced), then chunked prefill
+    run paged_decode 220 $py benchmarks/paged_decode.py --no-pallas --budget-s 150 --trace \
+        --rows 8x4096,32x1024,32x4096,64x4096
+    run chunked_prefill 150 $py benchmarks/chunked_prefill.py --no-pallas ;;
   mla)
     run mla_decode 300 $py benchmarks/mla_decode.py ;;
   sweep)

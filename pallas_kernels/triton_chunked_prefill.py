@@ -30,17 +30,19 @@ from pallas_kernels.triton_paged_decode import (
     dot_precision,
 )
 
-LOG2E = 1.4426950408889634  # the kernel's scores and slack are in log2 units (exp2)
+LOG2E = 1.4426950408889634  # the kernel's scores are in log2 units (exp2)
 QUERY_ROWS = 64  # default query tile: tokens x group heads (padded), about this many rows
+STEP_TILE_BYTES = 16 * 1024  # default step: one K (and one V) tile of at most this size
+NUM_STAGES = 3  # default pipeline depth of the K/V loads
 
 
-def default_block_tokens(head_dim: int) -> int:
-    """Key/value tokens per step: 16, many small K/V tiles in flight (4 stages, the table
-    prefetched); 16-token steps were the fastest launch on 3 of the 4 H100 rows measured
-    (docs/paged-decode-kernel.md, 2026-12-06). Independent of ``head_dim``: the tiles of
-    head_dim 256 are 8 KiB in 16-bit."""
-    del head_dim
-    return 16
+def default_block_tokens(head_dim: int, itemsize: int) -> int:
+    """Key/value tokens per step: the most (at most 64) whose ``[tokens, head_dim]`` tile
+    fits ``STEP_TILE_BYTES``: 64 for 16-bit head_dim 64 or 128. With the causal mask on
+    the diagonal steps only and 3 stages, 64-token steps were the fastest launch, at or
+    above 3x the XLA path, on all four H100 rows measured (docs/paged-decode-kernel.md,
+    2026-12-07)."""
+    return max(MIN_BLOCK_TOKENS, min(64, STEP_TILE_BYTES // (head_dim * itemsize)))
 
 
 def default_block_q(group_rows: int) -> int:
@@ -67,30 +69,28 @@ class PrefillLaunch:
 def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                    dtype: jnp.dtype, *, layer: int | None, block_q: int | None,
                    block_tokens: int | None, num_warps: int, num_stages: int,
-                   prefetch_table: bool = True, split_diagonal: bool = False,
-                   rescale_slack: float = 0.0) -> PrefillLaunch:
+                   prefetch_table: bool = True,
+                   split_diagonal: bool = True) -> PrefillLaunch:
     """The launch for q ``[B, T, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K,
     D]`` read at ``layer``) with ``max_blocks`` table columns; arguments already passed
     ``check_prefill_args``. None picks ``default_block_q`` / ``default_block_tokens``.
     The query tile has at least 16 rows (one mma tile) and at most T's tokens.
 
     Raises:
-      ValueError: on ``block_q`` not a power of two >= 1, ``rescale_slack`` not in [0,
-        20], and as ``check_launch_settings``.
+      ValueError: on ``block_q`` not a power of two >= 1, and as
+        ``check_launch_settings``.
     """
     batch, t, heads, head_dim = q_shape
     num_pages, page_size, kv_heads, _ = pool_shape[-4:]
     group = heads // kv_heads
     group_rows = 1 << (group - 1).bit_length()
     if block_tokens is None:
-        block_tokens = default_block_tokens(head_dim)
+        block_tokens = default_block_tokens(head_dim, jnp.dtype(dtype).itemsize)
     check_launch_settings(block_tokens, num_warps, num_stages)
     if block_q is None:
         block_q = default_block_q(group_rows)
     if not isinstance(block_q, int) or block_q < 1 or block_q & (block_q - 1):
         raise ValueError(f"block_q must be a power of two >= 1, got {block_q!r}")
-    if not isinstance(rescale_slack, int | float) or not 0 <= rescale_slack <= 20:
-        raise ValueError(f"rescale_slack must be a number in [0, 20], got {rescale_slack!r}")
     block_q = min(block_q, 1 << (max(t, 1) - 1).bit_length())
     block_q = max(block_q, MIN_BLOCK_TOKENS // group_rows)  # >= 16 rows for tl.dot
     meta = (("T", t), ("GROUP", group), ("GROUP_ROWS", group_rows), ("BLOCK_Q", block_q),
@@ -98,7 +98,7 @@ def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_bl
             ("LAYER_STRIDE", math.prod(pool_shape[-4:])), ("MAX_BLOCKS", max_blocks),
             ("BLOCK_TOKENS", block_tokens), ("SCALE", head_dim ** -0.5 * LOG2E),
             ("DOT_PRECISION", dot_precision(dtype)), ("PREFETCH_TABLE", bool(prefetch_table)),
-            ("SPLIT_DIAGONAL", bool(split_diagonal)), ("RESCALE_SLACK", rescale_slack * LOG2E))
+            ("SPLIT_DIAGONAL", bool(split_diagonal)))
     return PrefillLaunch(grid=(batch, kv_heads, max(1, -(-t // block_q))),
                          scalars=(layer or 0, num_pages), meta=meta, num_warps=num_warps,
                          num_stages=num_stages, out_shape=(batch, t, heads, head_dim))
@@ -128,10 +128,9 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
                                    block_tables: jax.Array, q_lens: jax.Array,
                                    lengths: jax.Array, *, block_q: int | None = None,
                                    block_tokens: int | None = None, num_warps: int = 4,
-                                   num_stages: int = 4, layer: int | None = None,
+                                   num_stages: int = NUM_STAGES, layer: int | None = None,
                                    prefetch_table: bool = True,
-                                   split_diagonal: bool = False,
-                                   rescale_slack: float = 0.0) -> jax.Array:
+                                   split_diagonal: bool = True) -> jax.Array:
     """Causal attention of a ragged chunk of new tokens over paged K/V (Triton, GPU).
 
     Args:
@@ -149,11 +148,8 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
       prefetch_table: read each step's block-table entries one step ahead (as
         ``triton_paged_decode_attention``).
       split_diagonal: walk the steps below each query tile's first position without the
-        causal mask, and mask only the steps on the diagonal (the kernel's docstring).
-      rescale_slack: 0 rescales the running output every step; > 0 (natural-log units,
-        at most 20) raises each query tile's reference max only when some row's max
-        grows by more than this, so exps stay below ``exp(rescale_slack)`` and most steps
-        skip the output's rescale (``triton_decode_kernel.attend_tile``).
+        causal mask, and mask only the steps on the diagonal (the kernel's docstring;
+        the default, measured faster); False: one causal loop.
 
     Returns:
       [B, T, H, D] in the dtype of ``q``; padding rows are zeros.
@@ -167,5 +163,5 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
                             layer=layer, block_q=block_q, block_tokens=block_tokens,
                             num_warps=num_warps, num_stages=num_stages,
                             prefetch_table=prefetch_table,
-                            split_diagonal=split_diagonal, rescale_slack=rescale_slack)
+                            split_diagonal=split_diagonal)
     return _prefill(q, k_pages, v_pages, block_tables, q_lens, lengths, launch=launch)

@@ -179,7 +179,7 @@ def decode_program(
     o, m, den, off, valid = attend_steps(  # q_pos (m) unread: no causal mask in decode
         q, o, m, den, m, k_ptr, v_ptr, off, valid, table_ptr, seq, head, first, stop_read,
         stop_read, layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS,
-        BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, HEAD_MAJOR, False, 0.0, False)
+        BLOCK_TOKENS, SCALE, DOT_PRECISION, PREFETCH_TABLE, HEAD_MAJOR, False, False)
     if APPEND:
         o, m, den = append_token(q, o, m, den, k_ptr, v_ptr, k_new_ptr, v_new_ptr, table_ptr,
                                  seq, head, new, first, stop, layer_off, num_pages, HEAD_DIM,
@@ -207,18 +207,16 @@ def attend_steps(
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_HEADS: tl.constexpr,
     MAX_BLOCKS: tl.constexpr, BLOCK_TOKENS: tl.constexpr, SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PREFETCH_TABLE: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-    CAUSAL: tl.constexpr, RESCALE_SLACK: tl.constexpr, EXP2: tl.constexpr,
+    CAUSAL: tl.constexpr, EXP2: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
     """Online-softmax steps over positions ``[begin, end)``, ``BLOCK_TOKENS`` at a time
-    (``attend_tile``; the causal mask applied when ``CAUSAL``; ``RESCALE_SLACK`` and
-    ``EXP2`` as there). Returns the new ``(o, m, den)`` and the next step's ``(off, valid)``."""
+    (``attend_tile``; the causal mask applied when ``CAUSAL``; ``EXP2`` as there). Returns the new ``(o, m, den)`` and the next step's ``(off, valid)``."""
     for start in range(begin, end, BLOCK_TOKENS):
         off, valid, next_off, next_valid = step_offsets(
             off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,
             PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, PREFETCH_TABLE, HEAD_MAJOR)
         o, m, den = attend_tile(q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, start,
-                                HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, CAUSAL,
-                                RESCALE_SLACK, EXP2)
+                                HEAD_DIM, BLOCK_TOKENS, SCALE, DOT_PRECISION, CAUSAL, EXP2)
         off, valid = next_off, next_valid
     return o, m, den, off, valid
 
@@ -378,8 +376,7 @@ def attend_tile(
     SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr,
-    RESCALE_SLACK: tl.constexpr,  # 0: rescale every step; > 0: see below
-    EXP2: tl.constexpr,  # scores, maxes and the slack in log2 units: exps by exp2
+    EXP2: tl.constexpr,  # scores and maxes in log2 units: exps by exp2
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """One online-softmax step of the paged kernels: load the ``[BLOCK_TOKENS, HEAD_DIM]``
     K and V tile of positions ``[start, start + BLOCK_TOKENS)`` at ``off`` (``valid``
@@ -387,11 +384,8 @@ def attend_tile(
     ``CAUSAL``) and fold it into ``(o, m, den)``. Returns the new ``(o, m, den)``.
 
     ``(o, den)`` are sums of ``exp(score - m)`` (``exp2`` with ``EXP2``, where ``SCALE``
-    carries the factor log2(e), saving a multiply per score). With ``RESCALE_SLACK`` > 0 the reference
-    ``m`` is raised (and ``o``, ``den`` rescaled) only in a step where some row's running
-    max grows by more than the slack; otherwise the step's exps are taken against the old
-    ``m`` (each at most ``exp(RESCALE_SLACK)``), which skips the ``[ROWS, HEAD_DIM]``
-    rescale of ``o``. A row that has seen nothing keeps ``m = MASKED`` and adds zeros."""
+    carries the factor log2(e), saving a multiply per score). A row that has seen nothing
+    keeps ``m = MASKED`` and adds zeros."""
     pos = start + tl.arange(0, BLOCK_TOKENS)  # [BLOCK_TOKENS] token positions
     kv_off = off[:, None] + tl.arange(0, HEAD_DIM)[None, :]  # [BLOCK_TOKENS, HEAD_DIM]
     k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
@@ -403,21 +397,11 @@ def attend_tile(
     seen = valid[None, :] & (pos[None, :] <= q_pos[:, None]) if CAUSAL else valid[None, :]
     s = tl.where(seen, s, MASKED)
     m_new = tl.maximum(m, tl.max(s, 1))
-    if RESCALE_SLACK > 0:
-        if tl.max(m_new - m, 0) > RESCALE_SLACK:  # one branch for the whole tile
-            alpha = tl.exp2(m - m_new) if EXP2 else tl.exp(m - m_new)
-            o = o * alpha[:, None]
-            den = den * alpha
-            m = m_new
-    else:
-        alpha = tl.exp2(m - m_new) if EXP2 else tl.exp(m - m_new)  # m, m_new finite
-        o = o * alpha[:, None]
-        den = den * alpha
-        m = m_new
+    alpha = tl.exp2(m - m_new) if EXP2 else tl.exp(m - m_new)  # m, m_new finite
     # A masked score is MASKED: its exp is 0 against a real max, and against the base 0
-    # of a row that has seen nothing yet (its max still MASKED).
-    shifted = s - tl.where(m > MASKED, m, 0.0)[:, None]
+    # of a row that has seen nothing yet (its max still MASKED): no select per score.
+    shifted = s - tl.where(m_new > MASKED, m_new, 0.0)[:, None]
     p = tl.exp2(shifted) if EXP2 else tl.exp(shifted)
-    den = den + tl.sum(p, 1)
-    o = o + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return o, m, den
+    den = den * alpha + tl.sum(p, 1)
+    o = o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return o, m_new, den

@@ -53,7 +53,6 @@ def paged_prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     PREFETCH_TABLE: tl.constexpr,
     SPLIT_DIAGONAL: tl.constexpr,
-    RESCALE_SLACK: tl.constexpr,  # log2 units (``attend_tile``)
 ) -> None:
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -91,11 +90,11 @@ def paged_prefill_kernel(
     o, m, den, off, valid = attend_steps(
         q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, table_ptr, seq, head, 0, bulk, stop,
         layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, SCALE,
-        DOT_PRECISION, PREFETCH_TABLE, False, False, RESCALE_SLACK, True)
+        DOT_PRECISION, PREFETCH_TABLE, False, False, True)
     o, m, den, off, valid = attend_steps(
         q, o, m, den, q_pos, k_ptr, v_ptr, off, valid, table_ptr, seq, head, bulk, stop, stop,
         layer_off, num_pages, HEAD_DIM, PAGE_SIZE, KV_HEADS, MAX_BLOCKS, BLOCK_TOKENS, SCALE,
-        DOT_PRECISION, PREFETCH_TABLE, False, True, RESCALE_SLACK, True)
+        DOT_PRECISION, PREFETCH_TABLE, False, True, True)
 
     o = tl.where(real[:, None], o / tl.where(den > 0, den, 1.0)[:, None], 0.0)
     tl.store(o_ptr + qo_off, o, mask=in_out[:, None])

@@ -30,31 +30,28 @@ from pallas_kernels.chunked_prefill import paged_prefill_attention
 from pallas_kernels.triton_paged_decode import H100_SHARED_BYTES
 
 
-@pytest.mark.parametrize(("prefetch_table", "split_diagonal", "rescale_slack"),
-                         [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0),
-                          (True, True, 1.0)])
+@pytest.mark.parametrize(("prefetch_table", "split_diagonal"),
+                         [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_kernel_matches_references(case: tuple[Any, ...], prefetch_table: bool,
-                                   split_diagonal: bool, rescale_slack: float) -> None:
+                                   split_diagonal: bool) -> None:
     """The Pallas kernel's cases; steps of 16 tokens (parts of pages or several); the
     table read in each step or one step ahead; one causal loop or the unmasked steps
-    apart from the diagonal ones; the output rescaled every step or only past a slack."""
+    apart from the diagonal ones."""
     *shape, dtype, block_q, _, q_lens, lengths = case
     args = make_inputs(sum(lengths) + 7, *shape, dtype, q_lens, lengths)
     check_output(args, tcp.triton_paged_prefill_attention(*args, block_q=block_q,
                                                           block_tokens=16,
                                                           prefetch_table=prefetch_table,
-                                                          split_diagonal=split_diagonal,
-                                                          rescale_slack=rescale_slack))
+                                                          split_diagonal=split_diagonal))
 
 
-@pytest.mark.parametrize("rescale_slack", [0.0, 0.5, 3.0, 20.0])
+@pytest.mark.parametrize("split_diagonal", [False, True])
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_rescale_slack_with_growing_scores(rescale_slack: float, dtype: Any) -> None:
-    """Keys that grow along the sequence (scores from about 0 to 40) move every row's max
-    many times during the walk, so a slack of 0.5 or 3 both rescales mid-walk and takes
-    steps against a stale max, and 20 (``exp(20)`` ~ 5e8 per term) never rescales after
-    the first step: every setting equals both references."""
+def test_growing_scores(split_diagonal: bool, dtype: Any) -> None:
+    """Keys that grow along the sequence (scores up to about 40, in log2 units inside the
+    kernel) move every row's running max at many steps of the walk; the rescaled output
+    equals both references."""
     q, k, v, tables, q_lens, lengths = make_inputs(11, 2, 4, 64, 16, 6, 24, dtype,
                                                    [24, 17], [90, 60])
     num_pages, page = k.shape[:2]
@@ -67,18 +64,18 @@ def test_rescale_slack_with_growing_scores(rescale_slack: float, dtype: Any) -> 
     k = (k.astype(jnp.float32) * grow).astype(dtype)
     args = (q, k, v, tables, q_lens, lengths)
     check_output(args, tcp.triton_paged_prefill_attention(
-        *args, block_q=4, block_tokens=16, split_diagonal=True, rescale_slack=rescale_slack))
+        *args, block_q=4, block_tokens=16, split_diagonal=split_diagonal))
 
 
 def _random(seed: int) -> None:
     """A random case; the table prefetched on odd seeds, the diagonal split on seeds
-    2, 3, 6, 7, ...; a rescale slack of 0, 1 or 8 by turns."""
+    2, 3, 6, 7, ..."""
     *shape, dtype, block_q, q_lens, lengths = random_case(seed)
     args = make_inputs(seed, *shape, dtype, q_lens, lengths)
     block_tokens = int(np.random.default_rng(seed).choice([16, 32, 64]))
     check_output(args, tcp.triton_paged_prefill_attention(
         *args, block_q=block_q, block_tokens=block_tokens, prefetch_table=bool(seed % 2),
-        split_diagonal=bool(seed // 2 % 2), rescale_slack=(0.0, 1.0, 8.0)[seed % 3]))
+        split_diagonal=bool(seed // 2 % 2)))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -127,9 +124,6 @@ def test_layer_of_stacked_pool_read_in_place() -> None:
     ({"block_tokens": 8}, "block_tokens must be a power of two >= 16"),
     ({"num_warps": 3}, "num_warps must be one of"),
     ({"num_stages": 0}, "num_stages must be"),
-    ({"rescale_slack": -1.0}, "rescale_slack must be a number in"),
-    ({"rescale_slack": 21.0}, "rescale_slack must be a number in"),
-    ({"rescale_slack": "8"}, "rescale_slack must be a number in"),
 ])
 def test_bad_arguments_raise(change: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -145,27 +139,42 @@ def test_prefill_launch() -> None:
     meta = dict(launch.meta)
     assert (meta["GROUP"], meta["GROUP_ROWS"], meta["BLOCK_Q"]) == (7, 8, 8)
     assert launch.grid == (4, 2, 13) and launch.scalars == (1, 500)
-    assert meta["BLOCK_TOKENS"] == 16 and meta["DOT_PRECISION"] == "tf32"
-    assert meta["PREFETCH_TABLE"] is True and meta["SPLIT_DIAGONAL"] is False
-    assert meta["RESCALE_SLACK"] == 0.0
+    assert meta["BLOCK_TOKENS"] == 64 and meta["DOT_PRECISION"] == "tf32"
+    assert meta["SCALE"] == pytest.approx(64 ** -0.5 * tcp.LOG2E)  # log2 units: exp2
+    assert meta["PREFETCH_TABLE"] is True and meta["SPLIT_DIAGONAL"] is True
     assert meta["LAYER_STRIDE"] == 500 * 16 * 2 * 64 and launch.out_shape == (4, 100, 14, 64)
     one = dict(tcp.prefill_launch((2, 1, 2, 128), (9, 8, 2, 128), 3, jnp.float32, layer=None,
                                   block_q=64, block_tokens=None, num_warps=4,
                                   num_stages=2).meta)
-    assert (one["GROUP_ROWS"], one["BLOCK_Q"], one["BLOCK_TOKENS"]) == (1, 16, 16)
+    assert (one["GROUP_ROWS"], one["BLOCK_Q"], one["BLOCK_TOKENS"]) == (1, 16, 32)
     assert one["DOT_PRECISION"] == "ieee"
+
+
+def test_default_block_tokens_bounds_the_tile() -> None:
+    """Default steps: 16 to 64 tokens, the tile within ``STEP_TILE_BYTES`` unless at the
+    16-token minimum; 64 for the measured 16-bit head_dim 128."""
+    for head_dim in (64, 128, 256):
+        for itemsize in (2, 4):
+            tokens = tcp.default_block_tokens(head_dim, itemsize)
+            assert 16 <= tokens <= 64 and tokens & (tokens - 1) == 0
+            assert tokens == 16 or tokens * head_dim * itemsize <= tcp.STEP_TILE_BYTES
+    assert tcp.default_block_tokens(128, 2) == 64
+    assert tcp.default_block_tokens(256, 4) == 16
 
 
 def test_default_launches_compile_for_h100() -> None:
     """Default launches compile for sm_90 and fit its shared memory: the benchmark's
-    Qwen2.5-0.5B shape (GQA 7, head_dim 64), GQA 4 at head_dim 128, and the largest
-    tile (float32, head_dim 256, MHA: 64 query rows); and the diagonal split at 128-row
-    tiles of 64-token steps."""
+    Qwen2.5-0.5B shape (GQA 7, head_dim 64), GQA 4 at head_dim 128, float32 at head_dim
+    128 and the largest tile (float32, head_dim 256, MHA: 64 query rows); 128-row tiles
+    of 64-token steps; and the former default, one causal loop of 16-token steps."""
     # batch, T, heads, kv_heads, head_dim, page, max_blocks, dtype, block_q, tokens, warps,
-    # stages
-    configs = [[4, 512, 14, 2, 64, 16, 256, "bfloat16", None, None, 4, 4],
-               [2, 128, 32, 8, 128, 16, 64, "bfloat16", None, None, 4, 4],
-               [2, 64, 8, 8, 256, 64, 16, "float32", None, None, 4, 4],
-               [2, 512, 32, 8, 128, 16, 64, "bfloat16", 32, 64, 8, 3, True]]
+    # stages(, split_diagonal)
+    stages = tcp.NUM_STAGES
+    configs = [[4, 512, 14, 2, 64, 16, 256, "bfloat16", None, None, 4, stages],
+               [2, 128, 32, 8, 128, 16, 64, "bfloat16", None, None, 4, stages],
+               [2, 64, 8, 8, 256, 64, 16, "float32", None, None, 4, stages],
+               [2, 64, 8, 8, 128, 16, 16, "float32", None, None, 4, stages],
+               [2, 512, 32, 8, 128, 16, 64, "bfloat16", 32, 64, 8, 3, True],
+               [2, 512, 32, 8, 128, 16, 64, "bfloat16", None, 16, 4, 4, False]]
     for config, result in zip(configs, compile_for_h100(configs, "prefill"), strict=True):
         assert 0 < result["shared"] <= H100_SHARED_BYTES, (config, result)

@@ -7,7 +7,7 @@ Usage: python tests/triton_compile_check.py '[[batch, heads, kv_heads, head_dim,
 page_size, max_blocks, dtype, block_tokens|null, num_warps, num_stages(, append(, head_major))], ...]'
 (the decode kernel, or with append true the decode-append kernel) or python tests/triton_compile_check.py prefill '[[batch, T, heads,
 kv_heads, head_dim, page_size, max_blocks, dtype, block_q|null, block_tokens|null,
-num_warps, num_stages(, split_diagonal(, rescale_slack))], ...]' (the chunked-prefill kernel).
+num_warps, num_stages(, split_diagonal)], ...]' (the chunked-prefill kernel).
 """
 
 from __future__ import annotations
@@ -82,15 +82,13 @@ def shared_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, page_size
 def prefill_shared_bytes(batch: int, t: int, heads: int, kv_heads: int, head_dim: int,
                          page_size: int, max_blocks: int, dtype: str, block_q: int | None,
                          block_tokens: int | None, num_warps: int,
-                         num_stages: int, split_diagonal: bool = False,
-                         rescale_slack: float = 0.0) -> dict[str, int]:
+                         num_stages: int, split_diagonal: bool = True) -> dict[str, int]:
     """Compile one chunked-prefill launch for sm_90; its shared memory and tiles."""
     launch = prefill_launch((batch, t, heads, head_dim),
                             (batch * max_blocks, page_size, kv_heads, head_dim), max_blocks,
                             jnp.dtype(dtype), layer=None, block_q=block_q,
                             block_tokens=block_tokens, num_warps=num_warps,
-                            num_stages=num_stages, split_diagonal=split_diagonal,
-                            rescale_slack=rescale_slack)
+                            num_stages=num_stages, split_diagonal=split_diagonal)
     meta = dict(launch.meta)
     compiled = _compile(paged_prefill_kernel, dtype, meta, launch.num_warps, launch.num_stages)
     return {"shared": int(compiled.metadata.shared), "block_q": int(meta["BLOCK_Q"]),
