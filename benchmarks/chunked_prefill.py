@@ -36,9 +36,11 @@ from pallas_kernels.triton_paged_decode import triton_unavailable_reason
 SETTINGS = ({"block_q": 16, "pages_per_block": 4}, {"block_q": 32, "pages_per_block": 4},
             {"block_q": 64, "pages_per_block": 4}, {"block_q": 64, "pages_per_block": 8})
 TRITON_SETTINGS: tuple[dict[str, int | bool], ...] = (
-    {},  # the default: causal mask on the diagonal steps only, 64-token steps, 3 stages
-    {"num_stages": 2}, {"block_q": 32, "num_warps": 8, "num_stages": 2},
-    {"split_diagonal": False, "block_tokens": 16, "num_stages": 4})  # the default until 12-07
+    {},  # the default: 128-row query tiles, 8 warps, 64-token steps, 2 stages, diagonal split
+    {"block_q": 16, "num_warps": 4},  # 64-row tiles
+    {"block_q": 16, "num_warps": 4, "num_stages": 3},
+    {"block_q": 16, "num_warps": 4, "block_tokens": 16, "num_stages": 4,
+     "split_diagonal": False})  # the default until 2026-12-07
 
 
 def make_row(batch: int, history: int, chunk: int, heads: int, kv_heads: int, head_dim: int,

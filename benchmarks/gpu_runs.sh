@@ -12,6 +12,7 @@
 #   prefill-tiles  Triton chunked prefill, query tiles of 16/32 tokens, 16-64-token
 #                steps, 4/8 warps, four rows                                   ~ 2 min *
 #   tables-quick paged decode (four rows, no Pallas, traced) + chunked prefill    ~ 5 min *
+#   prefill-confirm  chunked prefill (default + neighbours), engine vs HF at 8 x 512 ~ 4 min
 #   prefill-diag Triton chunked prefill with the causal mask on the diagonal steps only,
 #                at 64/128-row tiles and 16-64-token steps, vs the default     ~ 2 min *
 #   mla          absorbed MLA decode kernel vs XLA gather and torch SDPA      ~ 3 min *
@@ -119,6 +120,12 @@ case "$group" in
     run paged_decode 220 $py benchmarks/paged_decode.py --no-pallas --budget-s 150 --trace \
         --rows 8x4096,32x1024,32x4096,64x4096
     run chunked_prefill 150 $py benchmarks/chunked_prefill.py --no-pallas ;;
+  prefill-confirm)  # chunked prefill at the default and its neighbours, then the engine's
+    # prefill (TTFT) and decode against HF at 8 x 512
+    run chunked_prefill 120 $py benchmarks/chunked_prefill.py --no-pallas
+    run engine_vs_hf_8x512 300 $py benchmarks/engine_vs_hf.py --out "$out/engine_vs_hf_8x512.json" \
+        --batches 8 --prompts 512 --max-batch 8 --decode-steps 8 --overlap-bursts \
+        --skip-hf-dynamic --skip-online --repeats 2 --no-bare-burst ;;
   mla)
     run mla_decode 300 $py benchmarks/mla_decode.py ;;
   sweep)

@@ -31,23 +31,33 @@ from pallas_kernels.triton_paged_decode import (
 )
 
 LOG2E = 1.4426950408889634  # the kernel's scores are in log2 units (exp2)
-QUERY_ROWS = 64  # default query tile: tokens x group heads (padded), about this many rows
+QUERY_ROWS = 128  # default query tile: tokens x group heads (padded), at most this many rows
+QUERY_TILE_BYTES = 32 * 1024  # ... and a [rows, head_dim] query tile of at most this size
 STEP_TILE_BYTES = 16 * 1024  # default step: one K (and one V) tile of at most this size
-NUM_STAGES = 3  # default pipeline depth of the K/V loads
+NUM_STAGES = 2  # default pipeline depth of the K/V loads
 
 
 def default_block_tokens(head_dim: int, itemsize: int) -> int:
     """Key/value tokens per step: the most (at most 64) whose ``[tokens, head_dim]`` tile
-    fits ``STEP_TILE_BYTES``: 64 for 16-bit head_dim 64 or 128. With the causal mask on
-    the diagonal steps only and 3 stages, 64-token steps were the fastest launch, at or
-    above 3x the XLA path, on all four H100 rows measured (docs/paged-decode-kernel.md,
-    2026-12-07)."""
+    fits ``STEP_TILE_BYTES``: 64 for 16-bit head_dim 64 or 128 (the measured default,
+    ``default_block_q``)."""
     return max(MIN_BLOCK_TOKENS, min(64, STEP_TILE_BYTES // (head_dim * itemsize)))
 
 
-def default_block_q(group_rows: int) -> int:
-    """Tokens per query tile: ``QUERY_ROWS`` rows of tokens x (padded) group heads."""
-    return max(1, QUERY_ROWS // group_rows)
+def default_block_q(group_rows: int, head_dim: int, itemsize: int) -> int:
+    """Tokens per query tile: ``QUERY_ROWS`` rows of tokens x (padded) group heads, fewer
+    where a ``[rows, head_dim]`` tile would pass ``QUERY_TILE_BYTES`` (16-bit head_dim
+    128: 128 rows). With 8 warps (``default_num_warps``), 64-token steps
+    (``default_block_tokens``), 2 stages and the causal mask on the diagonal steps only,
+    this launch was at or above 3.10x the XLA path on every row of 16 measurements on two
+    H100s, the only setting that was (docs/paged-decode-kernel.md, 2026-12-07)."""
+    rows = max(MIN_BLOCK_TOKENS, min(QUERY_ROWS, QUERY_TILE_BYTES // (head_dim * itemsize)))
+    return max(1, rows // group_rows)
+
+
+def default_num_warps(rows: int) -> int:
+    """8 warps (two warp groups) for a query tile of 128 rows or more, else 4."""
+    return 8 if rows >= 128 else 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +78,13 @@ class PrefillLaunch:
 
 def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_blocks: int,
                    dtype: jnp.dtype, *, layer: int | None, block_q: int | None,
-                   block_tokens: int | None, num_warps: int, num_stages: int,
+                   block_tokens: int | None, num_warps: int | None, num_stages: int,
                    prefetch_table: bool = True,
                    split_diagonal: bool = True) -> PrefillLaunch:
     """The launch for q ``[B, T, H, D]`` over a pool ``[P, S, K, D]`` (or ``[L, P, S, K,
     D]`` read at ``layer``) with ``max_blocks`` table columns; arguments already passed
-    ``check_prefill_args``. None picks ``default_block_q`` / ``default_block_tokens``.
+    ``check_prefill_args``. None picks ``default_block_q`` / ``default_block_tokens`` /
+    ``default_num_warps``.
     The query tile has at least 16 rows (one mma tile) and at most T's tokens.
 
     Raises:
@@ -84,15 +95,18 @@ def prefill_launch(q_shape: tuple[int, ...], pool_shape: tuple[int, ...], max_bl
     num_pages, page_size, kv_heads, _ = pool_shape[-4:]
     group = heads // kv_heads
     group_rows = 1 << (group - 1).bit_length()
+    itemsize = jnp.dtype(dtype).itemsize
     if block_tokens is None:
-        block_tokens = default_block_tokens(head_dim, jnp.dtype(dtype).itemsize)
-    check_launch_settings(block_tokens, num_warps, num_stages)
+        block_tokens = default_block_tokens(head_dim, itemsize)
     if block_q is None:
-        block_q = default_block_q(group_rows)
+        block_q = default_block_q(group_rows, head_dim, itemsize)
     if not isinstance(block_q, int) or block_q < 1 or block_q & (block_q - 1):
         raise ValueError(f"block_q must be a power of two >= 1, got {block_q!r}")
     block_q = min(block_q, 1 << (max(t, 1) - 1).bit_length())
     block_q = max(block_q, MIN_BLOCK_TOKENS // group_rows)  # >= 16 rows for tl.dot
+    if num_warps is None:
+        num_warps = default_num_warps(block_q * group_rows)
+    check_launch_settings(block_tokens, num_warps, num_stages)
     meta = (("T", t), ("GROUP", group), ("GROUP_ROWS", group_rows), ("BLOCK_Q", block_q),
             ("HEAD_DIM", head_dim), ("PAGE_SIZE", page_size), ("KV_HEADS", kv_heads),
             ("LAYER_STRIDE", math.prod(pool_shape[-4:])), ("MAX_BLOCKS", max_blocks),
@@ -127,7 +141,8 @@ def _prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables:
 def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                    block_tables: jax.Array, q_lens: jax.Array,
                                    lengths: jax.Array, *, block_q: int | None = None,
-                                   block_tokens: int | None = None, num_warps: int = 4,
+                                   block_tokens: int | None = None,
+                                   num_warps: int | None = None,
                                    num_stages: int = NUM_STAGES, layer: int | None = None,
                                    prefetch_table: bool = True,
                                    split_diagonal: bool = True) -> jax.Array:
@@ -142,7 +157,7 @@ def triton_paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: ja
       block_q: tokens per query tile (a power of two); None: ``default_block_q``.
       block_tokens: key/value tokens per online-softmax step (a power of two >= 16);
         None: ``default_block_tokens``.
-      num_warps, num_stages: Triton launch settings.
+      num_warps, num_stages: Triton launch settings; None warps: ``default_num_warps``.
       layer: if given, ``k_pages``/``v_pages`` are a layer-stacked ``[L, P, S, K, D]``
         pool and layer ``layer`` is read in place.
       prefetch_table: read each step's block-table entries one step ahead (as

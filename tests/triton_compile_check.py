@@ -81,7 +81,7 @@ def shared_bytes(batch: int, heads: int, kv_heads: int, head_dim: int, page_size
 
 def prefill_shared_bytes(batch: int, t: int, heads: int, kv_heads: int, head_dim: int,
                          page_size: int, max_blocks: int, dtype: str, block_q: int | None,
-                         block_tokens: int | None, num_warps: int,
+                         block_tokens: int | None, num_warps: int | None,
                          num_stages: int, split_diagonal: bool = True) -> dict[str, int]:
     """Compile one chunked-prefill launch for sm_90; its shared memory and tiles."""
     launch = prefill_launch((batch, t, heads, head_dim),
