@@ -36,11 +36,10 @@ from pallas_kernels.triton_paged_decode import triton_unavailable_reason
 SETTINGS = ({"block_q": 16, "pages_per_block": 4}, {"block_q": 32, "pages_per_block": 4},
             {"block_q": 64, "pages_per_block": 4}, {"block_q": 64, "pages_per_block": 8})
 TRITON_SETTINGS: tuple[dict[str, int | bool], ...] = (
-    {},  # the default: 128-row query tiles, 8 warps, 64-token steps, 2 stages, diagonal split
-    {"block_q": 16, "num_warps": 4},  # 64-row tiles
-    {"block_q": 16, "num_warps": 4, "num_stages": 3},
-    {"block_q": 16, "num_warps": 4, "block_tokens": 16, "num_stages": 4,
-     "split_diagonal": False})  # the default until 2026-12-07
+    {},  # the default: 64-row query tiles, 4 warps, 64-token steps, 2 stages, diagonal split
+    {"block_q": 32, "num_warps": 8},  # 128-row tiles
+    {"num_stages": 3},
+    {"block_tokens": 16, "num_stages": 4, "split_diagonal": False})  # default until 12-07
 
 
 def make_row(batch: int, history: int, chunk: int, heads: int, kv_heads: int, head_dim: int,

@@ -31,8 +31,8 @@ from pallas_kernels.triton_paged_decode import (
 )
 
 LOG2E = 1.4426950408889634  # the kernel's scores are in log2 units (exp2)
-QUERY_ROWS = 128  # default query tile: tokens x group heads (padded), at most this many rows
-QUERY_TILE_BYTES = 32 * 1024  # ... and a [rows, head_dim] query tile of at most this size
+QUERY_ROWS = 64  # default query tile: tokens x group heads (padded), at most this many rows
+QUERY_TILE_BYTES = 16 * 1024  # ... and a [rows, head_dim] query tile of at most this size
 STEP_TILE_BYTES = 16 * 1024  # default step: one K (and one V) tile of at most this size
 NUM_STAGES = 2  # default pipeline depth of the K/V loads
 
@@ -47,10 +47,11 @@ def default_block_tokens(head_dim: int, itemsize: int) -> int:
 def default_block_q(group_rows: int, head_dim: int, itemsize: int) -> int:
     """Tokens per query tile: ``QUERY_ROWS`` rows of tokens x (padded) group heads, fewer
     where a ``[rows, head_dim]`` tile would pass ``QUERY_TILE_BYTES`` (16-bit head_dim
-    128: 128 rows). With 8 warps (``default_num_warps``), 64-token steps
+    128: 64 rows). With 4 warps (``default_num_warps``), 64-token steps
     (``default_block_tokens``), 2 stages and the causal mask on the diagonal steps only,
-    this launch was at or above 3.10x the XLA path on every row of 16 measurements on two
-    H100s, the only setting that was (docs/paged-decode-kernel.md, 2026-12-07)."""
+    this launch was the fastest on average on every row measured on three H100s: 3.15-4.98x
+    the XLA path in 25 of 26 row measurements, 2.62x in one (docs/paged-decode-kernel.md,
+    2026-12-07)."""
     rows = max(MIN_BLOCK_TOKENS, min(QUERY_ROWS, QUERY_TILE_BYTES // (head_dim * itemsize)))
     return max(1, rows // group_rows)
 

@@ -131,15 +131,19 @@ def test_bad_arguments_raise(change: dict[str, Any], message: str) -> None:
 
 
 def test_prefill_launch() -> None:
-    """Grid, tiles and constexprs: Qwen2.5-0.5B's GQA 7 (rows padded to 8), 128-row query
-    tiles of 8 warps by default, at least 16 rows, at most T's tokens."""
+    """Grid, tiles and constexprs: Qwen2.5-0.5B's GQA 7 (rows padded to 8), 64-row query
+    tiles of 4 warps by default, at least 16 rows, at most T's tokens."""
     launch = tcp.prefill_launch((4, 100, 14, 64), (2, 500, 16, 2, 64), 40, jnp.bfloat16,
                                 layer=1, block_q=None, block_tokens=None, num_warps=None,
                                 num_stages=4)
     meta = dict(launch.meta)
-    assert (meta["GROUP"], meta["GROUP_ROWS"], meta["BLOCK_Q"]) == (7, 8, 16)
-    assert launch.grid == (4, 2, 7) and launch.scalars == (1, 500)
-    assert launch.num_warps == 8 and launch.num_stages == 4
+    assert (meta["GROUP"], meta["GROUP_ROWS"], meta["BLOCK_Q"]) == (7, 8, 8)
+    assert launch.grid == (4, 2, 13) and launch.scalars == (1, 500)
+    assert launch.num_warps == 4 and launch.num_stages == 4
+    wide = tcp.prefill_launch((4, 100, 14, 64), (2, 500, 16, 2, 64), 40, jnp.bfloat16,
+                              layer=1, block_q=16, block_tokens=None, num_warps=None,
+                              num_stages=2)
+    assert wide.num_warps == 8  # a 128-row tile asked for: two warp groups
     assert meta["BLOCK_TOKENS"] == 64 and meta["DOT_PRECISION"] == "tf32"
     assert meta["SCALE"] == pytest.approx(64 ** -0.5 * tcp.LOG2E)  # log2 units: exp2
     assert meta["PREFETCH_TABLE"] is True and meta["SPLIT_DIAGONAL"] is True
@@ -155,12 +159,12 @@ def test_prefill_launch() -> None:
 
 
 def test_default_query_tile() -> None:
-    """128 rows (tokens x padded group heads) for 16-bit head_dim up to 128, fewer for
-    wider rows, never below 16; the measured 16-bit head_dim 128, GQA 4 tile is 32 tokens."""
-    assert tcp.default_block_q(4, 128, 2) == 32
-    assert tcp.default_block_q(8, 64, 2) == 16 and tcp.default_block_q(1, 64, 2) == 128
-    assert tcp.default_block_q(1, 128, 4) == 64 and tcp.default_block_q(1, 256, 4) == 32
-    assert tcp.default_block_q(16, 256, 4) == 2  # 32 rows: at least one mma tile
+    """64 rows (tokens x padded group heads) for 16-bit head_dim up to 128, fewer for
+    wider rows, never below 16; the measured 16-bit head_dim 128, GQA 4 tile is 16 tokens."""
+    assert tcp.default_block_q(4, 128, 2) == 16
+    assert tcp.default_block_q(8, 64, 2) == 8 and tcp.default_block_q(1, 64, 2) == 64
+    assert tcp.default_block_q(1, 128, 4) == 32 and tcp.default_block_q(1, 256, 4) == 16
+    assert tcp.default_block_q(16, 256, 4) == 1  # 16 rows: one mma tile
     assert tcp.default_num_warps(128) == 8 and tcp.default_num_warps(64) == 4
 
 
@@ -179,7 +183,7 @@ def test_default_block_tokens_bounds_the_tile() -> None:
 def test_default_launches_compile_for_h100() -> None:
     """Default launches compile for sm_90 and fit its shared memory: the benchmark's
     Qwen2.5-0.5B shape (GQA 7, head_dim 64), GQA 4 at head_dim 128, float32 at head_dim
-    128 and the largest tile (float32, head_dim 256, MHA: 32 query rows); 128-row tiles
+    128 and the largest tile (float32, head_dim 256, MHA: 16 query rows); 128-row tiles
     of 64-token steps at 3 stages; and the former default, one causal loop of 16-token
     steps."""
     # batch, T, heads, kv_heads, head_dim, page, max_blocks, dtype, block_q, tokens, warps,
