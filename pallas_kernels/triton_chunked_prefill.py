@@ -49,8 +49,8 @@ def default_block_q(group_rows: int, head_dim: int, itemsize: int) -> int:
     where a ``[rows, head_dim]`` tile would pass ``QUERY_TILE_BYTES`` (16-bit head_dim
     128: 64 rows). With 4 warps (``default_num_warps``), 64-token steps
     (``default_block_tokens``), 2 stages and the causal mask on the diagonal steps only,
-    this launch was the fastest on average on every row measured on three H100s: 3.15-4.98x
-    the XLA path in 25 of 26 row measurements, 2.62x in one (docs/paged-decode-kernel.md,
+    this launch was the fastest on average on every row measured on four H100s: 3.15-4.98x
+    the XLA path in 29 of 30 row measurements, 2.62x in one (docs/paged-decode-kernel.md,
     2026-12-07)."""
     rows = max(MIN_BLOCK_TOKENS, min(QUERY_ROWS, QUERY_TILE_BYTES // (head_dim * itemsize)))
     return max(1, rows // group_rows)
