@@ -28,6 +28,7 @@ from pallas_kernels.triton_paged_decode import (
     MIN_BLOCK_TOKENS,
     check_launch_settings,
     dot_precision,
+    rows_within,
 )
 
 LOG2E = 1.4426950408889634  # the kernel's scores are in log2 units (exp2)
@@ -41,7 +42,7 @@ def default_block_tokens(head_dim: int, itemsize: int) -> int:
     """Key/value tokens per step: the most (at most 64) whose ``[tokens, head_dim]`` tile
     fits ``STEP_TILE_BYTES``: 64 for 16-bit head_dim 64 or 128 (the measured default,
     ``default_block_q``)."""
-    return max(MIN_BLOCK_TOKENS, min(64, STEP_TILE_BYTES // (head_dim * itemsize)))
+    return rows_within(STEP_TILE_BYTES, 64, head_dim, itemsize)
 
 
 def default_block_q(group_rows: int, head_dim: int, itemsize: int) -> int:
@@ -52,8 +53,7 @@ def default_block_q(group_rows: int, head_dim: int, itemsize: int) -> int:
     this launch was the fastest on average on every row measured on four H100s: 3.15-4.98x
     the XLA path in 29 of 30 row measurements, 2.62x in one (docs/paged-decode-kernel.md,
     2026-12-07)."""
-    rows = max(MIN_BLOCK_TOKENS, min(QUERY_ROWS, QUERY_TILE_BYTES // (head_dim * itemsize)))
-    return max(1, rows // group_rows)
+    return max(1, rows_within(QUERY_TILE_BYTES, QUERY_ROWS, head_dim, itemsize) // group_rows)
 
 
 def default_num_warps(rows: int) -> int:

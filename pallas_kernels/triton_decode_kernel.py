@@ -210,7 +210,8 @@ def attend_steps(
     CAUSAL: tl.constexpr, EXP2: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor]:
     """Online-softmax steps over positions ``[begin, end)``, ``BLOCK_TOKENS`` at a time
-    (``attend_tile``; the causal mask applied when ``CAUSAL``; ``EXP2`` as there). Returns the new ``(o, m, den)`` and the next step's ``(off, valid)``."""
+    (``attend_tile``; the causal mask applied when ``CAUSAL``; ``EXP2`` as there).
+    Returns the new ``(o, m, den)`` and the next step's ``(off, valid)``."""
     for start in range(begin, end, BLOCK_TOKENS):
         off, valid, next_off, next_valid = step_offsets(
             off, valid, table_ptr, seq, head, start, stop, layer_off, num_pages, HEAD_DIM,

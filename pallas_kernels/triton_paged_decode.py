@@ -44,12 +44,19 @@ def _is_power_of_two(x: object) -> bool:
     return isinstance(x, int) and x >= 1 and x & (x - 1) == 0
 
 
+def rows_within(max_bytes: int, cap: int, head_dim: int, itemsize: int) -> int:
+    """The most rows (at most ``cap``, at least ``MIN_BLOCK_TOKENS``) of a ``[rows,
+    head_dim]`` tile of ``itemsize``-byte elements within ``max_bytes``: the tile rule of
+    the Triton kernels' default steps and query tiles."""
+    return max(MIN_BLOCK_TOKENS, min(cap, max_bytes // (head_dim * itemsize)))
+
+
 def default_block_tokens(head_dim: int, itemsize: int) -> int:
     """Tokens per step: the most (at most 128) whose ``[tokens, head_dim]`` tile fits
     ``MAX_TILE_BYTES``: 32 for 16-bit head_dim 128. Small tiles, many in flight: with
     the table prefetched and 4 stages, 32-token steps were the fastest launch, or within
     a point of it, on every H100 row measured (docs/paged-decode-kernel.md, 2026-12-06)."""
-    return max(MIN_BLOCK_TOKENS, min(128, MAX_TILE_BYTES // (head_dim * itemsize)))
+    return rows_within(MAX_TILE_BYTES, 128, head_dim, itemsize)
 
 
 def check_launch_settings(block_tokens: int, num_warps: int, num_stages: int) -> None:
